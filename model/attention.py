@@ -1,0 +1,55 @@
+"""Grouped-query self-attention with rotary embeddings and an optional KV cache."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.config import ModelConfig
+from model.kv_cache import CacheBatch, KVCache
+from model.rope import apply_rope
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head = config.n_head
+        self.n_kv_head = config.n_kv_head
+        self.head_dim = config.head_dim
+        self.n_rep = config.n_rep
+        # q, k and v projections fused into one matmul; checkpoints keep them separate (see checkpoint.py).
+        self.wqkv = nn.Linear(config.n_embd, (config.n_head + 2 * config.n_kv_head) * config.head_dim, bias=False)
+        self.wo = nn.Linear(config.n_head * config.head_dim, config.n_embd, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_cache: KVCache | None = None,
+        batch: CacheBatch | None = None,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        q_size, kv_size = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
+        q, k, v = self.wqkv(x).split([q_size, kv_size, kv_size], dim=-1)
+        q = apply_rope(q.view(B, T, self.n_head, self.head_dim), cos, sin)
+        k = apply_rope(k.view(B, T, self.n_kv_head, self.head_dim), cos, sin)
+        v = v.view(B, T, self.n_kv_head, self.head_dim)
+
+        if kv_cache is None:
+            # Training / full-sequence pass: causal attention over the input itself.
+            y = F.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True
+            )  # (B, n_head, T, head_dim)
+            y = y.transpose(1, 2)
+        else:
+            assert batch is not None
+            keys, values = kv_cache.update(self.layer_idx, batch, k, v)  # (B, n_kv_head, kv_len, head_dim)
+            # Fold the query heads that share a key/value head into the query length, so attention reads
+            # each cached key/value head once instead of n_rep expanded copies.
+            q = q.permute(0, 2, 1, 3).reshape(B, self.n_kv_head, self.n_rep * T, self.head_dim)
+            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=batch.mask)
+            y = y.view(B, self.n_head, T, self.head_dim).transpose(1, 2)  # (B, T, n_head, head_dim)
+        return self.wo(y.reshape(B, T, q_size))

