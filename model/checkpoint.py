@@ -113,15 +113,15 @@ def from_hf_state_dict(
     def get(name: str) -> torch.Tensor:
         return hf[name].to(device=device, dtype=dtype)
 
-    ours: dict[str, torch.Tensor] = {"tok_embeddings.weight": get("model.embed_tokens.weight"),
-                                     "norm.weight": get("model.norm.weight")}
+    ours: dict[str, torch.Tensor] = {
+        "tok_embeddings.weight": get("model.embed_tokens.weight"),
+        "norm.weight": get("model.norm.weight"),
+    }
     for i in range(config.n_layer):
         p, o = f"model.layers.{i}.", f"layers.{i}."
-        ours[o + "attention.wqkv.weight"] = torch.cat(
-            [get(p + "self_attn.q_proj.weight"), get(p + "self_attn.k_proj.weight"), get(p + "self_attn.v_proj.weight")]
-        )
+        ours[o + "attention.wqkv.weight"] = torch.cat([get(p + f"self_attn.{n}_proj.weight") for n in "qkv"])
         ours[o + "attention.wo.weight"] = get(p + "self_attn.o_proj.weight")
-        ours[o + "feed_forward.w13.weight"] = torch.cat([get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")])
+        ours[o + "feed_forward.w13.weight"] = torch.cat([get(p + f"mlp.{n}_proj.weight") for n in ("gate", "up")])
         ours[o + "feed_forward.w2.weight"] = get(p + "mlp.down_proj.weight")
         ours[o + "attention_norm.weight"] = get(p + "input_layernorm.weight")
         ours[o + "ffn_norm.weight"] = get(p + "post_attention_layernorm.weight")

@@ -20,7 +20,9 @@ log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def convert_gguf(gguf_path: str | os.PathLike[str], out: str | os.PathLike[str], dtype: torch.dtype = torch.float32) -> Path:
+def convert_gguf(
+    gguf_path: str | os.PathLike[str], out: str | os.PathLike[str], dtype: torch.dtype = torch.float32
+) -> Path:
     """Dequantize `gguf_path` into an atomic Hugging Face checkpoint directory `out`."""
     config, tensors = read_gguf(gguf_path)
     model = from_hf_state_dict(config, tensors, torch.float32, source=str(gguf_path))

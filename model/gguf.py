@@ -104,7 +104,9 @@ def read_gguf(path: str | os.PathLike[str]) -> tuple[ModelConfig, dict[str, torc
         try:
             w = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
         except NotImplementedError as e:
-            raise GGUFError(f"{path}: tensor {t.name} has type {t.tensor_type.name}, which cannot be dequantized") from e
+            raise GGUFError(
+                f"{path}: tensor {t.name} has type {t.tensor_type.name}, which cannot be dequantized"
+            ) from e
         w = w.reshape([int(d) for d in reversed(t.shape)])  # GGUF lists dims fastest-first
         if kind == "self_attn.q_proj":
             w = _unpermute(w, config.n_head)

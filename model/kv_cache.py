@@ -45,7 +45,9 @@ class KVCache(nn.Module):
         """Memory one cached position costs, for sizing a cache from a byte budget."""
         return 2 * n_layer * n_kv_head * head_dim * torch.empty((), dtype=dtype).element_size()
 
-    def update(self, layer: int, batch: CacheBatch, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(
+        self, layer: int, batch: CacheBatch, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v (B, T, n_kv_head, head_dim) at the batch's positions; return the batch's keys and
         values (B, n_kv_head, kv_len, head_dim), a view when the slots are contiguous."""
         k_layer, v_layer = self.k[layer], self.v[layer]

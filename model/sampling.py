@@ -53,9 +53,9 @@ def sample(
     if all(greedy_rows):
         return argmax
     device = logits.device
-    temps = torch.tensor([1.0 if g else p.temperature for p, g in zip(params, greedy_rows)], device=device)
+    temps = torch.tensor([1.0 if g else p.temperature for p, g in zip(params, greedy_rows, strict=True)], device=device)
     scaled = logits / temps.unsqueeze(1)
-    sampled_params = [p for p, g in zip(params, greedy_rows) if not g]
+    sampled_params = [p for p, g in zip(params, greedy_rows, strict=True) if not g]
     col_index = None  # (B, N) vocab id of each candidate column, when candidates are reordered
     if all(p.top_k > 0 for p in sampled_params):
         # Only the top max-k candidates can ever be picked: work on those (already sorted).
@@ -79,7 +79,7 @@ def sample(
     cdf = probs.cumsum(dim=-1)
     # One uniform per sampled row from its own generator (host-side draws: B scalars, no device sync).
     u = torch.tensor(
-        [0.0 if g else float(torch.rand((), generator=gen)) for g, gen in zip(greedy_rows, generators)],
+        [0.0 if g else float(torch.rand((), generator=gen)) for g, gen in zip(greedy_rows, generators, strict=True)],
         device=device,
     )
     choice = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1), right=True).squeeze(1)

@@ -1,0 +1,94 @@
+import json
+import threading
+
+import pytest
+import torch
+
+from model.checkpoint import CheckpointError, is_complete_checkpoint, load_model, save_checkpoint
+
+
+def test_save_load_round_trip(tmp_path, tiny_model):
+    path = save_checkpoint(tmp_path / "ckpt", tiny_model)
+    loaded = load_model(path)
+    idx = torch.randint(0, 1000, (1, 12))
+    with torch.no_grad():
+        assert torch.equal(loaded(idx), tiny_model(idx))
+    assert loaded.output.weight is loaded.tok_embeddings.weight  # tying survives the round trip
+
+
+def test_bf16_load(tiny_checkpoint):
+    model = load_model(tiny_checkpoint, dtype=torch.bfloat16)
+    assert model.dtype == torch.bfloat16 and model.rope_cos.dtype == torch.float32
+
+
+def test_saving_is_atomic_for_a_polling_reader(tmp_path, tiny_model, tokenizer):
+    """A reader that polls the target sees nothing or a complete, loadable checkpoint; never a partial one."""
+    target = tmp_path / "step-000001"
+    seen: list[set[str]] = []
+    done = threading.Event()
+
+    def poll():
+        while not done.is_set():
+            try:
+                seen.append({p.name for p in target.iterdir()})
+            except FileNotFoundError:  # not there yet, or between the old version and the new one
+                pass
+
+    reader = threading.Thread(target=poll)
+    reader.start()
+    try:
+        for _ in range(3):  # replacing an existing checkpoint is atomic too
+            save_checkpoint(target, tiny_model, tokenizer=tokenizer)
+    finally:
+        done.set()
+        reader.join()
+    full = {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "tokenizer_config.json"}
+    assert seen and all(full <= names for names in seen)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dirs left behind
+
+
+def test_failed_write_leaves_nothing(tmp_path, tiny_model):
+    def boom(_):
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(tmp_path / "ckpt", tiny_model, extra=boom)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_files_named(tmp_path, tiny_model):
+    path = save_checkpoint(tmp_path / "ckpt", tiny_model)
+    (path / "model.safetensors").unlink()
+    assert not is_complete_checkpoint(path)
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        load_model(path)
+    (path / "config.json").unlink()
+    with pytest.raises(CheckpointError, match="config.json"):
+        load_model(path)
+    with pytest.raises(CheckpointError, match="not a checkpoint directory"):
+        load_model(tmp_path / "nope")
+
+
+def test_truncated_safetensors_named(tmp_path, tiny_model):
+    path = save_checkpoint(tmp_path / "ckpt", tiny_model)
+    weights = path / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"model\.safetensors.*truncated or corrupt"):
+        load_model(path)
+
+
+def test_wrong_shapes_named(tmp_path, tiny_model):
+    path = save_checkpoint(tmp_path / "ckpt", tiny_model)
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["intermediate_size"] = 256
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"model\.safetensors.*mlp\.gate_proj\.weight has shape"):
+        load_model(path)
+
+
+def test_invalid_config_named(tmp_path, tiny_model):
+    path = save_checkpoint(tmp_path / "ckpt", tiny_model)
+    (path / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="config.json"):
+        load_model(path)
