@@ -121,7 +121,7 @@ class Transformer(nn.Module):
         if kv_cache is not None:
             if slots is None:
                 slots = range(B)
-            batch = CacheBatch.build(input_pos, slots, self.config.n_rep, kv_len)
+            batch = CacheBatch.build(input_pos, slots, kv_cache, self.config.n_rep, kv_len)
         x = self.tok_embeddings(idx)
         cos = self.rope_cos[input_pos].to(x.dtype).unsqueeze(2)  # (B, T, 1, head_dim)
         sin = self.rope_sin[input_pos].to(x.dtype).unsqueeze(2)
