@@ -1,0 +1,27 @@
+"""Typed dependencies: route handlers reach the engine and settings through these, never through globals."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, HTTPException, Request
+
+from service.engine import Engine
+from service.settings import Settings
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_engine(request: Request) -> Engine:
+    """The engine, or 503 while the model is loading or the server is shutting down."""
+    state = request.app.state
+    engine = getattr(state, "engine", None)
+    if engine is None or getattr(state, "draining", False):
+        raise HTTPException(503, "not ready (starting up or shutting down)", headers={"Retry-After": "5"})
+    return engine
+
+
+EngineDep = Annotated[Engine, Depends(get_engine)]
+SettingsDep = Annotated[Settings, Depends(get_settings)]

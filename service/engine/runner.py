@@ -1,0 +1,106 @@
+"""Turns a scheduled batch into tensors and runs the model: batched prompt chunks or one batched decode step,
+then sampling. The runner makes no scheduling decisions."""
+
+from __future__ import annotations
+
+import torch
+
+from model.llama import Transformer
+from model.sampling import sample
+from service.engine.scheduler import Batch
+
+KV_ALIGN = 64  # a multiple of every CPU kernel's key block size (16 for bf16 here)
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+class ModelRunner:
+    def __init__(self, model: Transformer, max_slots: int, max_context: int) -> None:
+        self.max_slots = max_slots
+        self.max_context = max_context
+        self.model: Transformer
+        self.cache = None
+        self.set_model(model)
+
+    def set_model(self, model: Transformer) -> None:
+        """Serve `model` from now on; the KV cache is reused when its shape fits, otherwise reallocated."""
+        c = model.config
+        max_len = min(_round_up(self.max_context, KV_ALIGN), c.block_size)  # room for the rounding in `_kv_len`
+        old = self.cache
+        shape = (c.n_layer, self.max_slots, c.n_kv_head, max_len, c.head_dim)
+        if old is None or tuple(old.k.shape) != shape or old.k.dtype != model.dtype or old.k.device != model.device:
+            self.cache = None  # drop the old buffers before allocating the new ones
+            del old
+            self.cache = model.new_kv_cache(max_slots=self.max_slots, max_len=max_len)
+        self.model = model
+        self.context = min(self.max_context, c.block_size)  # tokens a sequence may hold, prompt included
+        self.device = model.device
+        self.pad_id = c.pad_token_id if c.pad_token_id is not None and 0 <= c.pad_token_id < c.vocab_size else 0
+
+    @property
+    def max_len(self) -> int:
+        return self.cache.max_len
+
+    def _kv_len(self, max_pos: int) -> int:
+        """Keys a step attends: the batch's furthest position + 1, rounded up to a multiple of KV_ALIGN.
+
+        CPU attention in bf16 takes a different (differently rounded) path for a partial last block of keys.
+        With the key count rounded up, a row's result no longer depends on which other rows share its batch,
+        so a greedy request gives the same tokens alone or in a full batch. Masked keys cost little.
+        """
+        return min(_round_up(max_pos + 1, KV_ALIGN), self.max_len)
+
+    @torch.inference_mode()
+    def run(self, batch: Batch) -> list[int | None]:
+        """The sampled next token of every row (None for a prompt chunk that does not end its prompt)."""
+        if batch.is_prefill:
+            return self._prefill(batch)
+        return self._decode(batch)
+
+    def _prefill(self, batch: Batch) -> list[int | None]:
+        items = batch.prefill
+        T = max(it.end - it.start for it in items)
+        max_pos = self.max_len - 1
+        rows, positions, last = [], [], []
+        for it in items:
+            n = it.end - it.start
+            rows.append(it.seq.prompt_ids[it.start : it.end] + [self.pad_id] * (T - n))
+            # Padding takes the positions after the real tokens: nothing reads them before a real token
+            # overwrites them. Clamped so they stay inside the cache.
+            positions.append([min(p, max_pos) for p in range(it.start, it.start + T)])
+            last.append(n - 1)
+        idx = torch.tensor(rows, dtype=torch.long, device=self.device)  # (B, T)
+        pos = torch.tensor(positions, dtype=torch.long, device=self.device)  # (B, T)
+        kv_len = self._kv_len(max(it.start for it in items) + T - 1)
+        logits = self.model(
+            idx,
+            pos,
+            self.cache,
+            slots=[it.seq.slot for it in items],
+            kv_len=kv_len,
+            logits_index=torch.tensor(last, device=self.device),
+        )  # (B, vocab)
+        done = [i for i, it in enumerate(items) if it.completes_prompt]
+        out: list[int | None] = [None] * len(items)
+        if not done:
+            return out
+        if len(done) < len(items):
+            logits = logits[done]
+        seqs = [items[i].seq for i in done]
+        # Only rows that finish their prompt sample, so a seeded row draws the same numbers however its
+        # prompt was chunked.
+        tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs]).tolist()  # host sync
+        for i, t in zip(done, tokens, strict=True):
+            out[i] = t
+        return out
+
+    def _decode(self, batch: Batch) -> list[int | None]:
+        seqs = batch.decode
+        last_pos = [s.total_len - 1 for s in seqs]
+        idx = torch.tensor([s.output_ids[-1] for s in seqs], dtype=torch.long, device=self.device).view(-1, 1)
+        pos = torch.tensor(last_pos, dtype=torch.long, device=self.device).view(-1, 1)
+        logits = self.model(idx, pos, self.cache, slots=[s.slot for s in seqs], kv_len=self._kv_len(max(last_pos)))
+        logits = logits[:, 0]  # (B, vocab)
+        return sample(logits, [s.params for s in seqs], [s.generator for s in seqs]).tolist()  # the one host sync

@@ -1,0 +1,137 @@
+"""One request's state as it moves through the engine: prompt, sampling settings, generated tokens, text."""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from model.sampling import SamplingParams
+
+
+class FinishReason(enum.StrEnum):
+    STOP = "stop"  # end-of-sequence token or a stop string
+    LENGTH = "length"  # max_tokens or the context limit reached
+    CANCELLED = "cancelled"  # the client went away
+    TIMEOUT = "timeout"  # REQUEST_TIMEOUT expired
+    ERROR = "error"  # the engine failed while running this sequence
+
+
+class Status(enum.Enum):
+    WAITING = 0
+    RUNNING = 1
+    FINISHED = 2
+
+
+@dataclass(frozen=True)
+class StreamEvent:
+    """What the engine hands back to the request: a text delta, or the end (with a finish reason)."""
+
+    text: str = ""
+    index: int = 0  # index of the generated token that produced this delta
+    finish_reason: FinishReason | None = None
+    error: str | None = None
+
+
+_ids = itertools.count()
+
+
+@dataclass(eq=False)
+class Sequence:
+    prompt_ids: list[int]
+    max_tokens: int
+    params: SamplingParams
+    stop: tuple[str, ...] = ()
+    stop_ids: frozenset[int] = frozenset()  # end-of-sequence ids; the engine fills in the model's
+    ignore_eos: bool = False  # generate max_tokens whatever comes (benchmarks)
+    timeout: float | None = None
+    # Called from the engine thread with this sequence's events; it must be cheap and thread-safe.
+    emit: Callable[[Sequence, StreamEvent], None] | None = None
+    seq_id: int = field(default_factory=lambda: next(_ids))
+
+    status: Status = Status.WAITING
+    slot: int = -1
+    num_cached: int = 0  # prompt tokens already written to the KV cache
+    output_ids: list[int] = field(default_factory=list)
+    text: str = ""  # decoded output, stop strings cut off
+    emitted_chars: int = 0  # how much of `text` the client has been sent
+    finish_reason: FinishReason | None = None
+    cancelled: bool = False  # set by the HTTP side (any thread); the engine acts on it at the next step
+    generator: torch.Generator | None = None
+    decoder: object | None = None  # model.tokenizer.IncrementalDecoder, set when the sequence is admitted
+    model_version: int = -1
+
+    arrival_time: float = field(default_factory=time.monotonic)
+    admitted_time: float | None = None
+    first_token_time: float | None = None
+    last_token_time: float | None = None
+    finished_time: float | None = None
+
+    def __post_init__(self) -> None:
+        if not self.prompt_ids:
+            raise ValueError("prompt_ids: the prompt must contain at least one token")
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        self.max_stop_len = max((len(s) for s in self.stop), default=0)
+        if not self.params.greedy:
+            self.generator = self.params.make_generator()
+
+    @property
+    def num_prompt(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def prefilled(self) -> bool:
+        return self.num_cached >= len(self.prompt_ids)
+
+    @property
+    def total_len(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def deadline(self) -> float | None:
+        return None if self.timeout is None else self.arrival_time + self.timeout
+
+    def cancel(self) -> None:
+        """Ask the engine to stop this sequence; safe from any thread (a plain flag read once per step)."""
+        self.cancelled = True
+
+    def append_text(self, delta: str) -> tuple[str, bool]:
+        """Add decoded text; returns (text now safe to send, whether a stop string was hit).
+
+        Text that could be the start of a stop string is held back until it is known not to be one, so a
+        stop string never reaches the client even when it spans several tokens.
+        """
+        if not self.stop:
+            self.text += delta
+            out = self.text[self.emitted_chars :]
+            self.emitted_chars = len(self.text)
+            return out, False
+        search_from = max(0, len(self.text) - self.max_stop_len + 1)
+        self.text += delta
+        hit = min((i for i in (self.text.find(s, search_from) for s in self.stop) if i >= 0), default=-1)
+        if hit >= 0:
+            self.text = self.text[:hit]
+            out = self.text[self.emitted_chars :]
+            self.emitted_chars = len(self.text)
+            return out, True
+        hold = 0
+        for s in self.stop:
+            for n in range(min(len(s) - 1, len(self.text)), hold, -1):
+                if self.text.endswith(s[:n]):
+                    hold = n
+                    break
+        safe = len(self.text) - hold
+        out = self.text[self.emitted_chars : safe] if safe > self.emitted_chars else ""
+        self.emitted_chars = max(self.emitted_chars, safe)
+        return out, False
+
+    def flush_text(self) -> str:
+        """Everything not yet sent (the held-back tail once it is known not to start a stop string)."""
+        out = self.text[self.emitted_chars :]
+        self.emitted_chars = len(self.text)
+        return out

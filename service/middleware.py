@@ -1,0 +1,110 @@
+"""Pure ASGI middleware (no BaseHTTPMiddleware, so streaming and disconnects pass straight through):
+request counting, API-key auth and the body-size limit."""
+
+from __future__ import annotations
+
+import hmac
+import json
+
+from service.metrics import Metrics
+
+OPEN_PATHS = frozenset({"/", "/healthz", "/readyz", "/metrics", "/docs", "/docs/oauth2-redirect", "/openapi.json",
+                        "/redoc", "/favicon.ico"})
+KNOWN_ENDPOINTS = frozenset({"/v1/generate", "/v1/completions", "/v1/chat/completions", "/v1/models"}) | OPEN_PATHS
+
+
+async def send_error(send, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+    body = json.dumps({"error": {"message": message, "type": "invalid_request_error", "code": status}}).encode()
+    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": body})
+
+
+class MetricsMiddleware:
+    """Counts every HTTP response as smollm_requests_total{endpoint, status}."""
+
+    def __init__(self, app, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        endpoint = path if path in KNOWN_ENDPOINTS else "other"
+        status = 500
+
+        async def counting_send(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, counting_send)
+        finally:
+            self.metrics.requests.labels(endpoint=endpoint, status=str(status)).inc()
+
+
+class AuthMiddleware:
+    """With an API key set, every path but health, metrics, docs and the playground needs
+    `Authorization: Bearer KEY` (compared in constant time)."""
+
+    def __init__(self, app, api_key: str) -> None:
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS or scope["method"] == "OPTIONS":
+            return await self.app(scope, receive, send)
+        given = dict(scope["headers"]).get(b"authorization", b"")
+        if not hmac.compare_digest(given, self.expected):
+            return await send_error(send, 401, "missing or wrong API key (send 'Authorization: Bearer KEY')",
+                                    {"WWW-Authenticate": "Bearer"})
+        return await self.app(scope, receive, send)
+
+
+class BodyLimitMiddleware:
+    """413 for bodies over the limit, judged by Content-Length and by the bytes actually received (a chunked
+    or lying client cannot get past it). Bodies are small, so they are buffered and replayed to the app."""
+
+    def __init__(self, app, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        too_big = f"request body over {self.max_bytes} bytes"
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None:
+            try:
+                declared = int(length)
+            except ValueError:
+                return await send_error(send, 400, "invalid Content-Length header")
+            if declared > self.max_bytes:
+                return await send_error(send, 413, too_big)
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                return await send_error(send, 413, too_big)
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        return await self.app(scope, replay, send)

@@ -1,0 +1,83 @@
+"""POST /v1/generate: one JSON answer, or server-sent events (`token`* then `done`, or `error`)."""
+
+from __future__ import annotations
+
+import json
+
+from fastapi import APIRouter, HTTPException, Request, Response
+from sse_starlette import EventSourceResponse, ServerSentEvent
+
+from service.deps import EngineDep, SettingsDep
+from service.engine import Engine, FinishReason
+from service.generation import EngineFailure, Generation, start_generation
+from service.schemas import GenerateRequest, GenerateResponse
+
+router = APIRouter(tags=["generate"])
+
+CLIENT_CLOSED = 499  # nginx's "client closed request": logged and counted, never seen by anyone
+
+
+def encode_prompt(engine: Engine, prompt: str, chat: bool) -> list[int]:
+    tokenizer = engine.tokenizer
+    if not chat:
+        return tokenizer.encode(prompt, add_special_tokens=False)
+    return chat_ids(tokenizer, [{"role": "user", "content": prompt}])
+
+
+def chat_ids(tokenizer, messages: list[dict]) -> list[int]:
+    if not getattr(tokenizer, "chat_template", None):
+        raise HTTPException(400, "this checkpoint's tokenizer has no chat template; use a plain prompt")
+    try:
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    except Exception as e:  # a template may reject a message order (e.g. two system messages)
+        raise HTTPException(400, f"messages: the chat template rejected them: {e}") from e
+    return list(ids)
+
+
+def finish_name(reason: FinishReason) -> str:
+    return reason.value if reason in (FinishReason.STOP, FinishReason.LENGTH, FinishReason.TIMEOUT) else "stop"
+
+
+@router.post("/v1/generate", response_model=GenerateResponse, responses={
+    200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE with stream=true"},
+    400: {"description": "prompt does not fit the context"}, 429: {"description": "queue full"},
+})
+async def generate(body: GenerateRequest, request: Request, engine: EngineDep, settings: SettingsDep):
+    prompt_ids = encode_prompt(engine, body.prompt, body.chat)
+    gen = start_generation(
+        engine, prompt_ids, max_tokens=body.max_tokens, max_tokens_explicit="max_tokens" in body.model_fields_set,
+        temperature=body.temperature, top_k=body.top_k, top_p=body.top_p, seed=body.seed, stop=body.stop,
+        timeout=settings.request_timeout, ignore_eos=body.ignore_eos,
+    )
+    if body.stream:
+        return EventSourceResponse(sse_events(gen), ping=15)
+    try:
+        r = await gen.result(request)
+    except EngineFailure as e:
+        raise HTTPException(503, f"generation failed: {e}") from e
+    if r is None:
+        return Response(status_code=CLIENT_CLOSED)
+    return GenerateResponse(
+        id=gen.id, text=r.text, finish_reason=finish_name(r.finish_reason),
+        usage={"prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens},
+        timing={"ttft_ms": r.ttft_ms, "total_ms": r.total_ms},
+    )
+
+
+async def sse_events(gen: Generation):
+    try:
+        async for event in gen.events():
+            if event.finish_reason is None:
+                yield ServerSentEvent(event="token", data=json.dumps({"text": event.text, "index": event.index}))
+            elif event.finish_reason is FinishReason.ERROR:
+                yield ServerSentEvent(event="error", data=json.dumps({"message": event.error}))
+            else:
+                s = gen.summary("", event.finish_reason)
+                yield ServerSentEvent(event="done", data=json.dumps({
+                    "id": gen.id,
+                    "finish_reason": finish_name(event.finish_reason),
+                    "usage": {"prompt_tokens": s.prompt_tokens, "completion_tokens": s.completion_tokens},
+                    "timing": {"ttft_ms": s.ttft_ms, "total_ms": s.total_ms},
+                }))
+    except Exception as e:  # never cut a stream silently
+        yield ServerSentEvent(event="error", data=json.dumps({"message": f"{type(e).__name__}: {e}"}))

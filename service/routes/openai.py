@@ -1,0 +1,136 @@
+"""The OpenAI-compatible subset: /v1/completions, /v1/chat/completions (stream or not), /v1/models."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from fastapi import APIRouter, HTTPException, Request, Response
+from sse_starlette import EventSourceResponse, ServerSentEvent
+
+from service.deps import EngineDep, SettingsDep
+from service.engine import FinishReason
+from service.generation import EngineFailure, Generation, start_generation
+from service.routes.generate import CLIENT_CLOSED, chat_ids
+from service.schemas import ChatCompletionRequest, CompletionRequest
+
+router = APIRouter(tags=["openai"])
+
+
+def _finish(reason: FinishReason) -> str:
+    return "stop" if reason is FinishReason.STOP else "length"
+
+
+def _usage(gen: Generation) -> dict:
+    p, c = gen.prompt_tokens, gen.completion_tokens
+    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+
+@router.get("/v1/models")
+async def models(engine: EngineDep) -> dict:
+    return {
+        "object": "list",
+        "data": [{"id": engine.info.name, "object": "model", "created": 0, "owned_by": "smollm",
+                  "root": engine.info.checkpoint}],
+    }
+
+
+@router.post("/v1/completions")
+async def completions(body: CompletionRequest, request: Request, engine: EngineDep, settings: SettingsDep):
+    if isinstance(body.prompt, str):
+        prompt_ids = engine.tokenizer.encode(body.prompt, add_special_tokens=False)
+    else:
+        prompt_ids = list(body.prompt)
+    gen = _start(engine, settings, body, prompt_ids, body.max_tokens, "max_tokens")
+    created, model = int(time.time()), engine.info.name
+    rid = f"cmpl-{gen.id}"
+
+    def chunk(text: str, finish: str | None) -> dict:
+        return {"id": rid, "object": "text_completion", "created": created, "model": model,
+                "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]}
+
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return EventSourceResponse(_openai_stream(gen, chunk, include_usage, rid, created, model, "text_completion"),
+                                   ping=15)
+    r = await _result(gen, request)
+    if r is None:
+        return Response(status_code=CLIENT_CLOSED)
+    out = chunk(r.text, _finish(r.finish_reason))
+    out["usage"] = _usage(gen)
+    return out
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, request: Request, engine: EngineDep, settings: SettingsDep):
+    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+    prompt_ids = chat_ids(engine.tokenizer, messages)
+    if body.max_completion_tokens is not None:
+        max_tokens, field = body.max_completion_tokens, "max_completion_tokens"
+    else:
+        max_tokens, field = body.max_tokens, "max_tokens"
+    gen = _start(engine, settings, body, prompt_ids, max_tokens, field)
+    created, model = int(time.time()), engine.info.name
+    rid = f"chatcmpl-{gen.id}"
+    first = True
+
+    def chunk(text: str, finish: str | None) -> dict:
+        nonlocal first
+        delta: dict = {}
+        if first:
+            delta["role"] = "assistant"
+            first = False
+        if text or finish is None:
+            delta["content"] = text
+        return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return EventSourceResponse(
+            _openai_stream(gen, chunk, include_usage, rid, created, model, "chat.completion.chunk"), ping=15
+        )
+    r = await _result(gen, request)
+    if r is None:
+        return Response(status_code=CLIENT_CLOSED)
+    return {
+        "id": rid, "object": "chat.completion", "created": created, "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": r.text}, "logprobs": None,
+                     "finish_reason": _finish(r.finish_reason)}],
+        "usage": _usage(gen),
+    }
+
+
+def _start(engine, settings, body, prompt_ids: list[int], max_tokens: int | None, field: str) -> Generation:
+    return start_generation(
+        engine, prompt_ids, max_tokens=max_tokens, max_tokens_explicit=max_tokens is not None,
+        temperature=body.temperature, top_k=body.top_k, top_p=body.top_p, seed=body.seed, stop=body.stop,
+        timeout=settings.request_timeout, max_tokens_field=field, ignore_eos=body.ignore_eos,
+    )
+
+
+async def _result(gen: Generation, request: Request):
+    try:
+        return await gen.result(request)
+    except EngineFailure as e:
+        raise HTTPException(503, f"generation failed: {e}") from e
+
+
+async def _openai_stream(gen: Generation, chunk, include_usage: bool, rid: str, created: int, model: str,
+                         obj: str):
+    """`data: {chunk}` lines, a final chunk with finish_reason, the usage chunk if asked, then `data: [DONE]`."""
+    try:
+        async for event in gen.events():
+            if event.finish_reason is None:
+                yield ServerSentEvent(data=json.dumps(chunk(event.text, None)))
+            elif event.finish_reason is FinishReason.ERROR:
+                yield ServerSentEvent(data=json.dumps({"error": {"message": event.error, "type": "server_error"}}))
+            else:
+                yield ServerSentEvent(data=json.dumps(chunk("", _finish(event.finish_reason))))
+                if include_usage:
+                    yield ServerSentEvent(data=json.dumps({"id": rid, "object": obj, "created": created,
+                                                           "model": model, "choices": [], "usage": _usage(gen)}))
+    except Exception as e:  # never cut a stream silently
+        error = {"message": f"{type(e).__name__}: {e}", "type": "server_error"}
+        yield ServerSentEvent(data=json.dumps({"error": error}))
+    yield ServerSentEvent(data="[DONE]")

@@ -1,0 +1,137 @@
+"""Request and response bodies (pydantic): /v1/generate and the OpenAI-compatible subset."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+MAX_STOP = 16
+
+
+def _check_stop(v: str | list[str] | None) -> list[str]:
+    if v is None:
+        return []
+    stops = [v] if isinstance(v, str) else list(v)
+    if len(stops) > MAX_STOP:
+        raise ValueError(f"at most {MAX_STOP} stop strings")
+    if any(s == "" for s in stops):
+        raise ValueError("stop strings must not be empty")
+    return stops
+
+
+class GenerateRequest(BaseModel):
+    prompt: str = Field(..., min_length=1, description="text to continue")
+    max_tokens: int = Field(128, ge=1, description="tokens to generate at most (bounded by the context left)")
+    temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 is greedy")
+    top_k: int = Field(50, ge=0, description="0 turns it off; at most the vocabulary size")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    stop: list[str] | str | None = Field(None, description="strings that end the text (not included)")
+    seed: int | None = Field(None, description="makes sampling reproducible")
+    stream: bool = Field(False, description="answer as server-sent events")
+    chat: bool = Field(False, description="wrap the prompt as one user message in the checkpoint's chat template")
+    ignore_eos: bool = Field(False, description="keep generating past end-of-sequence (benchmarks)")
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, v):
+        return _check_stop(v)
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class Timing(BaseModel):
+    ttft_ms: float | None
+    total_ms: float
+
+
+class GenerateResponse(BaseModel):
+    id: str
+    text: str
+    finish_reason: Literal["stop", "length", "timeout"]
+    usage: Usage
+    timing: Timing
+
+
+# ---- OpenAI-compatible ----
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class _OpenAIBase(BaseModel):
+    # Clients send many optional fields (user, logit_bias, ...); unknown ones are ignored as OpenAI does.
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0, description="extension (as in vLLM): 0 = off")
+    ignore_eos: bool = Field(False, description="extension (as in vLLM): keep generating past end-of-sequence")
+    n: int = Field(1, ge=1, le=1, description="only one choice per request is supported")
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float = Field(0.0, ge=0.0, le=0.0, description="not supported: must be 0")
+    frequency_penalty: float = Field(0.0, ge=0.0, le=0.0, description="not supported: must be 0")
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, v):
+        return _check_stop(v)
+
+
+class CompletionRequest(_OpenAIBase):
+    prompt: str | list[str] | list[int] = Field(..., description="a string, a one-string list, or token ids")
+    max_tokens: int | None = Field(16, ge=1)
+    echo: bool = Field(False, le=False, description="not supported")
+    logprobs: int | None = Field(None, le=0, description="not supported")
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, v):
+        if isinstance(v, list) and v and isinstance(v[0], str):
+            if len(v) != 1:
+                raise ValueError("only one prompt per request is supported")
+            v = v[0]
+        if isinstance(v, str) and not v:
+            raise ValueError("the prompt must not be empty")
+        if isinstance(v, list) and not v:
+            raise ValueError("the prompt must not be empty")
+        return v
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "user", "assistant"]
+    content: str | list[TextPart]
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.text for p in self.content)
+
+
+class ChatCompletionRequest(_OpenAIBase):
+    messages: list[ChatMessage] = Field(..., min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = Field(None, description="not supported")
+
+    @field_validator("logprobs")
+    @classmethod
+    def _logprobs(cls, v):
+        if v:
+            raise ValueError("logprobs are not supported")
+        return v

@@ -1,0 +1,34 @@
+"""Service settings: environment variables prefixed SMOLLM_ (e.g. SMOLLM_MAX_BATCH_SIZE), overridden by the
+command-line flags of `python -m service`."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SMOLLM_", case_sensitive=False, extra="ignore")
+
+    checkpoint: str | None = Field(
+        None,
+        description="a checkpoint directory, or a trainer output directory whose newest complete checkpoint is "
+        "served and watched; unset: the embedded SmolLM2-135M-Instruct",
+    )
+    host: str = Field("127.0.0.1", description="address to listen on")
+    port: int = Field(8000, ge=0, le=65535, description="port to listen on")
+    dtype: Literal["bfloat16", "float32"] = Field("bfloat16", description="weights and KV cache dtype")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available, else cpu")
+    max_batch_size: int = Field(16, ge=1, description="concurrent running sequences (KV cache slots)")
+    max_context: int = Field(2048, ge=2, description="tokens per sequence, prompt included")
+    max_queue: int = Field(64, ge=0, description="requests allowed to wait for a slot before 429")
+    request_timeout: float = Field(300.0, gt=0, description="seconds a request may take in total")
+    api_key: SecretStr | None = Field(None, description="when set, requests need 'Authorization: Bearer KEY'")
+    max_body_bytes: int = Field(1 << 20, ge=1, description="largest accepted request body (413 above)")
+    reload_interval: float = Field(5.0, ge=0, description="seconds between checkpoint polls; 0 disables")
+    prefill_chunk: int = Field(512, ge=1, description="prompt tokens per prefill step")
+    log_level: str = Field("INFO", description="logging level")
+    shutdown_grace: float = Field(30.0, ge=0, description="seconds SIGTERM waits for running requests")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads (default: all cores)")
