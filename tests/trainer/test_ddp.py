@@ -1,0 +1,44 @@
+"""DistributedDataParallel over 2 CPU processes (gloo) matches one process with the same global batch."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from trainer.checkpointing import read_latest
+from trainer.loop import prepare, run
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_two_processes_match_one_and_resume(config_file, make_config, tmp_path, losses):
+    overrides = ["max_steps=4", "checkpoint_every=2", "batch_size=4", "grad_accum=2"]
+    single = tmp_path / "single"
+    run(prepare(make_config(*overrides)), single)
+
+    ddp = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "trainer", "--config", str(config_file(*overrides)), "--out", str(ddp)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def torchrun():
+        res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stderr[-3000:]
+        return res
+
+    torchrun()
+
+    expected, got = losses(single), losses(ddp)
+    assert sorted(got) == [1, 2, 3, 4]
+    for step in expected:
+        assert abs(got[step] - expected[step]) < 1e-4, (step, got[step], expected[step])
+    # Rank 0 alone wrote the checkpoint and the log.
+    assert read_latest(ddp) == "step-000004"
+    assert len((ddp / "metrics.jsonl").read_text().splitlines()) == 4
+
+    # Resume with the same world size from step 2: the same losses as the uninterrupted DDP run.
+    shutil.rmtree(ddp / "step-000004")
+    (ddp / "latest").write_text("step-000002\n")
+    assert "resuming from" in torchrun().stderr
+    assert losses(ddp) == got

@@ -1,0 +1,166 @@
+"""Crash-safe checkpoints in the output directory, retention, and resuming from the newest good one.
+
+Layout: `OUT/step-000123/` is a Hugging Face model directory written by `model.checkpoint.save_checkpoint`
+(atomically: a hidden `.step-000123.tmp-*` sibling renamed into place) with the trainer state added inside
+before the rename; `OUT/latest` names the newest complete checkpoint and is replaced atomically only after
+that rename. A `kill -9` at any instant therefore leaves complete checkpoints and hidden debris only.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from model.checkpoint import CheckpointError, is_complete_checkpoint, load_model, save_checkpoint
+from model.llama import Transformer
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "trainer_state.pt"
+CONFIG_FILE = "trainer_config.yaml"
+LATEST_FILE = "latest"
+# Test hook, "SECONDS" or "STEP:SECONDS": sleep inside the checkpoint write (of that step only), after the
+# trainer state is written and before the rename, so a test can `kill -9` the job mid-write deterministically.
+PAUSE_ENV = "SMOLLM_TRAINER_PAUSE_IN_CHECKPOINT_WRITE"
+
+_STEP_RE = re.compile(r"step-(\d+)")
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+def parse_step(name: str) -> int | None:
+    m = _STEP_RE.fullmatch(name)
+    return int(m.group(1)) if m else None
+
+
+def checkpoint_dirs(out_dir: Path) -> list[tuple[int, Path]]:
+    """Visible `step-*` directories, newest first (hidden temporary directories are never listed)."""
+    if not out_dir.is_dir():
+        return []
+    found = [(s, p) for p in out_dir.iterdir() if p.is_dir() and (s := parse_step(p.name)) is not None]
+    return sorted(found, reverse=True)
+
+
+def capture_rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def write_latest(out_dir: Path, name: str) -> None:
+    """Point `OUT/latest` at `name`: temp file, fsync, rename, fsync the directory."""
+    tmp = out_dir / f".{LATEST_FILE}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(name + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, out_dir / LATEST_FILE)
+    fd = os.open(out_dir, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_latest(out_dir: Path) -> str | None:
+    try:
+        return (out_dir / LATEST_FILE).read_text().strip() or None
+    except OSError:
+        return None
+
+
+def save(
+    out_dir: Path, step: int, model: Transformer, tokenizer: Any, state: dict[str, Any], keep_last: int
+) -> Path:
+    """Write `OUT/step-NNNNNN` (model, tokenizer, trainer state), update `latest`, apply retention."""
+
+    def add_trainer_state(tmp: Path) -> None:
+        torch.save(state, tmp / STATE_FILE)
+        (tmp / CONFIG_FILE).write_text(yaml.safe_dump(state["config"], sort_keys=False))
+        pause = _pause_seconds(os.environ.get(PAUSE_ENV, ""), step)
+        if pause > 0:
+            log.warning("%s set: pausing %.1fs inside the checkpoint write of step %d", PAUSE_ENV, pause, step)
+            time.sleep(pause)
+
+    t0 = time.perf_counter()
+    # The model's own dtype (fp32 master weights): a resume must continue from exactly these values.
+    path = save_checkpoint(out_dir / step_dir_name(step), model, tokenizer=tokenizer, extra=add_trainer_state)
+    write_latest(out_dir, path.name)
+    log.info("saved checkpoint %s in %.1fs", path, time.perf_counter() - t0)
+    apply_retention(out_dir, keep_last)
+    return path
+
+
+def _pause_seconds(spec: str, step: int) -> float:
+    if not spec:
+        return 0.0
+    at, _, seconds = spec.rpartition(":")
+    return float(seconds) if not at or int(at) == step else 0.0
+
+
+def apply_retention(out_dir: Path, keep_last: int) -> list[Path]:
+    """Delete all but the newest `keep_last` checkpoints (never the one `latest` names); returns the deleted."""
+    latest = read_latest(out_dir)
+    deleted = []
+    for _, path in checkpoint_dirs(out_dir)[keep_last:]:
+        if path.name == latest:
+            continue
+        # Hide it first (an atomic rename), so a kill during the deletion leaves no half-deleted `step-*`.
+        hidden = out_dir / f".{path.name}.del-{os.getpid()}"
+        os.rename(path, hidden)
+        shutil.rmtree(hidden, ignore_errors=True)
+        deleted.append(path)
+    return deleted
+
+
+def remove_debris(out_dir: Path) -> None:
+    """Remove hidden leftovers of writes or deletions interrupted by a crash (one trainer per OUT)."""
+    if not out_dir.is_dir():
+        return
+    for p in out_dir.iterdir():
+        if p.name.startswith(".step-") or p.name.startswith(f".{LATEST_FILE}.tmp-"):
+            log.info("removing leftover %s of an interrupted run", p)
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+
+
+def find_resumable(out_dir: Path) -> tuple[Path, Transformer, dict[str, Any]] | None:
+    """The newest checkpoint that loads completely (weights and trainer state), falling back to older ones."""
+    for _, path in checkpoint_dirs(out_dir):
+        if not is_complete_checkpoint(path) or not (path / STATE_FILE).is_file():
+            log.warning("skipping %s: incomplete checkpoint", path)
+            continue
+        try:
+            # Our own file: it holds numpy and python RNG states besides tensors, hence weights_only=False.
+            state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
+            model = load_model(path, dtype=torch.float32)
+        except (CheckpointError, OSError, RuntimeError, EOFError, KeyError, ValueError) as e:
+            log.warning("skipping %s: cannot load it: %s", path, e)
+            continue
+        return path, model, state
+    return None

@@ -1,0 +1,161 @@
+"""The trainer's typed job config: a YAML file plus `key=value` overrides, validated before any work starts.
+
+Precedence is CLI override > file > defaults. Every section forbids unknown keys, so a typo stops the job
+with a message that names the key instead of being silently ignored.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """The job config is invalid; the message names the key (or the file)."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Strict):
+    sources: list[str] = Field(default_factory=lambda: ["stdlib"], min_length=1)
+    """`.txt`, `.jsonl` or `.parquet` files, directories or globs, or `stdlib` (the Python standard library)."""
+    text_field: str = "text"
+    """The text field of `.jsonl` records and the text column of `.parquet` files."""
+    seq_len: int = Field(256, gt=0)
+    """Tokens per training window; at most the model's block size."""
+    val_fraction: float = Field(0.01, ge=0.0, lt=0.5)
+    """Share of the token stream (its tail) held out for validation."""
+    max_files: int | None = Field(None, gt=0)
+    """Use at most this many source files (spread evenly over the sorted list); bounds tokenizing time."""
+    max_tokens: int | None = Field(None, gt=0)
+    """Stop tokenizing after this many tokens."""
+    cache_dir: str | None = None
+    """Where token files are cached (default: `$SMOLLM_CACHE_DIR/tokens` or `~/.cache/smollm/tokens`)."""
+
+
+class OptimConfig(_Strict):
+    lr: float = Field(3e-3, gt=0)
+    min_lr: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = Field(1e-8, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    """Applied to matrices (2-D parameters) only; norms are never decayed."""
+    warmup_steps: int = Field(0, ge=0)
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    """`cosine` decay to `min_lr`, or `wsd` (warmup-stable-decay, SmolLM2's): constant, then a linear decay."""
+    decay_fraction: float = Field(0.2, gt=0, le=1)
+    """For `wsd`: the share of `max_steps` spent decaying at the end."""
+
+    @model_validator(mode="after")
+    def _check(self) -> OptimConfig:
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"betas must lie in [0, 1), got {self.betas}")
+        return self
+
+
+class TrainConfig(_Strict):
+    model: str = "tiny"
+    """Model preset (`model.config.PRESETS`) for `init_from: scratch`; ignored otherwise."""
+    init_from: str = "scratch"
+    """`scratch`, `bundled` (the embedded SmolLM2-135M-Instruct) or a Hugging Face checkpoint directory."""
+    tokenizer: str = "bundled"
+    """For `scratch`: `bundled` or a directory with tokenizer files. Otherwise the init checkpoint's."""
+    data: DataConfig = Field(default_factory=DataConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    batch_size: int = Field(8, gt=0)
+    """Sequences per micro-step across all processes (split over DDP ranks: the global batch is preserved)."""
+    grad_accum: int = Field(1, gt=0)
+    max_steps: int = Field(1000, gt=0)
+    grad_clip: float = Field(1.0, ge=0)
+    """Clip the global gradient norm to this; 0 disables clipping."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """Compute precision: weights and optimizer state stay fp32, `bfloat16` runs the forward under autocast."""
+    checkpoint_every: int = Field(1000, gt=0)
+    keep_last: int = Field(3, gt=0)
+    eval_every: int = Field(0, ge=0)
+    """Validation loss every this many steps; 0 disables it."""
+    eval_steps: int = Field(10, gt=0)
+    sample_every: int = Field(0, ge=0)
+    """Sample generations every this many steps; 0 disables them."""
+    sample_prompts: list[str] = Field(default_factory=lambda: ["def "])
+    sample_tokens: int = Field(32, gt=0)
+    log_every: int = Field(10, gt=0)
+    seed: int = 1337
+    metrics_port: int | None = Field(None, ge=0, le=65535)
+    """Serve Prometheus gauges on this port (rank 0); unset disables it."""
+    peak_tflops: float | None = Field(None, gt=0)
+    """Hardware peak for MFU; unset measures this machine's matmul throughput once at start."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    plot: bool = True
+    """Draw `loss.png` at the end when matplotlib is installed."""
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.grad_accum * self.data.seq_len
+
+
+def _format_validation_error(e: ValidationError) -> str:
+    parts = []
+    for err in e.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "config"
+        if err["type"] == "extra_forbidden":
+            parts.append(f"{key}: unknown key")
+        else:
+            parts.append(f"{key}: {err['msg']} (got {err.get('input')!r})")
+    return "; ".join(parts)
+
+
+def apply_override(raw: dict[str, Any], override: str) -> None:
+    """Set `a.b.c=value` in the nested dict `raw`; the value is parsed as YAML (`1e-3`, `[a, b]`, `null`)."""
+    if "=" not in override:
+        raise ConfigError(f"override {override!r}: expected key=value")
+    key, _, text = override.partition("=")
+    path = key.strip().split(".")
+    if not all(path):
+        raise ConfigError(f"override {override!r}: empty key")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {key}: cannot parse value {text!r}: {e}") from None
+    node = raw
+    for i, part in enumerate(path[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {key}: {'.'.join(path[: i + 1])} is not a section")
+        node = child
+    node[path[-1]] = value
+
+
+def build_config(raw: dict[str, Any], overrides: list[str] = ()) -> TrainConfig:
+    """Validate a raw mapping after applying `overrides`; errors name the key."""
+    raw = dict(raw)
+    for o in overrides:
+        apply_override(raw, o)
+    try:
+        return TrainConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e)) from None
+
+
+def load_config(path: str | os.PathLike[str] | None, overrides: list[str] = ()) -> TrainConfig:
+    """Read a YAML config file (or just defaults when `path` is None) and apply `key=value` overrides."""
+    raw: Any = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{p}: config file not found")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: invalid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{p}: expected a mapping of config keys at the top level")
+    return build_config(raw, list(overrides))

@@ -1,0 +1,268 @@
+"""The training job: prepare (validate config, model source and data), then the loop of train steps with
+evaluation, sample generations, progress and checkpoints. `train_step` is the hot path."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from model.generate import generate_tokens
+from model.llama import Transformer
+from model.sampling import SamplingParams
+from model.tokenizer import load_tokenizer
+from trainer import checkpointing, distributed
+from trainer.config import ConfigError, TrainConfig
+from trainer.data import WindowSampler, load_tokens, split_tokens
+from trainer.distributed import DistInfo
+from trainer.modeling import ModelSource, build_model, resolve_model_source
+from trainer.optim import build_optimizer, lr_at, set_lr
+from trainer.progress import Progress, flops_per_token, measure_peak_flops
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Prepared:
+    """Everything checked before training starts: a failure here is a user error, not a crash."""
+
+    cfg: TrainConfig
+    source: ModelSource
+    tokenizer: Any
+    train_tokens: np.ndarray
+    val_tokens: np.ndarray | None
+
+
+def prepare(cfg: TrainConfig) -> Prepared:
+    """Resolve the model source and tokenize the data (cached); raises ConfigError or DataError."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if cfg.batch_size % world_size:
+        raise ConfigError(f"batch_size={cfg.batch_size} must be divisible by the number of processes ({world_size})")
+    source = resolve_model_source(cfg)
+    tokenizer = load_tokenizer(source.tokenizer_path)
+    if len(tokenizer) > source.config.vocab_size:
+        raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens, more than the model's vocab_size "
+                          f"{source.config.vocab_size}")
+    tokens = load_tokens(cfg.data, tokenizer, source.config.eos_token_id)
+    train, val = split_tokens(tokens.tokens, cfg.data.val_fraction, cfg.data.seq_len)
+    if cfg.eval_every and val is None:
+        log.warning("eval_every=%d but data.val_fraction=0: no validation split, no validation loss", cfg.eval_every)
+    log.info("data: %d train tokens, %d validation tokens (%s)", len(train), 0 if val is None else len(val),
+             "cached" if tokens.from_cache else "tokenized now")
+    return Prepared(cfg=cfg, source=source, tokenizer=tokenizer, train_tokens=train, val_tokens=val)
+
+
+def autocast_context(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager:
+    if cfg.dtype == "bfloat16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    sampler: WindowSampler,
+    grad_accum: int,
+    grad_clip: float,
+    device: torch.device,
+    autocast: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step over `grad_accum` micro-batches; returns (mean loss, grad norm) as 0-d tensors
+    (no host sync here: the caller reads them only when it logs)."""
+    loss_sum = torch.zeros((), device=device)
+    for micro in range(grad_accum):
+        x, y = sampler.next_batch()  # (B, T) each
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        # DDP all-reduces gradients on the last micro-batch only.
+        sync = micro == grad_accum - 1 or not isinstance(model, DistributedDataParallel)
+        with contextlib.nullcontext() if sync else model.no_sync():
+            with autocast:
+                logits = model(x)  # (B, T, vocab) fp32
+            loss = F.cross_entropy(logits.flatten(0, 1), y.flatten()) / grad_accum
+            loss.backward()
+        loss_sum += loss.detach()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum, grad_norm
+
+
+@torch.no_grad()
+def evaluate(model: Transformer, val_tokens: np.ndarray, cfg: TrainConfig, info: DistInfo, autocast: Any) -> float:
+    """Mean loss over `eval_steps` batches; the same windows every time (a private, freshly seeded sampler)."""
+    sampler = WindowSampler(val_tokens, cfg.data.seq_len, cfg.batch_size, cfg.seed + 1, info.rank, info.world_size)
+    total = torch.zeros((), device=info.device)
+    for _ in range(cfg.eval_steps):
+        x, y = sampler.next_batch()
+        with autocast:
+            logits = model(x.to(info.device))
+        total += F.cross_entropy(logits.flatten(0, 1), y.to(info.device).flatten())
+    return distributed.all_reduce_mean(total / cfg.eval_steps, info).item()  # host sync: logged
+
+
+def generate_samples(model: Transformer, tokenizer: Any, cfg: TrainConfig) -> list[dict[str, str]]:
+    """Greedy completions of `sample_prompts` (greedy draws no random numbers: training RNG is untouched)."""
+    samples = []
+    eos = model.config.eos_token_id
+    for prompt in cfg.sample_prompts:
+        ids = tokenizer.encode(prompt, add_special_tokens=False) or [model.config.bos_token_id]
+        ids = ids[-(model.config.block_size - cfg.sample_tokens):]
+        out = list(generate_tokens(model, ids, cfg.sample_tokens, SamplingParams(temperature=0.0), stop_ids=[eos]))
+        samples.append({"prompt": prompt, "completion": tokenizer.decode(out, skip_special_tokens=True)})
+    return samples
+
+
+def trainer_state(step: int, lr: float, optimizer: torch.optim.Optimizer, sampler: WindowSampler,
+                  cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
+    return {
+        "step": step,
+        "optimizer": optimizer.state_dict(),
+        # The schedule is a pure function of the step (trainer.optim.lr_at); this records where it stood.
+        "scheduler": {"step": step, "lr": lr},
+        "data": sampler.state_dict(),
+        "rng": checkpointing.capture_rng_state(),
+        "config": cfg.model_dump(mode="json"),
+        "world_size": info.world_size,
+    }
+
+
+@dataclass
+class RunSummary:
+    start_step: int
+    final_step: int
+    resumed_from: Path | None
+    last_loss: float | None
+    tokens_per_s: float | None
+
+
+def run(prep: Prepared, out_dir: Path) -> RunSummary:
+    """Train until `max_steps`, resuming from the newest complete checkpoint in `out_dir` if there is one."""
+    cfg = prep.cfg
+    info = distributed.setup(cfg.device)
+    try:
+        return _run(prep, out_dir, info)
+    finally:
+        distributed.teardown(info)
+
+
+def _run(prep: Prepared, out_dir: Path, info: DistInfo) -> RunSummary:
+    cfg, device = prep.cfg, info.device
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if info.is_main:
+        checkpointing.remove_debris(out_dir)
+    distributed.barrier(info)
+
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed % 2**32)
+    resumed = checkpointing.find_resumable(out_dir)
+    state = None
+    if resumed is not None:
+        resumed_from, model, state = resumed
+        start_step = int(state["step"])
+        log.info("resuming from %s (step %d)", resumed_from, start_step)
+        _warn_config_changes(state.get("config", {}), cfg.model_dump(mode="json"))
+        if info.is_main and checkpointing.read_latest(out_dir) != resumed_from.name:
+            # `latest` named a checkpoint that does not load: point readers (the server) at a good one.
+            checkpointing.write_latest(out_dir, resumed_from.name)
+    else:
+        resumed_from, start_step = None, 0
+        model = build_model(prep.source, cfg.seed)
+    model.to(device).train()
+    optimizer = build_optimizer(model, cfg.optim, device)
+    sampler = WindowSampler(prep.train_tokens, cfg.data.seq_len, cfg.batch_size, cfg.seed, info.rank, info.world_size)
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        sampler.load_state_dict(state["data"])
+        checkpointing.restore_rng_state(state["rng"])
+    ddp_model: nn.Module = DistributedDataParallel(model) if info.enabled else model
+    autocast = autocast_context(cfg, device)
+
+    peak = cfg.peak_tflops * 1e12 if cfg.peak_tflops else None
+    if peak is None and info.is_main:
+        peak = measure_peak_flops(device, torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32)
+    progress = Progress(
+        out_dir, start_step, cfg.max_steps, cfg.tokens_per_step, flops_per_token(model.config, cfg.data.seq_len),
+        peak, cfg.metrics_port, enabled=info.is_main,
+    )
+    log.info("training %s (%.1fM parameters) for %d steps on %s x%d, %d tokens per step",
+             cfg.model if prep.source.init_path is None else prep.source.init_path,
+             model.config.num_params() / 1e6, cfg.max_steps, device, info.world_size, cfg.tokens_per_step)
+    last_loss = None
+    tokens_per_s = None
+    try:
+        for step in range(start_step, cfg.max_steps):
+            lr = lr_at(step, cfg.optim, cfg.max_steps)
+            set_lr(optimizer, lr)
+            t0 = time.perf_counter()
+            loss, grad_norm = train_step(ddp_model, optimizer, sampler, cfg.grad_accum, cfg.grad_clip, device, autocast)
+            done = step + 1
+            evaluate_now = bool(cfg.eval_every and done % cfg.eval_every == 0 and prep.val_tokens is not None)
+            log_now = done % cfg.log_every == 0 or done == cfg.max_steps or evaluate_now
+            if log_now:
+                last_loss = distributed.all_reduce_mean(loss, info).item()  # host sync: logging only
+                grad_norm_value = grad_norm.item()
+            progress.step_timed(time.perf_counter() - t0)
+            if log_now:
+                val_loss = evaluate(model, prep.val_tokens, cfg, info, autocast) if evaluate_now else None
+                tokens_per_s = progress.log_step(done, last_loss, lr, grad_norm_value, val_loss)
+            if cfg.sample_every and done % cfg.sample_every == 0 and info.is_main:
+                progress.log_samples(done, generate_samples(model, prep.tokenizer, cfg))
+                model.train()
+            if done % cfg.checkpoint_every == 0 or done == cfg.max_steps:
+                if info.is_main:
+                    state = trainer_state(done, lr, optimizer, sampler, cfg, info)
+                    checkpointing.save(out_dir, done, model, prep.tokenizer, state, cfg.keep_last)
+                distributed.barrier(info)
+    finally:
+        progress.close()
+    if start_step >= cfg.max_steps:
+        log.info("%s already holds a checkpoint at step %d >= max_steps %d: nothing to do",
+                 out_dir, start_step, cfg.max_steps)
+    if info.is_main and cfg.plot:
+        from trainer.plot import plot_if_available
+
+        plot_if_available(out_dir)
+    return RunSummary(start_step, max(start_step, cfg.max_steps), resumed_from, last_loss, tokens_per_s)
+
+
+def _warn_config_changes(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> None:
+    """A resume continues the saved run; changed settings apply from here on, which is worth a warning."""
+    for key in sorted(set(saved) | set(current)):
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            _warn_config_changes(a, b, f"{prefix}{key}.")
+        elif a != b:
+            log.warning("resuming with %s%s=%r (the checkpoint was trained with %r)", prefix, key, b, a)
+
+
+def measure_throughput(cfg: TrainConfig, steps: int = 5, warmup: int = 1) -> float:
+    """Tokens/s of `steps` timed train steps (after `warmup`) of `cfg`'s model, optimizer, batch and dtype on
+    random token ids; no data, checkpoints or logging. For benchmarks."""
+    source = resolve_model_source(cfg)
+    device = distributed.pick_device(cfg.device)
+    model = build_model(source, cfg.seed).to(device).train()
+    optimizer = build_optimizer(model, cfg.optim, device)
+    rng = np.random.default_rng(cfg.seed)
+    tokens = rng.integers(0, source.config.vocab_size, size=cfg.batch_size * (cfg.data.seq_len + 1) * 4)
+    sampler = WindowSampler(tokens.astype(np.int64), cfg.data.seq_len, cfg.batch_size, cfg.seed)
+    autocast = autocast_context(cfg, device)
+    set_lr(optimizer, cfg.optim.lr)
+    for _ in range(warmup):
+        train_step(model, optimizer, sampler, cfg.grad_accum, cfg.grad_clip, device, autocast)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        loss, _ = train_step(model, optimizer, sampler, cfg.grad_accum, cfg.grad_clip, device, autocast)
+    loss.item()  # host sync: wait for the queued work before stopping the clock
+    return cfg.tokens_per_step * steps / (time.perf_counter() - t0)

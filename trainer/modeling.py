@@ -1,0 +1,70 @@
+"""Where the model and tokenizer come from (`init_from: scratch | bundled | PATH`), checked before any work."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from model.checkpoint import CheckpointError, load_model, read_config
+from model.config import ModelConfig
+from model.llama import Transformer
+from trainer.config import ConfigError, TrainConfig
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    config: ModelConfig
+    init_path: Path | None  # None: fresh weights from `init_weights(seed)`
+    tokenizer_path: Path
+
+
+def _bundled() -> Path:
+    from model.bundled import default_checkpoint
+
+    try:
+        return default_checkpoint()
+    except (FileNotFoundError, OSError, ValueError) as e:
+        raise ConfigError(f"the embedded model is unavailable: {e}") from None
+
+
+def resolve_model_source(cfg: TrainConfig) -> ModelSource:
+    """The model config, initial weights and tokenizer the job will use; errors name the config key."""
+    if cfg.init_from == "scratch":
+        try:
+            config = ModelConfig.from_name(cfg.model)
+        except ValueError as e:
+            raise ConfigError(f"model: {e}") from None
+        init_path = None
+        tok = _bundled() if cfg.tokenizer == "bundled" else Path(cfg.tokenizer)
+        if not ((tok / "tokenizer.json").is_file() or (tok / "tokenizer_config.json").is_file()):
+            raise ConfigError(f"tokenizer: {tok}: no tokenizer files (tokenizer.json) there")
+    else:
+        init_path = _bundled() if cfg.init_from == "bundled" else Path(cfg.init_from)
+        if not init_path.is_dir():
+            raise ConfigError(f"init_from: {init_path}: no such checkpoint directory")
+        try:
+            config = read_config(init_path)
+        except CheckpointError as e:
+            raise ConfigError(f"init_from: {e}") from None
+        tok = init_path
+        if not (tok / "tokenizer.json").is_file():
+            raise ConfigError(f"init_from: {tok / 'tokenizer.json'}: missing (the checkpoint has no tokenizer)")
+    if cfg.data.seq_len > config.block_size:
+        raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds the model's block size {config.block_size}")
+    if cfg.sample_every and cfg.sample_tokens >= config.block_size:
+        raise ConfigError(f"sample_tokens={cfg.sample_tokens} leaves no room for a prompt in {config.block_size}")
+    return ModelSource(config=config, init_path=init_path, tokenizer_path=tok)
+
+
+def build_model(source: ModelSource, seed: int) -> Transformer:
+    """fp32 master weights on the CPU: fresh from `seed`, or the init checkpoint's."""
+    if source.init_path is None:
+        model = Transformer(source.config)
+        model.init_weights(seed)
+        return model
+    try:
+        return load_model(source.init_path, dtype=torch.float32)
+    except CheckpointError as e:
+        raise ConfigError(f"init_from: {e}") from None

@@ -1,0 +1,54 @@
+"""AdamW with weight decay on matrices only, and the learning-rate schedule (warmup, then cosine or
+warmup-stable-decay). The schedule is a pure function of the step, so resuming needs only the step."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+from torch import nn
+
+from trainer.config import OptimConfig
+
+log = logging.getLogger(__name__)
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW over `model`'s parameters: 2-D tensors (matmul weights, embeddings) decay, norms do not."""
+    params = [p for p in model.parameters() if p.requires_grad]  # a tied embedding is listed once
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    kwargs = {"lr": cfg.lr, "betas": cfg.betas, "eps": cfg.eps}
+    # The fused kernel (CUDA, and CPU since torch 2.4) does the whole update in one pass per tensor.
+    try:
+        return torch.optim.AdamW(groups, fused=device.type in ("cuda", "cpu"), **kwargs)
+    except (RuntimeError, TypeError) as e:
+        log.info("fused AdamW unavailable (%s); using the foreach implementation", e)
+        return torch.optim.AdamW(groups, foreach=True, **kwargs)
+
+
+def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:
+    """Learning rate of optimizer step `step` (0-based)."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return cfg.lr
+    if cfg.schedule == "cosine":
+        span = max(1, max_steps - cfg.warmup_steps)
+        progress = min(1.0, (step - cfg.warmup_steps) / span)
+        return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * progress))
+    # wsd: hold the peak, then decay linearly to min_lr over the last `decay_fraction` of the run.
+    decay_steps = max(1, round(cfg.decay_fraction * max_steps))
+    decay_start = max(cfg.warmup_steps, max_steps - decay_steps)
+    if step < decay_start:
+        return cfg.lr
+    progress = min(1.0, (step - decay_start + 1) / max(1, max_steps - decay_start))
+    return cfg.lr + (cfg.min_lr - cfg.lr) * progress
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
