@@ -151,9 +151,10 @@ def generation_config_dict(config: ModelConfig, **overrides: Any) -> dict[str, A
 def atomic_directory(target: str | os.PathLike[str], write: Callable[[Path], None]) -> Path:
     """Run `write(tmp_dir)` on a hidden sibling of `target`, fsync it, then rename it to `target`.
 
-    A reader that polls `target` sees either nothing (or the previous version) or the complete directory.
-    An existing `target` is replaced. If `write` raises, the temporary directory is removed and `target`
-    is untouched.
+    A reader that polls `target` sees either nothing or the complete directory. An existing `target` is
+    replaced (moved aside, then deleted): a reader still reading the previous version then loses it, which is
+    why the trainer writes each checkpoint under a new name. If `write` raises, the temporary directory is
+    removed and `target` is untouched.
     """
     target = Path(target).absolute()
     target.parent.mkdir(parents=True, exist_ok=True)

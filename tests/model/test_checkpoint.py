@@ -22,22 +22,23 @@ def test_bf16_load(tiny_checkpoint):
 
 
 def test_saving_is_atomic_for_a_polling_reader(tmp_path, tiny_model, tokenizer):
-    """A reader that polls the target sees nothing or a complete, loadable checkpoint; never a partial one."""
-    target = tmp_path / "step-000001"
+    """A reader that polls for checkpoints sees nothing or a complete one; never a partial one."""
+    targets = [tmp_path / f"step-{i:06d}" for i in range(1, 4)]
     seen: list[set[str]] = []
     done = threading.Event()
 
     def poll():
         while not done.is_set():
-            try:
-                seen.append({p.name for p in target.iterdir()})
-            except FileNotFoundError:  # not there yet, or between the old version and the new one
-                pass
+            for target in targets:
+                try:
+                    seen.append({p.name for p in target.iterdir()})
+                except FileNotFoundError:  # not there yet
+                    pass
 
     reader = threading.Thread(target=poll)
     reader.start()
     try:
-        for _ in range(3):  # replacing an existing checkpoint is atomic too
+        for target in targets:
             save_checkpoint(target, tiny_model, tokenizer=tokenizer)
     finally:
         done.set()
@@ -45,6 +46,14 @@ def test_saving_is_atomic_for_a_polling_reader(tmp_path, tiny_model, tokenizer):
     full = {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "tokenizer_config.json"}
     assert seen and all(full <= names for names in seen)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dirs left behind
+
+
+def test_replacing_a_checkpoint(tmp_path, tiny_model):
+    target = save_checkpoint(tmp_path / "ckpt", tiny_model)
+    (target / "stale.txt").write_text("from the old version")
+    save_checkpoint(target, tiny_model)
+    assert not (target / "stale.txt").exists() and load_model(target) is not None
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
 
 
 def test_failed_write_leaves_nothing(tmp_path, tiny_model):
