@@ -52,6 +52,10 @@ def main(argv: list[str] | None = None) -> int:
     except PermissionError as e:
         print(f"error: --out {out}: {e}", file=sys.stderr)
         return 2
+    if summary.stopped_early:
+        from trainer.preemption import EXIT_CODE
+
+        return EXIT_CODE
     log.info("done: step %d in %s", summary.final_step, out)
     return 0
 

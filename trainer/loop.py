@@ -27,6 +27,7 @@ from trainer.data import WindowSampler, load_tokens, split_tokens
 from trainer.distributed import DistInfo
 from trainer.modeling import ModelSource, build_model, resolve_model_source
 from trainer.optim import build_optimizer, lr_at, set_lr
+from trainer.preemption import StopRequest
 from trainer.progress import Progress, flops_per_token, measure_peak_flops
 
 log = logging.getLogger(__name__)
@@ -143,6 +144,7 @@ class RunSummary:
     resumed_from: Path | None
     last_loss: float | None
     tokens_per_s: float | None
+    stopped_early: bool = False  # SIGTERM: checkpointed at final_step before max_steps
 
 
 def run(prep: Prepared, out_dir: Path) -> RunSummary:
@@ -199,7 +201,11 @@ def _run(prep: Prepared, out_dir: Path, info: DistInfo) -> RunSummary:
              model.config.num_params() / 1e6, cfg.max_steps, device, info.world_size, cfg.tokens_per_step)
     last_loss = None
     tokens_per_s = None
-    try:
+    final_step = max(start_step, cfg.max_steps)
+    stopped_early = False
+    with contextlib.ExitStack() as stack:
+        stop = stack.enter_context(StopRequest())
+        stack.callback(progress.close)
         for step in range(start_step, cfg.max_steps):
             lr = lr_at(step, cfg.optim, cfg.max_steps)
             set_lr(optimizer, lr)
@@ -218,21 +224,24 @@ def _run(prep: Prepared, out_dir: Path, info: DistInfo) -> RunSummary:
             if cfg.sample_every and done % cfg.sample_every == 0 and info.is_main:
                 progress.log_samples(done, generate_samples(model, prep.tokenizer, cfg))
                 model.train()
-            if done % cfg.checkpoint_every == 0 or done == cfg.max_steps:
+            stopping = done < cfg.max_steps and stop.requested(info)
+            if done % cfg.checkpoint_every == 0 or done == cfg.max_steps or stopping:
                 if info.is_main:
                     state = trainer_state(done, lr, optimizer, sampler, cfg, info)
                     checkpointing.save(out_dir, done, model, prep.tokenizer, state, cfg.keep_last)
                 distributed.barrier(info)
-    finally:
-        progress.close()
+            if stopping:
+                log.warning("stopped by SIGTERM at step %d; rerun the same command to resume", done)
+                final_step, stopped_early = done, True
+                break
     if start_step >= cfg.max_steps:
         log.info("%s already holds a checkpoint at step %d >= max_steps %d: nothing to do",
                  out_dir, start_step, cfg.max_steps)
-    if info.is_main and cfg.plot:
+    if info.is_main and cfg.plot and not stopped_early:
         from trainer.plot import plot_if_available
 
         plot_if_available(out_dir)
-    return RunSummary(start_step, max(start_step, cfg.max_steps), resumed_from, last_loss, tokens_per_s)
+    return RunSummary(start_step, final_step, resumed_from, last_loss, tokens_per_s, stopped_early)
 
 
 def _warn_config_changes(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> None:

@@ -1,0 +1,43 @@
+"""SIGTERM stops training at a step boundary with a checkpoint: stopping a job loses no step."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from trainer.checkpointing import read_latest
+from trainer.loop import prepare, run
+from trainer.progress import METRICS_FILE, read_metrics
+
+from .conftest import REPO
+
+
+def test_sigterm_checkpoints_the_current_step_and_resume_is_exact(config_file, make_config, tmp_path, losses):
+    overrides = ["max_steps=80", "checkpoint_every=1000", "log_every=1"]
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "trainer", "--config", str(config_file(*overrides)), "--out", str(out)]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / METRICS_FILE).is_file() or len(read_metrics(out / METRICS_FILE)) < 3:
+            assert proc.poll() is None and time.monotonic() < deadline, "the trainer did not start training"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        stderr = proc.communicate(timeout=60)[1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    stopped_at = int(read_latest(out).removeprefix("step-"))
+    assert 3 <= stopped_at < 80  # a checkpoint no checkpoint_every would have written
+    assert max(losses(out)) == stopped_at  # every step that ran is in the checkpoint
+
+    # The rerun resumes there and its losses equal an uninterrupted run's.
+    job = make_config(*overrides)
+    run(prepare(job), out)
+    reference = tmp_path / "reference"
+    run(prepare(job), reference)
+    assert losses(out) == losses(reference)
+    assert read_latest(out) == "step-000080"
