@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     from model.checkpoint import CheckpointError
     from trainer.data import DataError
+    from trainer.checkpointing import CheckpointWriteError
     from trainer.loop import prepare, run
 
     out = args.out or Path("runs") / (args.config.stem if args.config else "default")
@@ -52,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     except PermissionError as e:
         print(f"error: --out {out}: {e}", file=sys.stderr)
         return 2
+    except CheckpointWriteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     if summary.stopped_early:
         from trainer.preemption import EXIT_CODE
 

@@ -92,6 +92,10 @@ def read_latest(out_dir: Path) -> str | None:
         return None
 
 
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (full disk, I/O error); nothing partial is visible."""
+
+
 def save(
     out_dir: Path, step: int, model: Transformer, tokenizer: Any, state: dict[str, Any], keep_last: int
 ) -> Path:
@@ -107,11 +111,23 @@ def save(
 
     t0 = time.perf_counter()
     # The model's own dtype (fp32 master weights): a resume must continue from exactly these values.
-    path = save_checkpoint(out_dir / step_dir_name(step), model, tokenizer=tokenizer, extra=add_trainer_state)
+    target = out_dir / step_dir_name(step)
+    try:
+        path = save_checkpoint(target, model, tokenizer=tokenizer, extra=add_trainer_state)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+        raise CheckpointWriteError(_write_failure(out_dir, target, e)) from e
     write_latest(out_dir, path.name)
     log.info("saved checkpoint %s in %.1fs", path, time.perf_counter() - t0)
     apply_retention(out_dir, keep_last)
     return path
+
+
+def _write_failure(out_dir: Path, target: Path, error: BaseException) -> str:
+    free = shutil.disk_usage(out_dir).free
+    disk = f"the disk is full ({free >> 20} MiB free)" if free < 256 << 20 else f"{free >> 20} MiB free"
+    latest = read_latest(out_dir)
+    kept = f"the previous checkpoint {latest} is intact" if latest else "no earlier checkpoint exists"
+    return f"could not write checkpoint {target}: {error}; {disk} on {out_dir}; {kept}; nothing partial was left"
 
 
 def _pause_seconds(spec: str, step: int) -> float:
