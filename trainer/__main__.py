@@ -36,8 +36,8 @@ def main(argv: list[str] | None = None) -> int:
         datefmt="%H:%M:%S",
     )
     from model.checkpoint import CheckpointError
-    from trainer.data import DataError
     from trainer.checkpointing import CheckpointWriteError
+    from trainer.data import DataError
     from trainer.loop import prepare, run
 
     out = args.out or Path("runs") / (args.config.stem if args.config else "default")
