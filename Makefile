@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install serve test lint generate convert train clean
+.PHONY: install serve test lint generate convert train bench bench-deps clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,12 @@ generate: install
 
 train: install
 	$(BIN)/python -m trainer --config trainer/configs/$(or $(CONFIG),demo).yaml --out $(or $(OUT),runs/demo)
+
+bench-deps: install
+	VENV=$(VENV) bench/deps.sh
+
+bench: install
+	$(BIN)/python -m bench
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

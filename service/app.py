@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -101,6 +102,24 @@ def _error(status: int, message: str, param: str | None = None, headers=None, de
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+def _json_safe(value):
+    """`value` with what strict JSON cannot carry made printable: non-finite floats (NaN, Infinity, 1e400) and
+    strings UTF-8 cannot encode (lone surrogates) become strings, so echoing a rejected input never fails."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return value.encode("utf-8", "backslashreplace").decode("utf-8")
+        return value
+    if isinstance(value, dict):
+        return {_json_safe(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return value
+
+
 async def _validation_handler(request: Request, exc: RequestValidationError) -> JSONResponse:
     errors = exc.errors()
     messages, params = [], []
@@ -109,7 +128,7 @@ async def _validation_handler(request: Request, exc: RequestValidationError) -> 
         field = "body" if e.get("type") == "json_invalid" else (".".join(loc) or "body")
         params.append(field)
         messages.append(f"{field}: {e.get('msg', 'invalid')}")
-    return _error(422, "; ".join(messages), params[0] if params else None, detail=jsonable_encoder(errors))
+    return _error(422, "; ".join(messages), params[0] if params else None, detail=_json_safe(jsonable_encoder(errors)))
 
 
 async def _http_handler(request: Request, exc: HTTPException) -> JSONResponse:

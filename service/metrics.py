@@ -47,6 +47,7 @@ class Metrics:
         self.slots_total = Gauge("smollm_kv_cache_slots_total", "KV cache slots", registry=r)
         self.tokens_used = Gauge("smollm_kv_cache_tokens_used", "KV cache positions in use", registry=r)
         self.tokens_total = Gauge("smollm_kv_cache_tokens_total", "KV cache positions", registry=r)
+        # The checkpoint label is the full path: metrics are for operators (the public /v1/models shows the name).
         self.model_info = Gauge("smollm_model_info", "The served checkpoint", ["checkpoint", "step"], registry=r)
 
     def bind(self, engine: Engine) -> None:

@@ -53,13 +53,14 @@ class AuthMiddleware:
 
     def __init__(self, app, api_key: str) -> None:
         self.app = app
-        self.expected = f"Bearer {api_key}".encode()
+        self.expected = api_key.encode()
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["path"] in OPEN_PATHS or scope["method"] == "OPTIONS":
             return await self.app(scope, receive, send)
-        given = dict(scope["headers"]).get(b"authorization", b"")
-        if not hmac.compare_digest(given, self.expected):
+        scheme, _, given = dict(scope["headers"]).get(b"authorization", b"").strip().partition(b" ")
+        # The scheme is case-insensitive (RFC 9110 11.1); the key is compared in constant time.
+        if scheme.lower() != b"bearer" or not hmac.compare_digest(given.strip(), self.expected):
             return await send_error(send, 401, "missing or wrong API key (send 'Authorization: Bearer KEY')",
                                     {"WWW-Authenticate": "Bearer"})
         return await self.app(scope, receive, send)

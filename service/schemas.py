@@ -7,6 +7,18 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 MAX_STOP = 16
+MAX_STOP_CHARS = 256
+MAX_SEED = 2**63 - 1  # torch generators take a 64-bit seed
+SEED_DESCRIPTION = f"makes sampling reproducible: 0 to {MAX_SEED} (negative seeds are rejected)"
+
+
+def _check_text(v: str) -> str:
+    """Reject text that UTF-8 cannot encode (a lone surrogate such as JSON's "\\ud800"): no tokenizer takes it."""
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"not valid Unicode text: a lone surrogate at character {e.start}") from None
+    return v
 
 
 def _check_stop(v: str | list[str] | None) -> list[str]:
@@ -17,6 +29,10 @@ def _check_stop(v: str | list[str] | None) -> list[str]:
         raise ValueError(f"at most {MAX_STOP} stop strings")
     if any(s == "" for s in stops):
         raise ValueError("stop strings must not be empty")
+    if any(len(s) > MAX_STOP_CHARS for s in stops):
+        raise ValueError(f"each stop string may hold at most {MAX_STOP_CHARS} characters")
+    for s in stops:
+        _check_text(s)
     return stops
 
 
@@ -26,8 +42,11 @@ class GenerateRequest(BaseModel):
     temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 is greedy")
     top_k: int = Field(50, ge=0, description="0 turns it off; at most the vocabulary size")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    stop: list[str] | str | None = Field(None, description="strings that end the text (not included)")
-    seed: int | None = Field(None, description="makes sampling reproducible")
+    stop: list[str] | str | None = Field(
+        None, description=f"strings that end the text (not included): at most {MAX_STOP}, each at most "
+        f"{MAX_STOP_CHARS} characters"
+    )
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description=SEED_DESCRIPTION)
     stream: bool = Field(False, description="answer as server-sent events")
     chat: bool = Field(False, description="wrap the prompt as one user message in the checkpoint's chat template")
     ignore_eos: bool = Field(False, description="keep generating past end-of-sequence (benchmarks)")
@@ -36,6 +55,11 @@ class GenerateRequest(BaseModel):
     @classmethod
     def _stop(cls, v):
         return _check_stop(v)
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, v):
+        return _check_text(v)
 
 
 class Usage(BaseModel):
@@ -75,8 +99,10 @@ class _OpenAIBase(BaseModel):
     n: int = Field(1, ge=1, le=1, description="only one choice per request is supported")
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = None
+    stop: str | list[str] | None = Field(
+        None, description=f"at most {MAX_STOP} strings, each at most {MAX_STOP_CHARS} characters"
+    )
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description=SEED_DESCRIPTION)
     presence_penalty: float = Field(0.0, ge=0.0, le=0.0, description="not supported: must be 0")
     frequency_penalty: float = Field(0.0, ge=0.0, le=0.0, description="not supported: must be 0")
 
@@ -103,6 +129,8 @@ class CompletionRequest(_OpenAIBase):
             raise ValueError("the prompt must not be empty")
         if isinstance(v, list) and not v:
             raise ValueError("the prompt must not be empty")
+        if isinstance(v, str):
+            _check_text(v)
         return v
 
 
@@ -116,6 +144,13 @@ class ChatMessage(BaseModel):
 
     role: Literal["system", "user", "assistant"]
     content: str | list[TextPart]
+
+    @field_validator("content")
+    @classmethod
+    def _content(cls, v):
+        for text in [v] if isinstance(v, str) else [p.text for p in v]:
+            _check_text(text)
+        return v
 
     def text(self) -> str:
         if isinstance(self.content, str):

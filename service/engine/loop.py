@@ -81,6 +81,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._pending_swap: tuple[Transformer, object, ModelInfo] | None = None
+        self._abort_reason: str | None = None
         self._aio_loop: asyncio.AbstractEventLoop | None = None
         self.steps = 0
 
@@ -128,6 +129,22 @@ class Engine:
     def wake(self) -> None:
         with self._cond:
             self._cond.notify_all()
+
+    def abort_all(self, reason: str) -> None:
+        """End every running and waiting sequence with an error event carrying `reason` (streams get their
+        `error` event, non-streaming requests a 503). Runs on the engine thread at its next step; when the
+        loop is not running, here and now. Returns at once: use `wait_idle` to wait for it."""
+        with self._cond:
+            self._abort_reason = reason
+            self._cond.notify_all()
+        if not self.alive:
+            self._take_abort()
+
+    def _take_abort(self) -> None:
+        with self._cond:
+            reason, self._abort_reason = self._abort_reason, None
+        if reason is not None:
+            self._fail_running(reason, waiting=True)
 
     def swap_model(self, model: Transformer, tokenizer, info: ModelInfo) -> None:
         """Serve `model` once the running sequences have finished on the old one; new requests wait meanwhile."""
@@ -179,12 +196,15 @@ class Engine:
                 if self._stopping:
                     break
             try:
+                self._take_abort()
                 self.step()
             except Exception as e:  # the engine must outlive a failed step; the affected requests get an error
                 log.exception("engine step failed")
                 self._fail_running(f"engine error: {type(e).__name__}: {e}")
 
     def _has_work(self) -> bool:
+        if self._abort_reason is not None:
+            return True
         return self.scheduler.has_work() or (self._pending_swap is not None and not self.scheduler.running)
 
     def step(self) -> StepStats:
@@ -263,16 +283,23 @@ class Engine:
             stats.inter_token.append(now - seq.last_token_time)
         seq.last_token_time = now
         self.cache_manager.set_tokens(seq.slot, seq.total_len)
+        # Exactly one token event per generated token, even when its text is empty (an end-of-sequence token,
+        # part of a UTF-8 character, text held back as a possible stop-string prefix), so that a client's count
+        # of events equals usage.completion_tokens. Text flushed at the end rides on the last token's event.
+        reason = None
         if tok in seq.stop_ids:
-            self._finish(seq, FinishReason.STOP, now, stats, events)
-            return
-        text, hit = seq.append_text(seq.decoder.step(tok))
-        if text:
-            events.append((seq, StreamEvent(text=text, index=len(seq.output_ids) - 1)))
-        if hit:
-            self._finish(seq, FinishReason.STOP, now, stats, events)
-        elif len(seq.output_ids) >= seq.max_tokens or seq.total_len >= self.runner.context:
-            self._finish(seq, FinishReason.LENGTH, now, stats, events)
+            text, reason = "", FinishReason.STOP
+        else:
+            text, hit = seq.append_text(seq.decoder.step(tok))
+            if hit:
+                reason = FinishReason.STOP
+            elif len(seq.output_ids) >= seq.max_tokens or seq.total_len >= self.runner.context:
+                reason = FinishReason.LENGTH
+        if reason is not None:
+            text += seq.flush_text()
+        events.append((seq, StreamEvent(text=text, index=len(seq.output_ids) - 1)))
+        if reason is not None:
+            self._finish(seq, reason, now, stats, events)
 
     def _finish(self, seq: Sequence, reason: FinishReason, now: float, stats: StepStats, events, error=None) -> None:
         if seq.status is Status.RUNNING:
@@ -280,18 +307,20 @@ class Engine:
         seq.status = Status.FINISHED
         seq.finish_reason = reason
         seq.finished_time = now
-        if reason in (FinishReason.STOP, FinishReason.LENGTH):
-            tail = seq.flush_text()
-            if tail:
-                events.append((seq, StreamEvent(text=tail, index=len(seq.output_ids) - 1)))
         events.append((seq, StreamEvent(finish_reason=reason, index=len(seq.output_ids), error=error)))
         stats.finished.append(seq)
 
-    def _fail_running(self, message: str) -> None:
+    def _fail_running(self, message: str, waiting: bool = False) -> None:
+        """End every running sequence (and with `waiting`, every queued one) with an error event."""
         now = time.monotonic()
         stats, events = StepStats(), []
         for seq in list(self.scheduler.running):
             self._finish(seq, FinishReason.ERROR, now, stats, events, error=message)
+        if waiting and self.scheduler.waiting:
+            gone = [s for s in list(self.scheduler.waiting) if s.status is Status.WAITING]
+            for seq in gone:
+                self._finish(seq, FinishReason.ERROR, now, stats, events, error=message)
+            self.scheduler.drop_waiting(gone)
         for cb in self.on_step:
             cb(stats)
         self._deliver(events)

@@ -10,6 +10,9 @@ from model.sampling import sample
 from service.engine.scheduler import Batch
 
 KV_ALIGN = 64  # a multiple of every CPU kernel's key block size (16 for bf16 here)
+# Prompt chunks are padded to a multiple of this many tokens. oneDNN builds and caches kernels per tensor shape,
+# so an exact chunk length made every new prompt length a new shape and the resident set grew without bound.
+PREFILL_ALIGN = 32
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -61,7 +64,8 @@ class ModelRunner:
 
     def _prefill(self, batch: Batch) -> list[int | None]:
         items = batch.prefill
-        T = max(it.end - it.start for it in items)
+        # Padded to a few shapes (see PREFILL_ALIGN), never beyond the cache.
+        T = min(_round_up(max(it.end - it.start for it in items), PREFILL_ALIGN), self.max_len)
         max_pos = self.max_len - 1
         rows, positions, last = [], [], []
         for it in items:

@@ -28,10 +28,11 @@ def _usage(gen: Generation) -> dict:
 
 @router.get("/v1/models")
 async def models(engine: EngineDep) -> dict:
+    # `root` names the checkpoint (its directory name, e.g. step-000123), never the server's filesystem path.
     return {
         "object": "list",
         "data": [{"id": engine.info.name, "object": "model", "created": 0, "owned_by": "smollm",
-                  "root": engine.info.checkpoint}],
+                  "root": engine.info.name}],
     }
 
 

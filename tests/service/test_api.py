@@ -17,6 +17,7 @@ def test_health_models_docs_playground(client):
     assert ready.status_code == 200 and ready.json()["status"] == "ready"
     models = client.get("/v1/models").json()
     assert models["object"] == "list" and models["data"][0]["id"] == "tiny"
+    assert "/" not in models["data"][0]["root"]  # the checkpoint's name, never the server's filesystem path
     assert client.get("/docs").status_code == 200
     assert "/v1/generate" in client.get("/openapi.json").json()["paths"]
     page = client.get("/")
@@ -99,6 +100,11 @@ def test_chat_completions(client):
         ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role"),
         ("/v1/chat/completions", {"messages": []}, "messages"),
         ("/v1/completions", {"prompt": "x", "n": 2}, "n"),
+        ("/v1/generate", {"prompt": "x", "seed": 2**63}, "seed"),
+        ("/v1/generate", {"prompt": "x", "seed": -1}, "seed"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "seed": 2**64}, "seed"),
+        ("/v1/generate", {"prompt": "x", "stop": ["y" * 257]}, "stop"),
+        ("/v1/completions", {"prompt": "x", "stop": "y" * 257}, "stop"),
     ],
 )
 def test_bad_parameters_are_422_naming_the_field(client, path, body, field):
@@ -106,6 +112,31 @@ def test_bad_parameters_are_422_naming_the_field(client, path, body, field):
     assert r.status_code == 422, r.text
     err = r.json()["error"]
     assert err["param"] == field and field in err["message"]
+
+
+@pytest.mark.parametrize(
+    ("path", "raw", "field"),
+    [
+        ("/v1/generate", b'{"prompt": "hi", "temperature": NaN}', "temperature"),
+        ("/v1/generate", b'{"prompt": "hi", "top_p": Infinity}', "top_p"),
+        ("/v1/generate", b'{"prompt": "hi", "max_tokens": 1e400}', "max_tokens"),
+        ("/v1/generate", b'{"prompt": "hi", "seed": 1e400}', "seed"),
+        ("/v1/generate", b'{"prompt": "a \\ud800 b"}', "prompt"),
+        ("/v1/generate", b'{"prompt": "hi", "stop": ["\\udfff"]}', "stop"),
+        ("/v1/completions", b'{"prompt": "\\ud800"}', "prompt"),
+        ("/v1/completions", b'{"prompt": ["\\ud800"]}', "prompt"),
+        ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "\\ud800"}]}', "messages.0.content"),
+        ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": [{"type": "text", "text": "\\ud800"}]}]}',
+         "messages.0.content"),
+        ("/v1/chat/completions", b'{"messages": [{"role": "\\ud800", "content": "hi"}]}', "messages.0.role"),
+    ],
+)
+def test_unencodable_input_is_422_not_500(client, path, raw, field):
+    # Non-finite numbers and lone surrogates: the 422 must still be valid JSON naming the field.
+    r = client.post(path, content=raw, headers={"content-type": "application/json"})
+    assert r.status_code == 422, r.text
+    err = r.json()["error"]
+    assert err["param"].startswith(field) and field in err["message"]
 
 
 def test_invalid_json_is_422(client):
@@ -142,6 +173,9 @@ def test_api_key(make_client):
         assert c.post("/v1/generate", json=req, headers={"Authorization": "Bearer nope"}).status_code == 401
         assert c.get("/v1/models").status_code == 401
         assert c.post("/v1/generate", json=req, headers={"Authorization": "Bearer s3cret"}).status_code == 200
+        assert c.post("/v1/generate", json=req, headers={"Authorization": "bearer s3cret"}).status_code == 200
+        assert c.post("/v1/generate", json=req, headers={"Authorization": "Basic s3cret"}).status_code == 401
+        assert c.post("/v1/generate", json=req, headers={"Authorization": "s3cret"}).status_code == 401
         for open_path in ("/healthz", "/readyz", "/metrics", "/"):
             assert c.get(open_path).status_code == 200, open_path
 

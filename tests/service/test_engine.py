@@ -218,3 +218,53 @@ def test_prefill_batches_are_bounded_in_padded_tokens():
         sched.remove_running(it.seq)  # as if they finished at once
     batch = sched.schedule()
     assert [(it.seq, it.start, it.end) for it in batch.prefill] == [(long, 0, 64)]  # one chunk, alone
+
+
+def test_one_token_event_per_generated_token(make_engine, tokenizer):
+    # Sampling from the random tiny model yields tokens with no text of their own (parts of a UTF-8 character,
+    # special tokens): each still gets its event, and text held back for a stop string and flushed at the end
+    # rides on the last one.
+    prompt = tokenizer.encode("Hi", add_special_tokens=False)
+    for stop in ((), ("e\x00",)):
+        events = []
+        params = SamplingParams(temperature=1.0, seed=0)
+        seq = Sequence(prompt, 300, params, stop=stop, ignore_eos=True, emit=lambda s, e, out=events: out.append(e))
+        run(make_engine(), [seq])
+        tokens = [e for e in events if e.finish_reason is None]
+        assert any(e.text == "" for e in tokens)  # the case this test is about really happened
+        assert [e.index for e in tokens] == list(range(len(seq.output_ids)))
+        assert "".join(e.text for e in tokens) == seq.text
+        assert events[-1].finish_reason is seq.finish_reason and len(events) == len(tokens) + 1
+    # The end-of-sequence token gets its (empty) event too.
+    probe = Sequence([1, 2, 3], 1, GREEDY, ignore_eos=True)
+    run(make_engine(), [probe])
+    events = []
+    eos = Sequence([1, 2, 3], 5, GREEDY, stop_ids=frozenset(probe.output_ids), emit=lambda s, e: events.append(e))
+    run(make_engine(), [eos])
+    assert eos.finish_reason is FinishReason.STOP and [(e.text, e.index) for e in events[:-1]] == [("", 0)]
+
+
+def test_prefill_padding_near_the_end_of_the_cache(make_engine, tokenizer):
+    # Chunks are padded to a multiple of 32 tokens; near max_len the padding is clamped inside the cache and
+    # must not change the answer.
+    p = tokenizer.encode("a long prompt " * 40, add_special_tokens=False)[:58]
+    whole = Sequence(p, 5, GREEDY, ignore_eos=True)
+    run(make_engine(max_context=64), [whole])
+    chunked = Sequence(p, 5, GREEDY, ignore_eos=True)
+    run(make_engine(max_context=64, prefill_chunk=50), [chunked])
+    assert whole.finish_reason is FinishReason.LENGTH and chunked.output_ids == whole.output_ids
+
+
+def test_abort_all_ends_running_and_waiting_with_an_error(make_engine):
+    engine = make_engine(max_batch_size=1)
+    events = []
+    running = Sequence([1, 2, 3], 1000, GREEDY, ignore_eos=True, emit=lambda s, e: events.append((s, e)))
+    waiting = Sequence([1, 2, 3], 1000, GREEDY, ignore_eos=True, emit=lambda s, e: events.append((s, e)))
+    engine.submit(running)
+    engine.submit(waiting)
+    engine.step()
+    engine.abort_all("shutting down")  # the loop thread is not running: handled at once
+    ends = [(s, e) for s, e in events if e.finish_reason is not None]
+    assert {s for s, _ in ends} == {running, waiting}
+    assert all(e.finish_reason is FinishReason.ERROR and e.error == "shutting down" for _, e in ends)
+    assert engine.idle() and engine.cache_manager.num_free == 1

@@ -1,0 +1,1 @@
+"""Benchmarks: serving and training speed next to transformers and llama.cpp (`python -m bench`)."""

@@ -1,0 +1,210 @@
+"""Turn a benchmark run's results (a JSON-able dict, see `bench.__main__`) into a text table, a JSON file and
+a PNG plot. Every figure of ours is shown next to its anchors from the same run, as a value and a ratio."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+# Targets from the service issue (bf16, this CPU).
+TARGET_ONE_STREAM = 60.0
+TARGET_16_STREAMS = 400.0
+TARGET_TTFT_P50_MS = 300.0
+
+
+def _f(x: float | None, digits: int = 1) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    return "-" if not a or not b else f"{a / b:.2f}x"
+
+
+def _skipped(entry: Any) -> str | None:
+    return entry.get("skipped") if isinstance(entry, dict) else None
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    fmt = "  ".join(f"{{:>{w}}}" for w in widths)
+    return "\n".join([fmt.format(*header), fmt.format(*("-" * w for w in widths)), *(fmt.format(*r) for r in rows)])
+
+
+def _ceiling_section(c: dict[str, Any]) -> str:
+    if reason := _skipped(c):
+        return f"Ceiling: not measured ({reason})"
+    lines = [f"Ceiling (measured, {c['threads']} threads): read bandwidth {c['bandwidth_gbs']:.1f} GB/s; "
+             f"{c['params'] / 1e6:.1f}M params"]
+    rows = [[d, _f(g, 0), _f(c["single_stream_tokens_per_s"].get(d)), _f(c["batch_tokens_per_s"].get(d))]
+            for d, g in c["matmul_gflops"].items()]
+    if "gguf" in c["single_stream_tokens_per_s"]:
+        rows.append(["gguf (llama.cpp)", "-", _f(c["single_stream_tokens_per_s"]["gguf"]), "-"])
+    lines.append(_table(["weights", "matmul GFLOP/s", "1-stream bound tok/s", "batch bound tok/s"], rows))
+    return "\n".join(lines)
+
+
+def _serving_section(results: dict[str, Any]) -> str:
+    anchors = results.get("anchors", {})
+    server = anchors.get("llama_server", {})
+    server_levels = {} if _skipped(server) else server.get("levels", {})
+    lcp = anchors.get("llama_cpp_python", {})
+    ceiling = results.get("ceiling", {})
+    transformers = anchors.get("transformers", {})
+    dtypes = list(results.get("serving", {})) or list(transformers) or (["-"] if server_levels else [])
+    out = []
+    for dtype in dtypes:
+        ours = results.get("serving", {}).get(dtype, {}).get("ours", {})
+        if reason := _skipped(ours):
+            out.append(f"Serving {dtype}: ours not measured ({reason})")
+            ours = {}
+        tf = transformers.get(dtype, {})
+        tf_by_c = {} if _skipped(tf) else {1: tf.get("batch1"), 16: tf.get("batch16")}
+        levels = sorted({int(c) for c in [*ours, *server_levels]} | {c for c, r in tf_by_c.items() if r})
+        rows = []
+        for ci in levels:
+            s, ls, tfr = ours.get(str(ci)) or {}, server_levels.get(str(ci)) or {}, tf_by_c.get(ci) or {}
+            tps = s.get("tokens_per_s")
+            bound = (ceiling.get("single_stream_tokens_per_s", {}).get(dtype) if ci == 1
+                     else ceiling.get("batch_tokens_per_s", {}).get(dtype))
+            rows.append([
+                str(ci), _f(tps), f"{_f(s.get('ttft_p50_ms'), 0)}/{_f(s.get('ttft_p95_ms'), 0)}",
+                f"{_f(s.get('itl_p50_ms'))}/{_f(s.get('itl_p95_ms'))}", str(s.get("errors", "-")),
+                _f(s.get("mean_tokens_per_request"), 0), _f(s.get("mean_batch_size")),
+                _f(ls.get("tokens_per_s")), _f(ls.get("ttft_p50_ms"), 0), _ratio(tps, ls.get("tokens_per_s")),
+                _f(tfr.get("tokens_per_s")), _ratio(tps, tfr.get("tokens_per_s")),
+                "-" if not (bound and tps) else f"{100 * tps / bound:.0f}%",
+            ])
+        eos = "ignore_eos" if results.get("serving", {}).get(dtype, {}).get("ignore_eos") else "stops at EOS"
+        out.append(f"Serving {dtype} (ours: /v1/generate SSE, {eos}; llama-server: Q4_1 GGUF under the same load, "
+                   "ignore_eos; HF generate: static batch of 1 and 16, min_new_tokens):")
+        out.append(_table(["conc", "ours tok/s", "TTFT p50/p95 ms", "ITL p50/p95 ms", "err", "tok/req", "batch",
+                           "llama-srv tok/s", "l-s TTFT50", "ours/llama.cpp", "HF tok/s", "ours/HF",
+                           "of ceiling"], rows))
+        one = (ours.get("1") or {}).get("tokens_per_s")
+        if lcp and not _skipped(lcp):
+            out.append(f"  llama-cpp-python, one stream: {lcp['tokens_per_s']:.1f} tok/s "
+                       f"(TTFT {lcp['ttft_ms']:.0f} ms); ours/llama-cpp-python {_ratio(one, lcp['tokens_per_s'])}")
+    if reason := _skipped(server):
+        out.append(f"  llama-server anchor not run: {reason}")
+    if reason := _skipped(lcp):
+        out.append(f"  llama-cpp-python anchor not run: {reason}")
+    for dtype, tf in transformers.items():
+        if reason := _skipped(tf):
+            out.append(f"  transformers anchor ({dtype}) not run: {reason}")
+    return "\n".join(out)
+
+
+def _targets_section(results: dict[str, Any]) -> str:
+    ours = results.get("serving", {}).get("bfloat16", {}).get("ours", {})
+    if not ours or _skipped(ours):
+        return ""
+    lines = ["Targets (bf16):"]
+    if "1" in ours:
+        v = ours["1"]["tokens_per_s"]
+        lines.append(f"  one stream {v:.1f} tok/s (>= {TARGET_ONE_STREAM:g}): "
+                     f"{'PASS' if v >= TARGET_ONE_STREAM else 'MISS'}")
+    if "16" in ours:
+        v, t = ours["16"]["tokens_per_s"], ours["16"]["ttft_p50_ms"]
+        ok = v >= TARGET_16_STREAMS and t is not None and t <= TARGET_TTFT_P50_MS
+        lines.append(f"  16 streams {v:.1f} tok/s (>= {TARGET_16_STREAMS:g}), TTFT p50 {_f(t, 0)} ms "
+                     f"(<= {TARGET_TTFT_P50_MS:g}): {'PASS' if ok else 'MISS'}")
+    return "\n".join(lines)
+
+
+def _training_section(training: dict[str, Any]) -> str:
+    if not training:
+        return ""
+    if reason := _skipped(training):
+        return f"Training: not measured ({reason})"
+    rows = []
+    for name, t in training.get("runs", {}).items():
+        ours, hf = t.get("ours", {}), t.get("transformers", {})
+        rows.append([
+            name, f"{t['batch_size']}x{t['seq_len']}", _f(ours.get("tokens_per_s"), 0), _f(ours.get("mfu_pct"), 1),
+            _f(hf.get("tokens_per_s"), 0), _f(hf.get("mfu_pct"), 1),
+            _ratio(ours.get("tokens_per_s"), hf.get("tokens_per_s")),
+        ])
+    head = (f"Training step (forward, backward, clip, fused AdamW; fp32 weights, bf16 = autocast; "
+            f"MFU against measured matmul FLOP/s)\n  ours: {training.get('ours_impl')}\n"
+            f"  anchor: {training.get('anchor_impl')}")
+    return head + "\n" + _table(["config", "batch", "ours tok/s", "ours MFU %", "HF tok/s", "HF MFU %", "ours/HF"],
+                                rows)
+
+
+def format_report(results: dict[str, Any]) -> str:
+    meta = results.get("meta", {})
+    parts = [f"smollm benchmark {meta.get('date', '')} on {meta.get('machine', '')}; "
+             f"command: {meta.get('command', '')}"]
+    if versions := results.get("anchors", {}).get("versions"):
+        parts[0] += "\nanchors: " + ", ".join(f"{k} {v}" for k, v in versions.items())
+    for section in (
+        _ceiling_section(results["ceiling"]) if "ceiling" in results else "",
+        _serving_section(results) if "serving" in results or "anchors" in results else "",
+        _targets_section(results),
+        _training_section(results.get("training", {})),
+    ):
+        if section:
+            parts.append(section)
+    return "\n\n".join(parts)
+
+
+def write_json(results: dict[str, Any], path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2, sort_keys=False) + "\n")
+    return path
+
+
+def plot(results: dict[str, Any], path: Path) -> Path:
+    """Tokens/s and TTFT p50 against concurrency for ours (each dtype) and the anchors. Raises ImportError
+    when matplotlib is missing."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import ScalarFormatter
+
+    fig, (ax_tps, ax_ttft) = plt.subplots(1, 2, figsize=(12, 4.5))
+    anchors = results.get("anchors", {})
+
+    def line(levels: dict[str, Any], label: str, style: str) -> None:
+        cs = sorted(int(c) for c in levels)
+        ax_tps.plot(cs, [levels[str(c)]["tokens_per_s"] for c in cs], style, label=label)
+        ttft = [(c, levels[str(c)]["ttft_p50_ms"]) for c in cs if levels[str(c)]["ttft_p50_ms"] is not None]
+        ax_ttft.plot([c for c, _ in ttft], [t for _, t in ttft], style, label=label)
+
+    for dtype, entry in results.get("serving", {}).items():
+        ours = entry.get("ours", {})
+        if ours and not _skipped(ours):
+            line(ours, f"ours {dtype}", "o-")
+    server = anchors.get("llama_server", {})
+    if server and not _skipped(server):
+        line(server["levels"], "llama-server Q4_1", "s--")
+    for dtype, tf in anchors.get("transformers", {}).items():
+        if tf and not _skipped(tf):
+            pts = [(r["batch"], r) for r in (tf.get("batch1"), tf.get("batch16")) if r]
+            ax_tps.plot([b for b, _ in pts], [r["tokens_per_s"] for _, r in pts], "^:", label=f"HF generate {dtype}")
+            ax_ttft.plot([b for b, _ in pts], [r["ttft_ms"] for _, r in pts], "^:", label=f"HF generate {dtype}")
+    lcp = anchors.get("llama_cpp_python", {})
+    if lcp and not _skipped(lcp):
+        ax_tps.plot([1], [lcp["tokens_per_s"]], "D", label="llama-cpp-python Q4_1")
+        ax_ttft.plot([1], [lcp["ttft_ms"]], "D", label="llama-cpp-python Q4_1")
+    for ax, ylabel in ((ax_tps, "generated tokens/s (aggregate)"), (ax_ttft, "time to first token p50 (ms)")):
+        ax.set_xscale("log", base=2)
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.set_xlabel("concurrent streams")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    ax_ttft.set_yscale("log")
+    meta = results.get("meta", {})
+    fig.suptitle(f"SmolLM2-135M-Instruct serving, {meta.get('machine', '')}, {meta.get('date', '')}", fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

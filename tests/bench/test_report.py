@@ -1,0 +1,88 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench import report
+from bench.__main__ import parse_args
+
+
+def _level(c: int, tps: float, ttft: float) -> dict:
+    return {"concurrency": c, "requests": 4, "completed": 4, "errors": 0, "cut_off": 0, "completion_tokens": 512,
+            "wall_s": 512 / tps, "tokens_per_s": tps, "ttft_p50_ms": ttft, "ttft_p95_ms": ttft * 2,
+            "itl_p50_ms": 10.0, "itl_p95_ms": 20.0, "mean_tokens_per_request": 128.0,
+            "finish_reasons": {"length": 4}, "error_samples": []}
+
+
+@pytest.fixture
+def results() -> dict:
+    return {
+        "meta": {"date": "2026-11-29 05:40 UTC", "machine": "2-core CPU", "command": "python -m bench"},
+        "ceiling": {"bandwidth_gbs": 20.0, "threads": 2, "params": 134_515_008,
+                    "matmul_gflops": {"bfloat16": 500.0},
+                    "single_stream_tokens_per_s": {"bfloat16": 75.0, "gguf": 200.0},
+                    "batch_tokens_per_s": {"bfloat16": 1800.0}},
+        "serving": {"bfloat16": {"ours": {"1": _level(1, 50.0, 40.0), "16": _level(16, 450.0, 250.0)}},
+                    "float32": {"ours": {"skipped": "service exited with code 1"}}},
+        "anchors": {
+            "transformers": {"bfloat16": {"batch1": {"batch": 1, "tokens_per_s": 20.0, "ttft_ms": 60.0},
+                                          "batch16": {"batch": 16, "tokens_per_s": 225.0, "ttft_ms": 300.0}},
+                             "float32": {"skipped": "failed: OSError: no weights"}},
+            "llama_cpp_python": {"skipped": "llama-cpp-python is not installed"},
+            "llama_server": {"levels": {"1": _level(1, 100.0, 30.0), "16": _level(16, 150.0, 500.0)}},
+        },
+        "training": {"ours_impl": "x", "anchor_impl": "y", "runs": {
+            "tiny float32": {"batch_size": 8, "seq_len": 256, "ours": {"tokens_per_s": 3000.0, "mfu_pct": 2.0},
+                     "transformers": {"tokens_per_s": 2000.0, "mfu_pct": 1.3}}}},
+    }
+
+
+def test_table_shows_values_ratios_targets_and_why_anchors_did_not_run(results):
+    text = report.format_report(results)
+    assert "2026-11-29 05:40 UTC" in text and "python -m bench" in text
+    assert "0.50x" in text  # ours/llama.cpp at one stream: 50 / 100
+    assert "2.50x" in text  # ours/HF at one stream: 50 / 20
+    assert "3.00x" in text  # ours/llama.cpp at 16 streams: 450 / 150
+    assert "2.00x" in text  # ours/HF static batch 16: 450 / 225
+    assert "67%" in text  # one stream: 50 of a 75 tok/s bandwidth bound
+    assert "one stream 50.0 tok/s (>= 60): MISS" in text
+    assert "16 streams 450.0 tok/s (>= 400), TTFT p50 250 ms (<= 300): PASS" in text
+    assert "Serving float32: ours not measured (service exited with code 1)" in text
+    assert "llama-cpp-python anchor not run: llama-cpp-python is not installed" in text
+    assert "transformers anchor (float32) not run: failed: OSError: no weights" in text
+    assert "1.50x" in text  # training ours/HF
+
+
+def test_json_and_plot(results, tmp_path):
+    pytest.importorskip("matplotlib")
+    path = report.write_json(results, tmp_path / "r.json")
+    assert json.loads(path.read_text()) == results
+    png = report.plot(results, tmp_path / "r.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_rejects_bad_arguments(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--only", "serving,bogus"])
+    assert "choose from" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args(["--concurrency", "1,0"])
+    with pytest.raises(SystemExit):
+        parse_args(["--dtypes", "float16"])
+    args = parse_args(["--quick"])
+    assert (args.concurrency, args.max_tokens, args.dtypes) == ([1, 4], 16, ["bfloat16", "float32"])
+
+
+def test_cli_ceiling_only_writes_json_and_prints_the_table(tmp_path):
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, "-m", "bench", "--quick", "--only", "ceiling", "--dtypes", "float32",
+                           "--out", str(tmp_path)], cwd=root, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "read bandwidth" in proc.stdout and "1-stream bound" in proc.stdout
+    (json_file,) = tmp_path.glob("*.json")
+    data = json.loads(json_file.read_text())
+    assert data["ceiling"]["bandwidth_gbs"] > 0 and set(data["ceiling"]["matmul_gflops"]) == {"float32"}
