@@ -59,6 +59,7 @@ RUNNERS = {
     r"\.venv/bin/python -m trainer\.plot .*": "test_training_commands",
     r"\.venv/bin/python -m model\.(convert|generate) .*": "test_model_commands",
     r"\.venv/bin/python -m bench.*": "test_bench_command",
+    r"make bench-deps": "test_bench_command",
 }
 
 
@@ -209,3 +210,5 @@ def test_bench_command():
     """The benchmark takes many minutes; its pieces are tested in tests/bench. Here: it parses its options."""
     for command in (c for c in COMMANDS if c.startswith(".venv/bin/python -m bench")):
         _run(_venv(command).split(" --")[0] + " --help", timeout=120)
+    assert "bench/deps.sh" in _run("make -n bench-deps").stdout
+    assert os.access(ROOT / "bench" / "deps.sh", os.X_OK)
