@@ -27,6 +27,7 @@ from tests.reliability.harness import (
     trainer_cmd,
     wait_idle,
 )
+from trainer.checkpointing import write_latest
 
 LONG = {"prompt": "Hello", "max_tokens": 1500, "ignore_eos": True, "temperature": 0, "stream": True}
 
@@ -208,16 +209,6 @@ def test_request_timeout_ends_a_long_sequence_and_frees_its_slot(tiny_checkpoint
 # ---------------------------------------------------------------- hot reload
 
 
-def _point_latest(out: Path, name: str) -> None:
-    """Update OUT/latest the way the trainer does: a temp file in OUT, fsync, os.replace."""
-    tmp = out / f".latest.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(name + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, out / "latest")
-
-
 def _publish(out: Path, step: int, save_tiny, corrupt: str | None = None) -> str:
     """Write OUT/step-NNNNNN atomically and point `latest` at it; `corrupt` breaks it before it appears,
     while it stays complete-looking (every file present)."""
@@ -231,7 +222,7 @@ def _publish(out: Path, step: int, save_tiny, corrupt: str | None = None) -> str
     elif corrupt == "bad_config":
         (staging / "config.json").write_text('{"model_type": "llama", "hidden_size": ')
     os.rename(staging, out / name)
-    _point_latest(out, name)
+    write_latest(out, name)  # exactly as the trainer updates it
     return name
 
 
