@@ -16,6 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from service.checkpoints import resolve_checkpoint, step_of
+from service.compute_threads import run_in_passing_thread_async
 from service.engine import Engine
 from service.engine.loop import ModelInfo
 from service.metrics import Metrics
@@ -54,6 +55,9 @@ def build_engine(settings: Settings) -> tuple[Engine, CheckpointWatcher | None]:
     """Resolve and load the checkpoint, build the engine (and the watcher when a directory is watched)."""
     from model.bundled import default_checkpoint
 
+    # Here, not on the event loop's thread: in PyTorch this starts an OpenMP pool in the calling thread (see
+    # compute_threads.py). Threads started later, the engine's included, take the count from it.
+    torch.set_num_threads(settings.threads or os.cpu_count() or 1)
     resolved = resolve_checkpoint(settings.checkpoint)
     path = resolved.path or default_checkpoint()
     loader = make_loader(settings)
@@ -78,8 +82,7 @@ def build_engine(settings: Settings) -> tuple[Engine, CheckpointWatcher | None]:
 @asynccontextmanager
 async def lifespan(app: FastAPI):
     settings: Settings = app.state.settings
-    torch.set_num_threads(settings.threads or os.cpu_count() or 1)
-    engine, watcher = await asyncio.to_thread(build_engine, settings)
+    engine, watcher = await run_in_passing_thread_async(build_engine, settings)
     app.state.metrics.bind(engine)
     engine.start(asyncio.get_running_loop())
     if watcher is not None:

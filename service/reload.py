@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from service.checkpoints import newest_checkpoint, step_of
+from service.compute_threads import run_in_passing_thread
 from service.engine import Engine
 from service.engine.loop import ModelInfo
 
@@ -53,7 +54,7 @@ class CheckpointWatcher:
             return False
         log.info("loading new checkpoint %s", newest)
         try:
-            model, tokenizer = self.loader(newest)
+            model, tokenizer = run_in_passing_thread(self.loader, newest)
         except Exception as e:  # any load failure: keep serving the old model
             log.error("skipping checkpoint %s: %s", newest, e)
             self.failed.add(newest)
