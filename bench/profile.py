@@ -76,8 +76,10 @@ def profile_decode(checkpoint: Path, dtype: str, batch: int, context: int, steps
     from torch.profiler import ProfilerActivity, profile
 
     from model.checkpoint import load_model
+    from model.packed_linear import pack_linears
 
     model = load_model(checkpoint, dtype=DTYPES[dtype])
+    pack_linears(model)  # as the server does (SMOLLM_PACK_WEIGHTS)
     cache = model.new_kv_cache(batch, context + steps + 8)
     slots = list(range(batch))
 

@@ -65,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     from model.bundled import default_checkpoint
     from model.checkpoint import CheckpointError, load_model
     from model.convert import DTYPES
+    from model.packed_linear import pack_linears
     from model.tokenizer import IncrementalDecoder, load_tokenizer
 
     parser = argparse.ArgumentParser(prog="python -m model.generate", description="Stream a completion to stdout.")
@@ -87,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         path = args.checkpoint or default_checkpoint()
         model = load_model(path, dtype=DTYPES[args.dtype])
+        pack_linears(model)
         tokenizer = load_tokenizer(path)
     except (CheckpointError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

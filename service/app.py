@@ -40,13 +40,17 @@ def pick_device(setting: str) -> torch.device:
 
 def make_loader(settings: Settings):
     from model.checkpoint import load_model
+    from model.packed_linear import pack_linears
     from model.tokenizer import load_tokenizer
 
     device = pick_device(settings.device)
     dtype = DTYPES[settings.dtype]
 
     def load(path: Path):
-        return load_model(path, dtype=dtype, device=device), load_tokenizer(path)
+        model = load_model(path, dtype=dtype, device=device)
+        if settings.pack_weights:
+            pack_linears(model)
+        return model, load_tokenizer(path)
 
     return load
 

@@ -31,4 +31,5 @@ class Settings(BaseSettings):
     prefill_chunk: int = Field(512, ge=1, description="prompt tokens per prefill step")
     log_level: str = Field("INFO", description="logging level")
     shutdown_grace: float = Field(30.0, ge=0, description="seconds SIGTERM waits for running requests")
+    pack_weights: bool = Field(True, description="CPU: reorder linear weights for oneDNN once at load (faster steps)")
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: all cores)")
