@@ -245,7 +245,7 @@ def test_one_token_event_per_generated_token(make_engine, tokenizer):
 
 
 def test_prefill_padding_near_the_end_of_the_cache(make_engine, tokenizer):
-    # Chunks are padded to a multiple of 32 tokens; near max_len the padding is clamped inside the cache and
+    # Chunks are padded to a multiple of PREFILL_ALIGN tokens; near max_len the padding is clamped inside the cache and
     # must not change the answer.
     p = tokenizer.encode("a long prompt " * 40, add_special_tokens=False)[:58]
     whole = Sequence(p, 5, GREEDY, ignore_eos=True)
