@@ -44,12 +44,33 @@ class Attention(nn.Module):
                 q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True
             )  # (B, n_head, T, head_dim)
             y = y.transpose(1, 2)
-        else:
-            assert batch is not None
+        elif batch is None:
+            raise ValueError("a KV cache needs a CacheBatch")
+        elif batch.segments is None:
             keys, values = kv_cache.update(self.layer_idx, batch, k, v)  # (B, n_kv_head, kv_len, head_dim)
-            # Fold the query heads that share a key/value head into the query length, so attention reads
-            # each cached key/value head once instead of n_rep expanded copies.
-            q = q.permute(0, 2, 1, 3).reshape(B, self.n_kv_head, self.n_rep * T, self.head_dim)
-            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=batch.mask)
-            y = y.view(B, self.n_head, T, self.head_dim).transpose(1, 2)  # (B, T, n_head, head_dim)
+            y = self._cached_attention(q, keys, values, batch.mask)
+        else:
+            # A packed row: each sequence attends to its own slot only.
+            k_all, v_all = kv_cache.write(self.layer_idx, batch.flat_index, k, v)
+            y = torch.cat([
+                self._cached_attention(
+                    q[:, s.start : s.end],
+                    k_all[s.slot : s.slot + 1, :, : s.kv_len],
+                    v_all[s.slot : s.slot + 1, :, : s.kv_len],
+                    s.mask,
+                )
+                for s in batch.segments
+            ], dim=1)
         return self.wo(y.reshape(B, T, q_size))
+
+    def _cached_attention(
+        self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """q (B, T, n_head, head_dim) against cached keys/values (B, n_kv_head, kv_len, head_dim) under a bool
+        mask (B, 1, n_rep * T, kv_len); returns (B, T, n_head, head_dim)."""
+        B, T = q.shape[:2]
+        # Fold the query heads that share a key/value head into the query length, so attention reads each
+        # cached key/value head once instead of n_rep expanded copies.
+        q = q.permute(0, 2, 1, 3).reshape(B, self.n_kv_head, self.n_rep * T, self.head_dim)
+        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        return y.view(B, self.n_head, T, self.head_dim).transpose(1, 2)

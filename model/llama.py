@@ -101,6 +101,7 @@ class Transformer(nn.Module):
         slots: Sequence[int] | torch.Tensor | None = None,
         kv_len: int | None = None,
         logits_index: torch.Tensor | None = None,
+        segments: Sequence[tuple[int, int, int]] | None = None,
     ) -> torch.Tensor:
         """Logits (B, T, vocab) in fp32 for token ids `idx` (B, T).
 
@@ -109,6 +110,10 @@ class Transformer(nn.Module):
         values are written to the cache and attention reads everything the slot holds up to each position.
         `logits_index` (B,) keeps only one position per row (the last prompt token in a prefill), giving
         logits (B, vocab) and skipping the output projection everywhere else.
+
+        Packed prefill: with `segments`, `idx` is a single row (1, N) holding several sequences back to back,
+        segments[i] = (slot, length, kv_len) in row order, and `logits_index` (S,) picks positions in that row,
+        giving logits (S, vocab). Nothing is padded between sequences.
         """
         B, T = idx.shape
         if input_pos is None:
@@ -118,7 +123,11 @@ class Transformer(nn.Module):
                 raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
             input_pos = torch.arange(T, device=idx.device).unsqueeze(0).expand(B, T)
         batch = None
-        if kv_cache is not None:
+        if segments is not None:
+            if kv_cache is None or B != 1:
+                raise ValueError("segments need a KV cache and a single packed row")
+            batch = CacheBatch.build_packed(input_pos, segments, kv_cache, self.config.n_rep)
+        elif kv_cache is not None:
             if slots is None:
                 slots = range(B)
             batch = CacheBatch.build(input_pos, slots, kv_cache, self.config.n_rep, kv_len)
@@ -127,6 +136,8 @@ class Transformer(nn.Module):
         sin = self.rope_sin[input_pos].to(x.dtype).unsqueeze(2)
         for layer in self.layers:
             x = layer(x, cos, sin, kv_cache, batch)
-        if logits_index is not None:
+        if logits_index is not None and segments is not None:
+            x = x[0, logits_index]  # (S, n_embd)
+        elif logits_index is not None:
             x = x[torch.arange(B, device=x.device), logits_index]  # (B, n_embd)
         return self.output(self.norm(x)).float()

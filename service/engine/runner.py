@@ -65,29 +65,35 @@ class ModelRunner:
         return self._decode(batch)
 
     def _prefill(self, batch: Batch) -> list[int | None]:
+        # The chunks go back to back in one row: no padding between prompts, so a prefill costs the tokens it has.
         items = batch.prefill
-        # Padded to a few shapes (see PREFILL_ALIGN), never beyond the cache.
-        T = min(_round_up(max(it.end - it.start for it in items), PREFILL_ALIGN), self.max_len)
         max_pos = self.max_len - 1
-        rows, positions, last = [], [], []
+        row: list[int] = []
+        positions: list[int] = []
+        last: list[int] = []
         for it in items:
-            n = it.end - it.start
-            rows.append(it.seq.prompt_ids[it.start : it.end] + [self.pad_id] * (T - n))
-            # Padding takes the positions after the real tokens: nothing reads them before a real token
-            # overwrites them. Clamped so they stay inside the cache.
-            positions.append([min(p, max_pos) for p in range(it.start, it.start + T)])
-            last.append(n - 1)
-        idx = torch.tensor(rows, dtype=torch.long, device=self.device)  # (B, T)
-        pos = torch.tensor(positions, dtype=torch.long, device=self.device)  # (B, T)
-        kv_len = self._kv_len(max(it.start for it in items) + T - 1)
+            row += it.seq.prompt_ids[it.start : it.end]
+            positions += range(it.start, it.end)
+            last.append(len(row) - 1)
+        # The row is padded to a few lengths (see PREFILL_ALIGN). The padding joins the last sequence and takes the
+        # positions after its real tokens: nothing reads them before a real token overwrites them. Clamped so they
+        # stay inside the cache.
+        n_pad = _round_up(len(row), PREFILL_ALIGN) - len(row)
+        row += [self.pad_id] * n_pad
+        positions += [min(p, max_pos) for p in range(items[-1].end, items[-1].end + n_pad)]
+        segments = []
+        for it in items:
+            length, furthest = it.end - it.start, it.end - 1
+            if it is items[-1]:
+                length, furthest = length + n_pad, min(furthest + n_pad, max_pos)
+            segments.append((it.seq.slot, length, self._kv_len(furthest)))
         logits = self.model(
-            idx,
-            pos,
+            torch.tensor([row], dtype=torch.long, device=self.device),
+            torch.tensor([positions], dtype=torch.long, device=self.device),
             self.cache,
-            slots=[it.seq.slot for it in items],
-            kv_len=kv_len,
             logits_index=torch.tensor(last, device=self.device),
-        )  # (B, vocab)
+            segments=segments,
+        )  # (len(items), vocab)
         done = [i for i, it in enumerate(items) if it.completes_prompt]
         out: list[int | None] = [None] * len(items)
         if not done:

@@ -118,21 +118,17 @@ class Scheduler:
         return Batch(prefill=[], decode=ready)
 
     def _prefill_items(self, pending: list[Sequence]) -> list[PrefillItem]:
-        """Prompt chunks for one step, first come first served, costing at most `prefill_chunk` tokens.
+        """Prompt chunks for one step, first come first served, at most `prefill_chunk` tokens in all.
 
-        The rows of a prefill are right-padded to the longest chunk, so the cost counted is rows x longest
-        chunk: a long prompt next to short ones goes in its own step instead of padding them all.
+        The runner packs the chunks back to back with no padding between them, so the cost is the token count;
+        the last prompt that fits only in part is cut, and the rest of it comes in the next prefill step.
         """
         items: list[PrefillItem] = []
-        longest = 0
+        budget = self.prefill_chunk
         for seq in pending:
-            left = seq.num_prompt - seq.num_cached
-            if not items:
-                n = min(left, self.prefill_chunk)
-            else:
-                n = left
-                if (len(items) + 1) * max(longest, n) > self.prefill_chunk:
-                    break
+            if budget == 0:
+                break
+            n = min(seq.num_prompt - seq.num_cached, budget)
             items.append(PrefillItem(seq, seq.num_cached, seq.num_cached + n))
-            longest = max(longest, n)
+            budget -= n
         return items

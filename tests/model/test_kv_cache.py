@@ -79,6 +79,40 @@ def test_padded_batched_prefill_and_slot_reuse(tiny_model, seqs):
 
 
 @torch.no_grad()
+def test_packed_prefill_matches_full_forward(tiny_model, seqs):
+    """Three prompt chunks back to back in one row, one of them continuing a prompt already in the cache, with
+    padding after the last; each reads only its own slot, stale entries included."""
+    tokens, full = seqs
+    cache = tiny_model.new_kv_cache(max_slots=3, max_len=32)
+    tiny_model(tokens[2:3, :25], torch.arange(25).unsqueeze(0), cache, slots=[0])  # stale entries in slot 0
+    tiny_model(tokens[1:2, :6], torch.arange(6).unsqueeze(0), cache, slots=[2])  # the first chunk of sequence 1
+    # Sequence 0 (9 tokens) in slot 0, sequence 1 positions 6..13 in slot 2, sequence 2 (5 tokens + 3 padding) in 1.
+    row = torch.cat([tokens[0, :9], tokens[1, 6:14], tokens[2, :5], torch.zeros(3, dtype=torch.long)])
+    positions = torch.cat([torch.arange(9), torch.arange(6, 14), torch.arange(8)])
+    segments = [(0, 9, 32), (2, 8, 14), (1, 8, 8)]
+    logits = tiny_model(row.unsqueeze(0), positions.unsqueeze(0), cache, segments=segments,
+                        logits_index=torch.tensor([8, 16, 21]))
+    torch.testing.assert_close(logits, torch.stack([full[0, 8], full[1, 13], full[2, 4]]), atol=ATOL, rtol=0)
+    # Decoding goes on from what the packed pass wrote, over slot 1's padding.
+    pos = [9, 14, 5]
+    for _ in range(5):
+        idx = torch.stack([tokens[b, pos[b] : pos[b] + 1] for b in range(3)])
+        out = tiny_model(idx, torch.tensor([[p] for p in pos]), cache, slots=[0, 2, 1])
+        for b in range(3):
+            torch.testing.assert_close(out[b, 0], full[b, pos[b]], atol=ATOL, rtol=0)
+            pos[b] += 1
+
+
+def test_packed_segments_must_cover_the_row(tiny_model):
+    cache = tiny_model.new_kv_cache(max_slots=2, max_len=32)
+    row = torch.zeros(1, 6, dtype=torch.long)
+    with pytest.raises(ValueError, match="cover 5 tokens"):
+        tiny_model(row, torch.arange(6).unsqueeze(0), cache, segments=[(0, 3, 3), (1, 2, 2)])
+    with pytest.raises(ValueError, match="max_len"):
+        tiny_model(row, torch.arange(6).unsqueeze(0), cache, segments=[(0, 6, 64)])
+
+
+@torch.no_grad()
 def test_chunked_prefill_matches(tiny_model, seqs):
     tokens, full = seqs
     cache = tiny_model.new_kv_cache(max_slots=1, max_len=32)

@@ -202,22 +202,28 @@ def _wait(pred, timeout=10.0) -> bool:
     return False
 
 
-def test_prefill_batches_are_bounded_in_padded_tokens():
+def test_prefill_packs_prompts_up_to_the_chunk_budget():
     from service.engine.scheduler import Scheduler
 
     sched = Scheduler(CacheManager(8, 2048), max_queue=8, prefill_chunk=64)
     short = [Sequence(list(range(1, 11)), 4, GREEDY) for _ in range(3)]
     long = Sequence(list(range(1, 101)), 4, GREEDY)
-    for s in [*short, long, Sequence(list(range(1, 6)), 4, GREEDY)]:
+    last = Sequence(list(range(1, 6)), 4, GREEDY)
+    for s in [*short, long, last]:
         sched.add(s)
     sched.admit()
     batch = sched.schedule()
-    assert [it.seq for it in batch.prefill] == short  # the long prompt would pad them all: next step
-    assert all(it.end - it.start == 10 for it in batch.prefill)
+    # No padding between packed prompts: the three short ones and as much of the long one as the budget allows.
+    assert [(it.seq, it.start, it.end) for it in batch.prefill] == [*((s, 0, 10) for s in short), (long, 0, 34)]
     for it in batch.prefill:
-        sched.remove_running(it.seq)  # as if they finished at once
+        it.seq.num_cached = it.end
+    for s in short:
+        sched.remove_running(s)  # as if they finished at once
     batch = sched.schedule()
-    assert [(it.seq, it.start, it.end) for it in batch.prefill] == [(long, 0, 64)]  # one chunk, alone
+    assert [(it.seq, it.start, it.end) for it in batch.prefill] == [(long, 34, 98)]
+    long.num_cached = 98
+    batch = sched.schedule()
+    assert [(it.seq, it.start, it.end) for it in batch.prefill] == [(long, 98, 100), (last, 0, 5)]
 
 
 def test_one_token_event_per_generated_token(make_engine, tokenizer):
