@@ -41,10 +41,11 @@ def tiny_model(seed: int) -> Transformer:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models gain nothing from threads, and spinning thread pools crawl on a shared, busy CPU."""
+def torch_threads(request):
+    """One torch thread: tiny models gain nothing from threads, and spinning thread pools crawl on a shared, busy
+    CPU. A test module that needs more sets TORCH_THREADS."""
     before = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(getattr(request.module, "TORCH_THREADS", 1))
     yield
     torch.set_num_threads(before)
 

@@ -16,14 +16,7 @@ pytestmark = pytest.mark.skipif(
     (os.cpu_count() or 1) < 2 or not os.path.isdir("/proc/self/task"), reason="needs 2+ CPUs and /proc"
 )
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Overrides conftest's fixture of that name: OpenMP only starts pools with two threads or more."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
+TORCH_THREADS = 2  # read by conftest's torch_threads fixture: OpenMP only starts pools with two threads or more
 
 
 def thread_ids() -> set[str]:
