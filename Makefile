@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install serve test lint generate convert train bench bench-deps clean
+.PHONY: install serve test test-fast lint generate convert train bench bench-deps clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,12 +22,19 @@ install: $(VENV)/.installed
 serve: install
 	$(BIN)/python -m service --host $(HOST) --port $(PORT)
 
-test: install
-	$(BIN)/ruff check .
+test: lint
 	$(BIN)/python -m pytest -q
 
+# Everything but the tests that load the real 135M model (marked `slow`).
+test-fast: lint
+	$(BIN)/python -m pytest -q -m "not slow"
+
+# Style, formatting, types (mypy, basic mode) and the layer/cycle contracts (import-linter).
 lint: install
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 generate: install
 	$(BIN)/python -m model.generate --chat --prompt "$(or $(PROMPT),What is the capital of France?)"
