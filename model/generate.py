@@ -64,7 +64,7 @@ def generate_tokens(
 def main(argv: list[str] | None = None) -> int:
     from model.bundled import default_checkpoint
     from model.checkpoint import CheckpointError, load_model
-    from model.convert import DTYPES
+    from model.device import DTYPES
     from model.packed_linear import pack_linears
     from model.tokenizer import IncrementalDecoder, load_tokenizer
 

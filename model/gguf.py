@@ -1,4 +1,5 @@
-"""Import a llama.cpp GGUF file: hyper-parameters, dequantized weights (Hugging Face names) and tokenizer."""
+"""Import a llama.cpp GGUF file: hyper-parameters, dequantized weights (Hugging Face names) and tokenizer, and
+write them as a Hugging Face checkpoint directory."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from model.checkpoint import atomic_directory, from_hf_state_dict, write_model_files
 from model.config import ModelConfig
 
 
@@ -125,3 +127,13 @@ def tokenizer_from_gguf(path: str | os.PathLike[str]):
         return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     except Exception as e:
         raise GGUFError(f"{path}: cannot build a tokenizer from its metadata: {e}") from e
+
+
+def convert_gguf(
+    gguf_path: str | os.PathLike[str], out: str | os.PathLike[str], dtype: torch.dtype = torch.float32
+) -> Path:
+    """Dequantize `gguf_path` into an atomic Hugging Face checkpoint directory `out` (weights stored in `dtype`)."""
+    config, tensors = read_gguf(gguf_path)
+    model = from_hf_state_dict(config, tensors, torch.float32, source=str(gguf_path))
+    tokenizer = tokenizer_from_gguf(gguf_path)
+    return atomic_directory(out, lambda tmp: write_model_files(tmp, model, tokenizer, dtype))

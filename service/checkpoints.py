@@ -1,17 +1,15 @@
-"""Which checkpoint to serve: SMOLLM_CHECKPOINT resolution shared by start-up and the hot-reload watcher."""
+"""Which checkpoint to serve: SMOLLM_CHECKPOINT resolution shared by start-up and the hot-reload watcher.
+The trainer output directory's layout (`step-*`, `latest`) is `model.run_dir`'s; this module only decides."""
 
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from model.checkpoint import is_complete_checkpoint
+from model import run_dir
 
 log = logging.getLogger(__name__)
-
-_STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
 @dataclass(frozen=True)
@@ -22,8 +20,9 @@ class Resolved:
 
 
 def step_of(path: Path) -> str:
-    m = _STEP_DIR.match(path.name)
-    return str(int(m.group(1))) if m else ""
+    """The step of a `step-NNNNNN` checkpoint directory as text ("123"), or "" for any other directory."""
+    step = run_dir.parse_step(path.name)
+    return "" if step is None else str(step)
 
 
 def newest_checkpoint(out_dir: Path) -> Path | None:
@@ -31,23 +30,7 @@ def newest_checkpoint(out_dir: Path) -> Path | None:
 
     Hidden temporary directories (`.step-*.tmp-*`) are never considered.
     """
-    latest = out_dir / "latest"
-    try:
-        name = latest.read_text().strip()
-    except (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError):
-        name = ""
-    except OSError as e:
-        log.warning("%s: unreadable (%s); falling back to the highest step-* directory", latest, e)
-        name = ""
-    if name and not name.startswith(".") and "/" not in name and is_complete_checkpoint(out_dir / name):
-        return out_dir / name
-    try:
-        candidates = [p for p in out_dir.iterdir() if _STEP_DIR.match(p.name) and is_complete_checkpoint(p)]
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-    if not candidates:
-        return None
-    return max(candidates, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
+    return run_dir.newest_complete(out_dir)
 
 
 def resolve_checkpoint(setting: str | None) -> Resolved:

@@ -1,9 +1,9 @@
 """Crash-safe checkpoints in the output directory, retention, and resuming from the newest good one.
 
-Layout: `OUT/step-000123/` is a Hugging Face model directory written by `model.checkpoint.save_checkpoint`
-(atomically: a hidden `.step-000123.tmp-*` sibling renamed into place) with the trainer state added inside
-before the rename; `OUT/latest` names the newest complete checkpoint and is replaced atomically only after
-that rename. A `kill -9` at any instant therefore leaves complete checkpoints and hidden debris only.
+The layout (`OUT/step-000123/`, `OUT/latest`) is `model.run_dir`'s. Each checkpoint is a Hugging Face model
+directory written by `model.checkpoint.save_checkpoint` (atomically: a hidden sibling renamed into place) with
+the trainer state added inside before the rename; `latest` is replaced atomically only after that rename. A
+`kill -9` at any instant therefore leaves complete checkpoints and hidden debris only.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import os
 import random
-import re
 import shutil
 import time
 from pathlib import Path
@@ -23,34 +22,21 @@ import yaml
 
 from model.checkpoint import CheckpointError, is_complete_checkpoint, load_model, save_checkpoint
 from model.llama import Transformer
+from model.run_dir import (
+    STATE_FILE,
+    checkpoint_dirs,
+    is_latest_temp,
+    read_latest,
+    step_dir_name,
+    write_latest,
+)
 
 log = logging.getLogger(__name__)
 
-STATE_FILE = "trainer_state.pt"
 CONFIG_FILE = "trainer_config.yaml"
-LATEST_FILE = "latest"
 # Test hook, "SECONDS" or "STEP:SECONDS": sleep inside the checkpoint write (of that step only), after the
 # trainer state is written and before the rename, so a test can `kill -9` the job mid-write deterministically.
 PAUSE_ENV = "SMOLLM_TRAINER_PAUSE_IN_CHECKPOINT_WRITE"
-
-_STEP_RE = re.compile(r"step-(\d+)")
-
-
-def step_dir_name(step: int) -> str:
-    return f"step-{step:06d}"
-
-
-def parse_step(name: str) -> int | None:
-    m = _STEP_RE.fullmatch(name)
-    return int(m.group(1)) if m else None
-
-
-def checkpoint_dirs(out_dir: Path) -> list[tuple[int, Path]]:
-    """Visible `step-*` directories, newest first (hidden temporary directories are never listed)."""
-    if not out_dir.is_dir():
-        return []
-    found = [(s, p) for p in out_dir.iterdir() if p.is_dir() and (s := parse_step(p.name)) is not None]
-    return sorted(found, reverse=True)
 
 
 def capture_rng_state() -> dict[str, Any]:
@@ -68,28 +54,6 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def write_latest(out_dir: Path, name: str) -> None:
-    """Point `OUT/latest` at `name`: temp file, fsync, rename, fsync the directory."""
-    tmp = out_dir / f".{LATEST_FILE}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(name + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, out_dir / LATEST_FILE)
-    fd = os.open(out_dir, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def read_latest(out_dir: Path) -> str | None:
-    try:
-        return (out_dir / LATEST_FILE).read_text().strip() or None
-    except OSError:
-        return None
 
 
 class CheckpointWriteError(RuntimeError):
@@ -157,7 +121,7 @@ def remove_debris(out_dir: Path) -> None:
     if not out_dir.is_dir():
         return
     for p in out_dir.iterdir():
-        if p.name.startswith(".step-") or p.name.startswith(f".{LATEST_FILE}.tmp-"):
+        if p.name.startswith(".step-") or is_latest_temp(p.name):
             log.info("removing leftover %s of an interrupted run", p)
             if p.is_dir():
                 shutil.rmtree(p, ignore_errors=True)

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from model.device import pick_device
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -24,14 +26,6 @@ class DistInfo:
     @property
     def enabled(self) -> bool:
         return self.world_size > 1
-
-
-def pick_device(name: str, local_rank: int = 0) -> torch.device:
-    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise ValueError("device: cuda requested but CUDA is not available")
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
 
 
 def setup(device_name: str) -> DistInfo:

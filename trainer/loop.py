@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from model import run_dir
+from model.device import pick_device
 from model.generate import generate_tokens
 from model.llama import Transformer
 from model.sampling import SamplingParams
@@ -25,7 +27,7 @@ from trainer import checkpointing, distributed
 from trainer.config import ConfigError, TrainConfig
 from trainer.data import WindowSampler, load_tokens, split_tokens
 from trainer.distributed import DistInfo
-from trainer.modeling import ModelSource, build_model, resolve_model_source
+from trainer.init_source import ModelSource, build_model, resolve_model_source
 from trainer.optim import build_optimizer, lr_at, set_lr
 from trainer.preemption import StopRequest
 from trainer.progress import Progress, flops_per_token, measure_peak_flops
@@ -173,9 +175,9 @@ def _run(prep: Prepared, out_dir: Path, info: DistInfo) -> RunSummary:
         start_step = int(state["step"])
         log.info("resuming from %s (step %d)", resumed_from, start_step)
         _warn_config_changes(state.get("config", {}), cfg.model_dump(mode="json"))
-        if info.is_main and checkpointing.read_latest(out_dir) != resumed_from.name:
+        if info.is_main and run_dir.read_latest(out_dir) != resumed_from.name:
             # `latest` named a checkpoint that does not load: point readers (the server) at a good one.
-            checkpointing.write_latest(out_dir, resumed_from.name)
+            run_dir.write_latest(out_dir, resumed_from.name)
     else:
         resumed_from, start_step = None, 0
         model = build_model(prep.source, cfg.seed)
@@ -258,7 +260,7 @@ def measure_throughput(cfg: TrainConfig, steps: int = 5, warmup: int = 1) -> flo
     """Tokens/s of `steps` timed train steps (after `warmup`) of `cfg`'s model, optimizer, batch and dtype on
     random token ids; no data, checkpoints or logging. For benchmarks."""
     source = resolve_model_source(cfg)
-    device = distributed.pick_device(cfg.device)
+    device = pick_device(cfg.device)
     model = build_model(source, cfg.seed).to(device).train()
     optimizer = build_optimizer(model, cfg.optim, device)
     rng = np.random.default_rng(cfg.seed)

@@ -6,8 +6,8 @@ import pytest
 
 from model.bundled import bundled_gguf_path
 from model.checkpoint import load_model
-from model.convert import convert_gguf
 from model.generate import generate_tokens
+from model.gguf import convert_gguf
 from model.tokenizer import load_tokenizer
 
 

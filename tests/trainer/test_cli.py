@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from model.run_dir import STATE_FILE, read_latest
 from trainer.__main__ import main
-from trainer.checkpointing import PAUSE_ENV, STATE_FILE, read_latest
+from trainer.checkpointing import PAUSE_ENV
 from trainer.loop import prepare, run
 
 REPO = Path(__file__).resolve().parents[2]

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from trainer.config import ConfigError, build_config, load_config
-from trainer.modeling import resolve_model_source
+from trainer.init_source import resolve_model_source
 
 CONFIGS = Path(__file__).resolve().parents[2] / "trainer" / "configs"
 

@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from trainer.checkpointing import read_latest
+from model.run_dir import read_latest
 from trainer.loop import prepare, run
 
 REPO = Path(__file__).resolve().parents[2]

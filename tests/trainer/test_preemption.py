@@ -6,7 +6,7 @@ import subprocess
 import sys
 import time
 
-from trainer.checkpointing import read_latest
+from model.run_dir import read_latest
 from trainer.loop import prepare, run
 from trainer.progress import METRICS_FILE, read_metrics
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from model.checkpoint import load_model
-from trainer.checkpointing import LATEST_FILE, STATE_FILE, read_latest
+from model.run_dir import LATEST_FILE, STATE_FILE, read_latest
 from trainer.loop import measure_throughput, prepare, run
 from trainer.plot import PLOT_FILE, plot_loss
 from trainer.progress import read_metrics
