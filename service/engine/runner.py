@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from model.kv_cache import CacheBatch
 from model.llama import Transformer
 from model.sampling import sample
 from service.engine.scheduler import Batch
@@ -87,13 +88,9 @@ class ModelRunner:
             if it is items[-1]:
                 length, furthest = length + n_pad, min(furthest + n_pad, max_pos)
             segments.append((it.seq.slot, length, self._kv_len(furthest)))
-        logits = self.model(
-            torch.tensor([row], dtype=torch.long, device=self.device),
-            torch.tensor([positions], dtype=torch.long, device=self.device),
-            self.cache,
-            logits_index=torch.tensor(last, device=self.device),
-            segments=segments,
-        )  # (len(items), vocab)
+        cache_batch = CacheBatch.build_packed(self.cache, segments, positions, logits_index=last)
+        logits = self.model(torch.tensor([row], dtype=torch.long, device=self.device), batch=cache_batch)
+        # (len(items), vocab)
         done = [i for i, it in enumerate(items) if it.completes_prompt]
         out: list[int | None] = [None] * len(items)
         if not done:
@@ -112,7 +109,10 @@ class ModelRunner:
         seqs = batch.decode
         last_pos = [s.total_len - 1 for s in seqs]
         idx = torch.tensor([s.output_ids[-1] for s in seqs], dtype=torch.long, device=self.device).view(-1, 1)
-        pos = torch.tensor(last_pos, dtype=torch.long, device=self.device).view(-1, 1)
-        logits = self.model(idx, pos, self.cache, slots=[s.slot for s in seqs], kv_len=self._kv_len(max(last_pos)))
+        # Positions go in as host ints: the batch checks them against the cache without a device sync.
+        cache_batch = CacheBatch.build(
+            self.cache, [s.slot for s in seqs], [[p] for p in last_pos], kv_len=self._kv_len(max(last_pos))
+        )
+        logits = self.model(idx, batch=cache_batch)
         logits = logits[:, 0]  # (B, vocab)
         return sample(logits, [s.params for s in seqs], [s.generator for s in seqs]).tolist()  # the one host sync
