@@ -76,6 +76,7 @@ def profile_decode(checkpoint: Path, dtype: str, batch: int, context: int, steps
     from torch.profiler import ProfilerActivity, profile
 
     from model.checkpoint import load_model
+    from model.kv_cache import CacheBatch
     from model.packed_linear import pack_linears
 
     model = load_model(checkpoint, dtype=DTYPES[dtype])
@@ -85,7 +86,7 @@ def profile_decode(checkpoint: Path, dtype: str, batch: int, context: int, steps
 
     def step(pos: int) -> None:
         idx = torch.zeros(batch, 1, dtype=torch.long)
-        model(idx, torch.full((batch, 1), pos), cache, slots=slots, kv_len=pos + 1)
+        model(idx, batch=CacheBatch.build(cache, slots, [[pos]] * batch))
 
     for i in range(3):
         step(context + i)

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.config import ModelConfig
-from model.kv_cache import CacheBatch, KVCache
+from model.kv_cache import CacheBatch
 from model.rope import apply_rope
 
 
@@ -28,9 +28,11 @@ class Attention(nn.Module):
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        kv_cache: KVCache | None = None,
         batch: CacheBatch | None = None,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """x (B, T, n_embd). With `batch`, keys and values go to its cache and queries attend there; without,
+        attention runs over x itself: causal, or under `mask` (B, 1, T, T) bool when given."""
         B, T, _ = x.shape
         q_size, kv_size = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
         q, k, v = self.wqkv(x).split([q_size, kv_size, kv_size], dim=-1)
@@ -38,20 +40,19 @@ class Attention(nn.Module):
         k = apply_rope(k.view(B, T, self.n_kv_head, self.head_dim), cos, sin)
         v = v.view(B, T, self.n_kv_head, self.head_dim)
 
-        if kv_cache is None:
-            # Training / full-sequence pass: causal attention over the input itself.
+        if batch is None:
+            # Training / full-sequence pass over the input itself; the plain causal case keeps SDPA's fast path.
             y = F.scaled_dot_product_attention(
-                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                attn_mask=mask, is_causal=mask is None, enable_gqa=True,
             )  # (B, n_head, T, head_dim)
             y = y.transpose(1, 2)
-        elif batch is None:
-            raise ValueError("a KV cache needs a CacheBatch")
         elif batch.segments is None:
-            keys, values = kv_cache.update(self.layer_idx, batch, k, v)  # (B, n_kv_head, kv_len, head_dim)
+            keys, values = batch.cache.update(self.layer_idx, batch, k, v)  # (B, n_kv_head, kv_len, head_dim)
             y = self._cached_attention(q, keys, values, batch.mask)
         else:
             # A packed row: each sequence attends to its own slot only.
-            k_all, v_all = kv_cache.write(self.layer_idx, batch.flat_index, k, v)
+            k_all, v_all = batch.cache.write(self.layer_idx, batch.flat_index, k, v)
             y = torch.cat([
                 self._cached_attention(
                     q[:, s.start : s.end],

@@ -12,7 +12,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from model.kv_cache import KVCache
+from model.kv_cache import CacheBatch, KVCache
 from model.llama import Transformer
 from model.sampling import SamplingParams, sample
 
@@ -21,16 +21,14 @@ def prefill(model: Transformer, cache: KVCache, slot: int, prompt_ids: Sequence[
     """Run the prompt into `slot` of the cache; logits (1, vocab) of its last position."""
     T = len(prompt_ids)
     idx = torch.tensor([list(prompt_ids)], dtype=torch.long, device=model.device)
-    pos = torch.arange(T, device=model.device).unsqueeze(0)
-    last = torch.tensor([T - 1], device=model.device)
-    return model(idx, pos, cache, slots=[slot], kv_len=T, logits_index=last)
+    batch = CacheBatch.build(cache, [slot], [range(T)], logits_index=[T - 1])
+    return model(idx, batch=batch)
 
 
 def decode_one_token(model: Transformer, cache: KVCache, slot: int, token: int, position: int) -> torch.Tensor:
     """Feed one token at `position`; logits (1, vocab) for the next."""
     idx = torch.tensor([[token]], dtype=torch.long, device=model.device)
-    pos = torch.tensor([[position]], device=model.device)
-    return model(idx, pos, cache, slots=[slot], kv_len=position + 1)[:, -1]
+    return model(idx, batch=CacheBatch.build(cache, [slot], [[position]]))[:, -1]
 
 
 @torch.inference_mode()

@@ -26,12 +26,14 @@ class KVCache(nn.Module):
         head_dim: int,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
+        n_rep: int = 1,
     ) -> None:
         super().__init__()
         if max_slots <= 0 or max_len <= 0:
             raise ValueError(f"KV cache needs max_slots > 0 and max_len > 0, got {max_slots}, {max_len}")
         self.max_slots = max_slots
         self.max_len = max_len
+        self.n_rep = n_rep  # query heads per key/value head of the model the cache serves (the mask's layout)
         shape = (n_layer, max_slots, n_kv_head, max_len, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
@@ -85,6 +87,31 @@ def _attend_mask(query_pos: torch.Tensor, kv_len: int, n_rep: int) -> torch.Tens
     return mask.unsqueeze(-3).repeat_interleave(n_rep, dim=-3).flatten(-3, -2).unsqueeze(-3)
 
 
+Positions = torch.Tensor | Sequence[Sequence[int]]
+
+
+def _positions(positions: Positions, device: torch.device) -> tuple[torch.Tensor, int, int]:
+    """(positions as a long tensor, smallest, largest). Host-side ints cost no device sync; a tensor costs one."""
+    if isinstance(positions, torch.Tensor):
+        if positions.numel() == 0:
+            raise ValueError("positions: empty batch")
+        low, high = torch.aminmax(positions)
+        return positions.to(device=device, dtype=torch.long), int(low), int(high)  # host sync
+    rows = [list(r) for r in positions]
+    flat = [p for r in rows for p in r]
+    if not flat:
+        raise ValueError("positions: empty batch")
+    return torch.tensor(rows, dtype=torch.long, device=device), min(flat), max(flat)
+
+
+def _check_range(low: int, high: int, cache: KVCache) -> None:
+    # A position outside [0, max_len) would index another slot's rows of the flat cache view: refuse it.
+    if low < 0:
+        raise ValueError(f"position {low} is negative")
+    if high >= cache.max_len:
+        raise ValueError(f"position {high} is beyond the KV cache's max_len {cache.max_len}")
+
+
 @dataclass(frozen=True)
 class Segment:
     """One sequence's tokens inside a packed row: row[start:end] belongs to cache slot `slot`."""
@@ -98,80 +125,119 @@ class Segment:
 
 @dataclass
 class CacheBatch:
-    """Where a forward pass reads and writes the cache; built once per forward, shared by all layers.
+    """Everything a forward pass over the cache needs, built once by the caller and shared by all layers: where
+    each token reads and writes the cache, its attention mask, and which positions produce logits.
 
     Either one sequence per row (`build`: decode steps, and prompts padded to a common length), or one row with
     several sequences packed back to back (`build_packed`: prompts with no padding between them), each attending
-    only to its own slot.
+    only to its own slot. Both refuse positions outside the cache, so a write never lands in another slot.
     """
 
+    cache: KVCache
     positions: torch.Tensor  # (B, T) absolute position of each input token
     flat_index: torch.Tensor  # (B * T * n_kv_head,) row of each written key in a layer's (-1, head_dim) view
     slot_index: slice | torch.Tensor | None  # the batch's slots: a slice (a view, no copy) when contiguous
     kv_len: int  # keys attended: max position in the batch + 1
     mask: torch.Tensor | None  # (B, 1, n_rep * T, kv_len) bool, True where a query may attend a key
     segments: list[Segment] | None = None  # packed rows only
+    # Rows only: (B,) one position per row, logits (B, vocab). Packed: (S,) positions in the row, logits (S, vocab).
+    # None: logits for every position, (B, T, vocab).
+    logits_index: torch.Tensor | None = None
 
     @classmethod
     def build(
         cls,
-        positions: torch.Tensor,
-        slots: Sequence[int] | torch.Tensor,
         cache: KVCache,
-        n_rep: int,
+        slots: Sequence[int] | torch.Tensor,
+        positions: Positions,
         kv_len: int | None = None,
+        logits_index: torch.Tensor | Sequence[int] | None = None,
     ) -> CacheBatch:
-        device = positions.device
+        """Row b is the sequence in cache slot `slots[b]`, its tokens at `positions[b]` (B, T).
+
+        Pass positions as host-side ints on a hot path: a tensor costs a host sync to check its range.
+        `kv_len` (default: the furthest position + 1) may be larger, to keep kernel shapes stable; it is checked
+        against the positions and the cache.
+        """
+        device = cache.k.device
+        pos, low, high = _positions(positions, device)
+        _check_range(low, high, cache)
+        if kv_len is None:
+            kv_len = high + 1
+        elif not high < kv_len <= cache.max_len:
+            raise ValueError(f"kv_len {kv_len} must cover position {high} and fit the KV cache's max_len "
+                             f"{cache.max_len}")
         if isinstance(slots, torch.Tensor):
             slot_ids = slots.to(device=device, dtype=torch.long)
             slot_index: slice | torch.Tensor = slot_ids
         else:
             slot_list = list(slots)
+            if any(not 0 <= s < cache.max_slots for s in slot_list):
+                raise ValueError(f"slots {slot_list} outside the KV cache's {cache.max_slots} slots")
             slot_ids = torch.tensor(slot_list, dtype=torch.long, device=device)
             start = slot_list[0] if slot_list else 0
             contiguous = slot_list == list(range(start, start + len(slot_list)))
             slot_index = slice(start, start + len(slot_list)) if contiguous else slot_ids
-        if kv_len is None:
-            kv_len = int(positions.max()) + 1  # host sync; callers that know it pass kv_len
-        if kv_len > cache.max_len:
-            raise ValueError(f"position {kv_len - 1} is beyond the KV cache's max_len {cache.max_len}")
+        if slot_ids.shape[0] != pos.shape[0]:
+            raise ValueError(f"{slot_ids.shape[0]} slots for {pos.shape[0]} rows of positions")
         return cls(
-            positions=positions,
-            flat_index=_flat_index(slot_ids.view(-1, 1), positions, cache),
+            cache=cache,
+            positions=pos,
+            flat_index=_flat_index(slot_ids.view(-1, 1), pos, cache),
             slot_index=slot_index,
             kv_len=kv_len,
-            mask=_attend_mask(positions, kv_len, n_rep),
+            mask=_attend_mask(pos, kv_len, cache.n_rep),
+            logits_index=_index(logits_index, device),
         )
 
     @classmethod
     def build_packed(
         cls,
-        positions: torch.Tensor,
-        segments: Sequence[tuple[int, int, int]],
         cache: KVCache,
-        n_rep: int,
+        segments: Sequence[tuple[int, int, int]],
+        positions: Sequence[int] | torch.Tensor,
+        logits_index: torch.Tensor | Sequence[int] | None = None,
     ) -> CacheBatch:
-        """One row (1, N) holding several sequences back to back: `segments` gives (slot, length, kv_len) of each
-        in row order, lengths summing to N; `positions` (1, N) their absolute positions."""
-        row = positions[0]
+        """One row holding several sequences back to back: `segments` gives (slot, length, kv_len) of each in row
+        order, lengths summing to N; `positions` (N,) or (1, N) their absolute positions (host-side ints cost no
+        sync). `logits_index` (S,) picks positions in the row."""
+        device = cache.k.device
+        host = None if isinstance(positions, torch.Tensor) else list(positions)
+        if host is not None and host and not isinstance(host[0], int):
+            host = [p for r in host for p in r]  # (1, N) given as nested lists
+        pos, low, high = _positions([host] if host is not None else positions.reshape(1, -1), device)
+        _check_range(low, high, cache)
+        row = pos[0]
         spans, start = [], 0
         for slot, length, kv_len in segments:
             if length < 1:
                 raise ValueError(f"segment of slot {slot} is empty")
+            if not 0 <= slot < cache.max_slots:
+                raise ValueError(f"slot {slot} outside the KV cache's {cache.max_slots} slots")
             if kv_len > cache.max_len:
                 raise ValueError(f"kv_len {kv_len} is beyond the KV cache's max_len {cache.max_len}")
-            mask = _attend_mask(row[start : start + length], kv_len, n_rep).unsqueeze(0)
+            if host is not None and max(host[start : start + length], default=0) >= kv_len:
+                raise ValueError(f"kv_len {kv_len} of slot {slot} does not cover its positions")
+            mask = _attend_mask(row[start : start + length], kv_len, cache.n_rep).unsqueeze(0)
             spans.append(Segment(slot, start, start + length, kv_len, mask))
             start += length
         if start != row.numel():
             raise ValueError(f"segments cover {start} tokens, the row has {row.numel()}")
-        lengths = torch.tensor([length for _, length, _ in segments], device=row.device)
-        token_slots = torch.tensor([slot for slot, _, _ in segments], device=row.device).repeat_interleave(lengths)
+        lengths = torch.tensor([length for _, length, _ in segments], device=device)
+        token_slots = torch.tensor([slot for slot, _, _ in segments], device=device).repeat_interleave(lengths)
         return cls(
-            positions=positions,
+            cache=cache,
+            positions=pos,
             flat_index=_flat_index(token_slots, row, cache),
             slot_index=None,
             kv_len=max(kv_len for _, _, kv_len in segments),
             mask=None,
             segments=spans,
+            logits_index=_index(logits_index, device),
         )
+
+
+def _index(index: torch.Tensor | Sequence[int] | None, device: torch.device) -> torch.Tensor | None:
+    if index is None or isinstance(index, torch.Tensor):
+        return index
+    return torch.tensor(list(index), dtype=torch.long, device=device)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -49,8 +48,15 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(config.n_embd, config.norm_eps)
         self.feed_forward = FeedForward(config)
 
-    def forward(self, x, cos, sin, kv_cache=None, batch=None):
-        x = x + self.attention(self.attention_norm(x), cos, sin, kv_cache, batch)
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        batch: CacheBatch | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), cos, sin, batch, mask)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -91,53 +97,55 @@ class Transformer(nn.Module):
     def new_kv_cache(self, max_slots: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
         c = self.config
         max_len = min(max_len or c.block_size, c.block_size)
-        return KVCache(c.n_layer, max_slots, max_len, c.n_kv_head, c.head_dim, dtype or self.dtype, self.device)
+        return KVCache(
+            c.n_layer, max_slots, max_len, c.n_kv_head, c.head_dim, dtype or self.dtype, self.device, n_rep=c.n_rep
+        )
 
     def forward(
-        self,
-        idx: torch.Tensor,
-        input_pos: torch.Tensor | None = None,
-        kv_cache: KVCache | None = None,
-        slots: Sequence[int] | torch.Tensor | None = None,
-        kv_len: int | None = None,
-        logits_index: torch.Tensor | None = None,
-        segments: Sequence[tuple[int, int, int]] | None = None,
+        self, idx: torch.Tensor, positions: torch.Tensor | None = None, batch: CacheBatch | None = None
     ) -> torch.Tensor:
-        """Logits (B, T, vocab) in fp32 for token ids `idx` (B, T).
+        """Logits in fp32 for token ids `idx` (B, T).
 
-        Without a cache this is the training pass over positions 0..T-1. With `kv_cache`, row b of the batch
-        is the sequence in cache slot `slots[b]` and its tokens sit at `input_pos[b]` (B, T); their keys and
-        values are written to the cache and attention reads everything the slot holds up to each position.
-        `logits_index` (B,) keeps only one position per row (the last prompt token in a prefill), giving
-        logits (B, vocab) and skipping the output projection everywhere else.
+        With `batch`, tokens sit where the batch says (its positions, slots and segments, see `CacheBatch`): their
+        keys and values are written to the batch's cache and attention reads what each sequence's slot holds.
+        Logits are (B, T, vocab), or one row per entry of `batch.logits_index` (the output projection then runs
+        only there).
 
-        Packed prefill: with `segments`, `idx` is a single row (1, N) holding several sequences back to back,
-        segments[i] = (slot, length, kv_len) in row order, and `logits_index` (S,) picks positions in that row,
-        giving logits (S, vocab). Nothing is padded between sequences.
+        Without a batch this is the training pass: plain causal attention over positions 0..T-1, or, with
+        `positions` (B, T), rotary positions as given and attention kept inside each run of positions: a position
+        0 starts a new segment, so several sequences packed in one row never see each other.
         """
         B, T = idx.shape
-        if input_pos is None:
-            if kv_cache is not None:
-                raise ValueError("input_pos is required with a KV cache")
+        mask = None
+        if batch is not None:
+            if positions is not None and positions is not batch.positions:
+                raise ValueError("with a CacheBatch the positions are the batch's; pass positions=None")
+            positions = batch.positions
+        else:
             if T > self.config.block_size:
                 raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
-            input_pos = torch.arange(T, device=idx.device).unsqueeze(0).expand(B, T)
-        batch = None
-        if segments is not None:
-            if kv_cache is None or B != 1:
-                raise ValueError("segments need a KV cache and a single packed row")
-            batch = CacheBatch.build_packed(input_pos, segments, kv_cache, self.config.n_rep)
-        elif kv_cache is not None:
-            if slots is None:
-                slots = range(B)
-            batch = CacheBatch.build(input_pos, slots, kv_cache, self.config.n_rep, kv_len)
+            if positions is None:
+                positions = torch.arange(T, device=idx.device).unsqueeze(0).expand(B, T)
+            else:
+                mask = segment_mask(positions)
         x = self.tok_embeddings(idx)
-        cos = self.rope_cos[input_pos].to(x.dtype).unsqueeze(2)  # (B, T, 1, head_dim)
-        sin = self.rope_sin[input_pos].to(x.dtype).unsqueeze(2)
+        cos = self.rope_cos[positions].to(x.dtype).unsqueeze(2)  # (B, T, 1, head_dim)
+        sin = self.rope_sin[positions].to(x.dtype).unsqueeze(2)
         for layer in self.layers:
-            x = layer(x, cos, sin, kv_cache, batch)
-        if logits_index is not None and segments is not None:
-            x = x[0, logits_index]  # (S, n_embd)
-        elif logits_index is not None:
-            x = x[torch.arange(B, device=x.device), logits_index]  # (B, n_embd)
+            x = layer(x, cos, sin, batch, mask)
+        if batch is not None and batch.logits_index is not None:
+            if batch.segments is not None:
+                x = x[0, batch.logits_index]  # (S, n_embd)
+            else:
+                x = x[torch.arange(B, device=x.device), batch.logits_index]  # (B, n_embd)
         return self.output(self.norm(x)).float()
+
+
+def segment_mask(positions: torch.Tensor) -> torch.Tensor:
+    """(B, 1, T, T) bool from positions (B, T): token i attends token j iff j <= i and both belong to the same
+    segment, a segment starting at every position 0 (several sequences packed in one row)."""
+    T = positions.shape[-1]
+    segment = (positions == 0).cumsum(-1)  # (B, T)
+    order = torch.arange(T, device=positions.device)
+    causal = order.unsqueeze(-1) >= order  # (T, T)
+    return ((segment.unsqueeze(-1) == segment.unsqueeze(-2)) & causal).unsqueeze(1)

@@ -12,18 +12,30 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 from model.llama import Transformer
 from model.tokenizer import IncrementalDecoder
 from service.engine.cache_manager import CacheManager, CacheUsage
 from service.engine.runner import ModelRunner
-from service.engine.scheduler import Batch, QueueFullError, Scheduler
-from service.engine.sequence import FinishReason, Sequence, Status, StreamEvent
+from service.engine.scheduler import QueueFullError, Scheduler, StepStats
+from service.engine.sequence import FinishReason, Sequence, StreamEvent
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Engine", "EngineStats", "ModelInfo", "QueueFullError", "StepStats"]
+__all__ = ["Engine", "EngineStats", "ModelInfo", "QueueFullError", "StepStats", "Tokenizer"]
+
+
+class Tokenizer(Protocol):
+    """What the engine needs of a tokenizer (a transformers fast tokenizer fits): the end-of-sequence id, and
+    the backend that model.tokenizer.IncrementalDecoder streams text from."""
+
+    @property
+    def eos_token_id(self) -> int | None: ...
+
+    @property
+    def backend_tokenizer(self) -> Any: ...
 
 
 @dataclass(frozen=True)
@@ -31,20 +43,6 @@ class ModelInfo:
     checkpoint: str
     step: str = ""
     name: str = "smollm"
-
-
-@dataclass
-class StepStats:
-    """What one engine step did; metrics.py turns it into Prometheus observations."""
-
-    batch_size: int = 0
-    is_prefill: bool = False
-    prompt_tokens: int = 0
-    generation_tokens: int = 0
-    queue_waits: list[float] = field(default_factory=list)
-    ttfts: list[float] = field(default_factory=list)
-    inter_token: list[float] = field(default_factory=list)
-    finished: list[Sequence] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -60,7 +58,7 @@ class Engine:
     def __init__(
         self,
         model: Transformer,
-        tokenizer,
+        tokenizer: Tokenizer,
         *,
         max_batch_size: int,
         max_context: int,
@@ -80,7 +78,7 @@ class Engine:
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
-        self._pending_swap: tuple[Transformer, object, ModelInfo] | None = None
+        self._pending_swap: tuple[Transformer, Tokenizer, ModelInfo] | None = None
         self._abort_reason: str | None = None
         self._aio_loop: asyncio.AbstractEventLoop | None = None
         self.steps = 0
@@ -146,7 +144,7 @@ class Engine:
         if reason is not None:
             self._fail_running(reason, waiting=True)
 
-    def swap_model(self, model: Transformer, tokenizer, info: ModelInfo) -> None:
+    def swap_model(self, model: Transformer, tokenizer: Tokenizer, info: ModelInfo) -> None:
         """Serve `model` once the running sequences have finished on the old one; new requests wait meanwhile."""
         with self._cond:
             self._pending_swap = (model, tokenizer, info)
@@ -179,7 +177,7 @@ class Engine:
     # ---- the loop (engine thread) ----
 
     @staticmethod
-    def _stop_ids(model: Transformer, tokenizer) -> frozenset[int]:
+    def _stop_ids(model: Transformer, tokenizer: Tokenizer) -> frozenset[int]:
         ids = {model.config.eos_token_id}
         if getattr(tokenizer, "eos_token_id", None) is not None:
             ids.add(tokenizer.eos_token_id)
@@ -212,115 +210,60 @@ class Engine:
         now = time.monotonic()
         stats = StepStats()
         events: list[tuple[Sequence, StreamEvent]] = []
-        self._expire(now, stats, events)
+        self._finish_events(self.scheduler.expire(now, stats), events)
         if self._pending_swap is not None and not self.scheduler.running:
             self._apply_swap()
-        for seq in self.scheduler.admit():
-            seq.admitted_time = now
+        for seq in self.scheduler.admit(now, stats):
             seq.model_version = self.model_version
             seq.decoder = IncrementalDecoder(self.tokenizer)
-            stats.queue_waits.append(now - seq.arrival_time)
         batch = self.scheduler.schedule()
         if batch is not None:
             tokens = self.runner.run(batch)
-            self._postprocess(batch, tokens, time.monotonic(), stats, events)
+            now = time.monotonic()
+            for seq in self.scheduler.postprocess(batch, tokens, now, stats):
+                self._emit_token(seq, now, stats, events)
         self.steps += 1
         for cb in self.on_step:  # before delivery: a client that got its answer sees it in the metrics
             cb(stats)
         self._deliver(events)
         return stats
 
-    def _expire(self, now: float, stats: StepStats, events: list) -> None:
-        for seq in list(self.scheduler.running):
-            reason = self._should_end(seq, now)
-            if reason is not None:
-                self._finish(seq, reason, now, stats, events)
-        if self.scheduler.waiting:
-            gone = []
-            for seq in list(self.scheduler.waiting):
-                reason = self._should_end(seq, now)
-                error = None
-                if reason is None and seq.num_prompt >= self.runner.context:
-                    # Only after a reload to a model with a shorter context: the prompt no longer fits.
-                    reason, error = FinishReason.ERROR, f"prompt ({seq.num_prompt} tokens) exceeds the new context"
-                if reason is not None:
-                    gone.append(seq)
-                    self._finish(seq, reason, now, stats, events, error=error)
-            if gone:
-                self.scheduler.drop_waiting(gone)
+    def _emit_token(self, seq: Sequence, now: float, stats: StepStats, events: list) -> None:
+        """The text event of the token the scheduler just appended, then the finish event if it ended.
 
-    @staticmethod
-    def _should_end(seq: Sequence, now: float) -> FinishReason | None:
-        if seq.cancelled:
-            return FinishReason.CANCELLED
-        deadline = seq.deadline
-        if deadline is not None and now > deadline:
-            return FinishReason.TIMEOUT
-        return None
-
-    def _postprocess(self, batch: Batch, tokens: list[int | None], now: float, stats: StepStats, events) -> None:
-        stats.batch_size = batch.size
-        stats.is_prefill = batch.is_prefill
-        if batch.is_prefill:
-            for item, tok in zip(batch.prefill, tokens, strict=True):
-                seq = item.seq
-                seq.num_cached = item.end
-                stats.prompt_tokens += item.end - item.start
-                self.cache_manager.set_tokens(seq.slot, seq.num_cached)
-                if tok is not None:
-                    self._append(seq, tok, now, stats, events)
-        else:
-            for seq, tok in zip(batch.decode, tokens, strict=True):
-                self._append(seq, tok, now, stats, events)
-
-    def _append(self, seq: Sequence, tok: int, now: float, stats: StepStats, events) -> None:
-        seq.output_ids.append(tok)
-        stats.generation_tokens += 1
-        if seq.first_token_time is None:
-            seq.first_token_time = now
-            stats.ttfts.append(now - seq.arrival_time)
-        else:
-            stats.inter_token.append(now - seq.last_token_time)
-        seq.last_token_time = now
-        self.cache_manager.set_tokens(seq.slot, seq.total_len)
-        # Exactly one token event per generated token, even when its text is empty (an end-of-sequence token,
-        # part of a UTF-8 character, text held back as a possible stop-string prefix), so that a client's count
-        # of events equals usage.completion_tokens. Text flushed at the end rides on the last token's event.
-        reason = None
+        Exactly one token event per generated token, even when its text is empty (an end-of-sequence token, part
+        of a UTF-8 character, text held back as a possible stop-string prefix), so that a client's count of
+        events equals usage.completion_tokens. Text flushed at the end rides on the last token's event.
+        """
+        tok = seq.output_ids[-1]
         if tok in seq.stop_ids:
-            text, reason = "", FinishReason.STOP
+            text = ""
         else:
+            assert seq.decoder is not None  # set at admission
             text, hit = seq.append_text(seq.decoder.step(tok))
             if hit:
-                reason = FinishReason.STOP
-            elif len(seq.output_ids) >= seq.max_tokens or seq.total_len >= self.runner.context:
-                reason = FinishReason.LENGTH
-        if reason is not None:
+                self.scheduler.finish(seq, FinishReason.STOP, now, stats)
+        if seq.finished:
             text += seq.flush_text()
         events.append((seq, StreamEvent(text=text, index=len(seq.output_ids) - 1)))
-        if reason is not None:
-            self._finish(seq, reason, now, stats, events)
+        if seq.finished:
+            self._finish_events([seq], events)
 
-    def _finish(self, seq: Sequence, reason: FinishReason, now: float, stats: StepStats, events, error=None) -> None:
-        if seq.status is Status.RUNNING:
-            self.scheduler.remove_running(seq)
-        seq.status = Status.FINISHED
-        seq.finish_reason = reason
-        seq.finished_time = now
-        events.append((seq, StreamEvent(finish_reason=reason, index=len(seq.output_ids), error=error)))
-        stats.finished.append(seq)
+    @staticmethod
+    def _finish_events(seqs: list[Sequence], events: list) -> None:
+        for seq in seqs:
+            assert seq.finish_reason is not None
+            events.append((seq, StreamEvent(finish_reason=seq.finish_reason, index=len(seq.output_ids),
+                                            error=seq.error)))
 
     def _fail_running(self, message: str, waiting: bool = False) -> None:
         """End every running sequence (and with `waiting`, every queued one) with an error event."""
         now = time.monotonic()
         stats, events = StepStats(), []
-        for seq in list(self.scheduler.running):
-            self._finish(seq, FinishReason.ERROR, now, stats, events, error=message)
-        if waiting and self.scheduler.waiting:
-            gone = [s for s in list(self.scheduler.waiting) if s.status is Status.WAITING]
-            for seq in gone:
-                self._finish(seq, FinishReason.ERROR, now, stats, events, error=message)
-            self.scheduler.drop_waiting(gone)
+        failed = self.scheduler.fail(self.scheduler.running, message, now, stats)
+        if waiting:
+            failed += self.scheduler.fail(self.scheduler.waiting, message, now, stats)
+        self._finish_events(failed, events)
         for cb in self.on_step:
             cb(stats)
         self._deliver(events)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from model.kv_cache import CacheBatch, KVCache
 from model.llama import Transformer
 from model.sampling import sample
 from service.engine.scheduler import Batch
@@ -25,20 +26,34 @@ class ModelRunner:
     def __init__(self, model: Transformer, max_slots: int, max_context: int) -> None:
         self.max_slots = max_slots
         self.max_context = max_context
-        self.model: Transformer
-        self.cache = None
-        self.set_model(model)
+        self.model = model
+        self.cache: KVCache = self._cache_for(model, None)
+        self._use(model)
 
     def set_model(self, model: Transformer) -> None:
-        """Serve `model` from now on; the KV cache is reused when its shape fits, otherwise reallocated."""
+        """Serve `model` from now on, all or nothing: the new KV cache (when the shape changes) is allocated
+        before anything is replaced, so a failure leaves the old model serving. The cache is cleared either
+        way: nothing a previous model wrote (NaN from diverged weights included) is ever read again."""
+        cache = self._cache_for(model, self.cache)
+        cache.k.zero_()
+        cache.v.zero_()
+        self.cache = cache
+        self._use(model)
+
+    def _cache_for(self, model: Transformer, current: KVCache | None) -> KVCache:
+        """`current` when its shape, dtype and device fit `model`, else a new cache."""
         c = model.config
         max_len = min(_round_up(self.max_context, KV_ALIGN), c.block_size)  # room for the rounding in `_kv_len`
-        old = self.cache
         shape = (c.n_layer, self.max_slots, c.n_kv_head, max_len, c.head_dim)
-        if old is None or tuple(old.k.shape) != shape or old.k.dtype != model.dtype or old.k.device != model.device:
-            self.cache = None  # drop the old buffers before allocating the new ones
-            del old
-            self.cache = model.new_kv_cache(max_slots=self.max_slots, max_len=max_len)
+        if (
+            current is not None and tuple(current.k.shape) == shape and current.k.dtype == model.dtype
+            and current.k.device == model.device and current.n_rep == c.n_rep
+        ):
+            return current
+        return model.new_kv_cache(max_slots=self.max_slots, max_len=max_len)
+
+    def _use(self, model: Transformer) -> None:
+        c = model.config
         self.model = model
         self.context = min(self.max_context, c.block_size)  # tokens a sequence may hold, prompt included
         self.device = model.device
@@ -87,13 +102,9 @@ class ModelRunner:
             if it is items[-1]:
                 length, furthest = length + n_pad, min(furthest + n_pad, max_pos)
             segments.append((it.seq.slot, length, self._kv_len(furthest)))
-        logits = self.model(
-            torch.tensor([row], dtype=torch.long, device=self.device),
-            torch.tensor([positions], dtype=torch.long, device=self.device),
-            self.cache,
-            logits_index=torch.tensor(last, device=self.device),
-            segments=segments,
-        )  # (len(items), vocab)
+        cache_batch = CacheBatch.build_packed(self.cache, segments, positions, logits_index=last)
+        logits = self.model(torch.tensor([row], dtype=torch.long, device=self.device), batch=cache_batch)
+        # (len(items), vocab)
         done = [i for i, it in enumerate(items) if it.completes_prompt]
         out: list[int | None] = [None] * len(items)
         if not done:
@@ -112,7 +123,10 @@ class ModelRunner:
         seqs = batch.decode
         last_pos = [s.total_len - 1 for s in seqs]
         idx = torch.tensor([s.output_ids[-1] for s in seqs], dtype=torch.long, device=self.device).view(-1, 1)
-        pos = torch.tensor(last_pos, dtype=torch.long, device=self.device).view(-1, 1)
-        logits = self.model(idx, pos, self.cache, slots=[s.slot for s in seqs], kv_len=self._kv_len(max(last_pos)))
+        # Positions go in as host ints: the batch checks them against the cache without a device sync.
+        cache_batch = CacheBatch.build(
+            self.cache, [s.slot for s in seqs], [[p] for p in last_pos], kv_len=self._kv_len(max(last_pos))
+        )
+        logits = self.model(idx, batch=cache_batch)
         logits = logits[:, 0]  # (B, vocab)
         return sample(logits, [s.params for s in seqs], [s.generator for s in seqs]).tolist()  # the one host sync

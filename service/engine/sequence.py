@@ -7,10 +7,15 @@ import itertools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from model.sampling import SamplingParams
+from service.engine.stop_strings import StopStrings
+
+if TYPE_CHECKING:
+    from model.tokenizer import IncrementalDecoder
 
 
 class FinishReason(enum.StrEnum):
@@ -62,8 +67,9 @@ class Sequence:
     finish_reason: FinishReason | None = None
     cancelled: bool = False  # set by the HTTP side (any thread); the engine acts on it at the next step
     generator: torch.Generator | None = None
-    decoder: object | None = None  # model.tokenizer.IncrementalDecoder, set when the sequence is admitted
+    decoder: IncrementalDecoder | None = None  # set when the sequence is admitted
     model_version: int = -1
+    error: str | None = None  # why it ended, with FinishReason.ERROR
 
     arrival_time: float = field(default_factory=time.monotonic)
     admitted_time: float | None = None
@@ -76,7 +82,7 @@ class Sequence:
             raise ValueError("prompt_ids: the prompt must contain at least one token")
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
-        self.max_stop_len = max((len(s) for s in self.stop), default=0)
+        self._stops = StopStrings(self.stop) if self.stop else None
         if not self.params.greedy:
             self.generator = self.params.make_generator()
 
@@ -93,6 +99,10 @@ class Sequence:
         return len(self.prompt_ids) + len(self.output_ids)
 
     @property
+    def finished(self) -> bool:
+        return self.status is Status.FINISHED
+
+    @property
     def deadline(self) -> float | None:
         return None if self.timeout is None else self.arrival_time + self.timeout
 
@@ -104,28 +114,24 @@ class Sequence:
         """Add decoded text; returns (text now safe to send, whether a stop string was hit).
 
         Text that could be the start of a stop string is held back until it is known not to be one, so a
-        stop string never reaches the client even when it spans several tokens.
+        stop string never reaches the client even when it spans several tokens. The work is linear in `delta`
+        (see stop_strings.py), not in the text so far or the stop strings' lengths. After a hit the sequence ends:
+        append no more.
         """
-        if not self.stop:
+        if self._stops is None:
             self.text += delta
             out = self.text[self.emitted_chars :]
             self.emitted_chars = len(self.text)
             return out, False
-        search_from = max(0, len(self.text) - self.max_stop_len + 1)
+        offset = len(self.text)
         self.text += delta
-        hit = min((i for i in (self.text.find(s, search_from) for s in self.stop) if i >= 0), default=-1)
+        hit = self._stops.feed(delta, offset)
         if hit >= 0:
             self.text = self.text[:hit]
             out = self.text[self.emitted_chars :]
             self.emitted_chars = len(self.text)
             return out, True
-        hold = 0
-        for s in self.stop:
-            for n in range(min(len(s) - 1, len(self.text)), hold, -1):
-                if self.text.endswith(s[:n]):
-                    hold = n
-                    break
-        safe = len(self.text) - hold
+        safe = len(self.text) - self._stops.held
         out = self.text[self.emitted_chars : safe] if safe > self.emitted_chars else ""
         self.emitted_chars = max(self.emitted_chars, safe)
         return out, False

@@ -3,9 +3,14 @@
 import pytest
 import torch
 
-from model.kv_cache import KVCache
+from model.kv_cache import CacheBatch, KVCache
 
 ATOL = 1e-5
+
+
+def cached(model, idx, cache, slots, positions, **kw):
+    """One forward pass over the cache: rows in `slots` at `positions` (B, T)."""
+    return model(idx, batch=CacheBatch.build(cache, slots, positions, **kw))
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +43,8 @@ def test_staggered_batch_matches_full_forward(tiny_model, seqs, slots):
         for b in range(3):
             if join_step[b] == step:
                 n = prompt_len[b]
-                logits = tiny_model(tokens[b : b + 1, :n], torch.arange(n).unsqueeze(0), cache, slots=[slots[b]],
-                                    logits_index=torch.tensor([n - 1]))
+                logits = cached(tiny_model, tokens[b : b + 1, :n], cache, [slots[b]], torch.arange(n).unsqueeze(0),
+                                logits_index=torch.tensor([n - 1]))
                 torch.testing.assert_close(logits[0], full[b, n - 1], atol=ATOL, rtol=0)
                 pos[b] = n
                 active.append(b)
@@ -48,7 +53,7 @@ def test_staggered_batch_matches_full_forward(tiny_model, seqs, slots):
             continue
         idx = torch.stack([tokens[b, pos[b] : pos[b] + 1] for b in decoding])
         input_pos = torch.tensor([[pos[b]] for b in decoding])
-        logits = tiny_model(idx, input_pos, cache, slots=[slots[b] for b in decoding])
+        logits = cached(tiny_model, idx, cache, [slots[b] for b in decoding], input_pos)
         for row, b in enumerate(decoding):
             torch.testing.assert_close(logits[row, 0], full[b, pos[b]], atol=ATOL, rtol=0)
             pos[b] += 1
@@ -59,21 +64,21 @@ def test_padded_batched_prefill_and_slot_reuse(tiny_model, seqs):
     tokens, full = seqs
     cache = tiny_model.new_kv_cache(max_slots=2, max_len=32)
     # Fill slot 1 with an unrelated long sequence first: its stale entries must never be read later.
-    tiny_model(tokens[2:3, :25], torch.arange(25).unsqueeze(0), cache, slots=[1])
+    cached(tiny_model, tokens[2:3, :25], cache, [1], torch.arange(25).unsqueeze(0))
     # Two prompts of lengths 12 and 5 in one right-padded pass (pad positions continue past the prompt).
     lens = [12, 5]
     idx = torch.zeros(2, 12, dtype=torch.long)
     idx[0] = tokens[0, :12]
     idx[1, :5] = tokens[1, :5]
     input_pos = torch.arange(12).unsqueeze(0).repeat(2, 1)
-    logits = tiny_model(idx, input_pos, cache, slots=[0, 1], logits_index=torch.tensor([11, 4]))
+    logits = cached(tiny_model, idx, cache, [0, 1], input_pos, logits_index=torch.tensor([11, 4]))
     torch.testing.assert_close(logits[0], full[0, 11], atol=ATOL, rtol=0)
     torch.testing.assert_close(logits[1], full[1, 4], atol=ATOL, rtol=0)
     # Decoding continues correctly for both, overwriting the padded positions of slot 1.
     for t in range(6):
         p = [lens[0] + t, lens[1] + t]
-        out = tiny_model(torch.stack([tokens[0, p[0] : p[0] + 1], tokens[1, p[1] : p[1] + 1]]),
-                         torch.tensor([[p[0]], [p[1]]]), cache, slots=[0, 1])
+        out = cached(tiny_model, torch.stack([tokens[0, p[0] : p[0] + 1], tokens[1, p[1] : p[1] + 1]]), cache,
+                     [0, 1], [[p[0]], [p[1]]])
         torch.testing.assert_close(out[0, 0], full[0, p[0]], atol=ATOL, rtol=0)
         torch.testing.assert_close(out[1, 0], full[1, p[1]], atol=ATOL, rtol=0)
 
@@ -84,20 +89,20 @@ def test_packed_prefill_matches_full_forward(tiny_model, seqs):
     padding after the last; each reads only its own slot, stale entries included."""
     tokens, full = seqs
     cache = tiny_model.new_kv_cache(max_slots=3, max_len=32)
-    tiny_model(tokens[2:3, :25], torch.arange(25).unsqueeze(0), cache, slots=[0])  # stale entries in slot 0
-    tiny_model(tokens[1:2, :6], torch.arange(6).unsqueeze(0), cache, slots=[2])  # the first chunk of sequence 1
+    cached(tiny_model, tokens[2:3, :25], cache, [0], torch.arange(25).unsqueeze(0))  # stale entries in slot 0
+    cached(tiny_model, tokens[1:2, :6], cache, [2], torch.arange(6).unsqueeze(0))  # the first chunk of sequence 1
     # Sequence 0 (9 tokens) in slot 0, sequence 1 positions 6..13 in slot 2, sequence 2 (5 tokens + 3 padding) in 1.
     row = torch.cat([tokens[0, :9], tokens[1, 6:14], tokens[2, :5], torch.zeros(3, dtype=torch.long)])
     positions = torch.cat([torch.arange(9), torch.arange(6, 14), torch.arange(8)])
     segments = [(0, 9, 32), (2, 8, 14), (1, 8, 8)]
-    logits = tiny_model(row.unsqueeze(0), positions.unsqueeze(0), cache, segments=segments,
-                        logits_index=torch.tensor([8, 16, 21]))
+    batch = CacheBatch.build_packed(cache, segments, positions, logits_index=[8, 16, 21])
+    logits = tiny_model(row.unsqueeze(0), batch=batch)
     torch.testing.assert_close(logits, torch.stack([full[0, 8], full[1, 13], full[2, 4]]), atol=ATOL, rtol=0)
     # Decoding goes on from what the packed pass wrote, over slot 1's padding.
     pos = [9, 14, 5]
     for _ in range(5):
         idx = torch.stack([tokens[b, pos[b] : pos[b] + 1] for b in range(3)])
-        out = tiny_model(idx, torch.tensor([[p] for p in pos]), cache, slots=[0, 2, 1])
+        out = cached(tiny_model, idx, cache, [0, 2, 1], [[p] for p in pos])
         for b in range(3):
             torch.testing.assert_close(out[b, 0], full[b, pos[b]], atol=ATOL, rtol=0)
             pos[b] += 1
@@ -105,11 +110,10 @@ def test_packed_prefill_matches_full_forward(tiny_model, seqs):
 
 def test_packed_segments_must_cover_the_row(tiny_model):
     cache = tiny_model.new_kv_cache(max_slots=2, max_len=32)
-    row = torch.zeros(1, 6, dtype=torch.long)
     with pytest.raises(ValueError, match="cover 5 tokens"):
-        tiny_model(row, torch.arange(6).unsqueeze(0), cache, segments=[(0, 3, 3), (1, 2, 2)])
+        CacheBatch.build_packed(cache, [(0, 3, 3), (1, 2, 3)], [0, 1, 2, 0, 1, 2])
     with pytest.raises(ValueError, match="max_len"):
-        tiny_model(row, torch.arange(6).unsqueeze(0), cache, segments=[(0, 6, 64)])
+        CacheBatch.build_packed(cache, [(0, 6, 64)], range(6))
 
 
 @torch.no_grad()
@@ -117,7 +121,7 @@ def test_chunked_prefill_matches(tiny_model, seqs):
     tokens, full = seqs
     cache = tiny_model.new_kv_cache(max_slots=1, max_len=32)
     for start, end in [(0, 8), (8, 20), (20, 30)]:
-        out = tiny_model(tokens[:1, start:end], torch.arange(start, end).unsqueeze(0), cache, slots=[0])
+        out = cached(tiny_model, tokens[:1, start:end], cache, [0], torch.arange(start, end).unsqueeze(0))
         torch.testing.assert_close(out[0], full[0, start:end], atol=ATOL, rtol=0)
 
 
@@ -129,5 +133,65 @@ def test_bf16_cache_decoding_tracks_fp32(tiny_model, seqs):
     model = model.to(torch.bfloat16).eval()
     cache = model.new_kv_cache(max_slots=1, max_len=32)
     assert cache.k.dtype == torch.bfloat16
-    out = model(tokens[:1, :20], torch.arange(20).unsqueeze(0), cache, slots=[0])
+    out = cached(model, tokens[:1, :20], cache, [0], torch.arange(20).unsqueeze(0))
     assert (out[0] - full[0, :20]).abs().max() < 0.1
+
+
+def test_positions_outside_the_cache_are_refused(tiny_model):
+    """A position or kv_len past max_len would write into the next slot's rows: refused, from host ints (no
+    sync) as well as from tensors, and before anything is written."""
+    cache = tiny_model.new_kv_cache(max_slots=2, max_len=8)
+    with pytest.raises(ValueError, match="beyond the KV cache's max_len 8"):
+        CacheBatch.build(cache, [0], [[8]])
+    with pytest.raises(ValueError, match="beyond the KV cache's max_len 8"):
+        CacheBatch.build(cache, [0, 1], torch.tensor([[3], [9]]))
+    with pytest.raises(ValueError, match="kv_len 9"):
+        CacheBatch.build(cache, [0], [[2]], kv_len=9)
+    with pytest.raises(ValueError, match="kv_len 2 must cover position 4"):
+        CacheBatch.build(cache, [0], [[4]], kv_len=2)
+    with pytest.raises(ValueError, match="negative"):
+        CacheBatch.build(cache, [0], [[-1]])
+    with pytest.raises(ValueError, match="slots"):
+        CacheBatch.build(cache, [2], [[0]])
+    with pytest.raises(ValueError, match="beyond the KV cache's max_len 8"):
+        CacheBatch.build_packed(cache, [(0, 3, 8), (1, 2, 8)], [5, 6, 7, 7, 8])
+    with pytest.raises(ValueError, match="does not cover"):
+        CacheBatch.build_packed(cache, [(0, 3, 2)], [0, 1, 2])
+    assert not cache.k.any() and not cache.v.any()
+
+
+def test_a_cache_batch_owns_its_positions(tiny_model):
+    cache = tiny_model.new_kv_cache(max_slots=1, max_len=8)
+    batch = CacheBatch.build(cache, [0], [[0, 1]])
+    with pytest.raises(ValueError, match="positions"):
+        tiny_model(torch.zeros(1, 2, dtype=torch.long), torch.tensor([[0, 1]]), batch)
+
+
+@torch.no_grad()
+def test_packed_training_rows_keep_sequences_apart(tiny_model):
+    """Several sequences in one training row, positions restarting at 0 for each: every sequence's logits equal
+    its logits alone, while without positions the row stays one causal sequence."""
+    g = torch.Generator().manual_seed(3)
+    V = tiny_model.config.vocab_size
+    parts = [torch.randint(0, V, (n,), generator=g) for n in (7, 12, 5)]
+    alone = [tiny_model(p.unsqueeze(0))[0] for p in parts]
+    row = torch.cat(parts).unsqueeze(0)
+    positions = torch.cat([torch.arange(len(p)) for p in parts]).unsqueeze(0)
+    packed = tiny_model(row, positions)[0]
+    start = 0
+    for p, ref in zip(parts, alone, strict=True):
+        torch.testing.assert_close(packed[start : start + len(p)], ref, atol=ATOL, rtol=0)
+        start += len(p)
+    # The second row of a batch may be packed differently; rows stay independent.
+    other = torch.cat([parts[2], parts[0], parts[1]]).unsqueeze(0)
+    other_pos = torch.cat([torch.arange(len(parts[i])) for i in (2, 0, 1)]).unsqueeze(0)
+    both = tiny_model(torch.cat([row, other]), torch.cat([positions, other_pos]))
+    torch.testing.assert_close(both[1, : len(parts[2])], alone[2], atol=ATOL, rtol=0)
+    torch.testing.assert_close(both[0], packed, atol=ATOL, rtol=0)
+    # Plain causal without positions: the second sequence sees the first, so its logits differ from alone.
+    plain = tiny_model(row)[0]
+    torch.testing.assert_close(plain[:7], alone[0], atol=ATOL, rtol=0)
+    assert (plain[7:19] - alone[1]).abs().max() > 1e-3
+    # Positions 0..T-1 given explicitly match the fast causal path.
+    torch.testing.assert_close(tiny_model(row, torch.arange(row.shape[1]).unsqueeze(0)), tiny_model(row),
+                               atol=ATOL, rtol=0)

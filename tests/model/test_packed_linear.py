@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from model.config import ModelConfig
+from model.kv_cache import CacheBatch
 from model.llama import Transformer
 from model.packed_linear import PackedLinear, can_pack, pack_linears
 
@@ -32,10 +33,11 @@ def decode_logits(model: Transformer, prompt: torch.Tensor, steps: int) -> torch
     """Prefill then `steps` greedy decode steps through the KV cache; the logits of every step."""
     B, T = prompt.shape
     cache = model.new_kv_cache(max_slots=B, max_len=64)
-    out = [model(prompt, torch.arange(T).expand(B, T), cache)[:, -1]]
+    slots = range(B)
+    out = [model(prompt, batch=CacheBatch.build(cache, slots, [range(T)] * B))[:, -1]]
     for i in range(steps):
         token = out[-1].argmax(-1, keepdim=True)
-        out.append(model(token, torch.full((B, 1), T + i), cache)[:, -1])
+        out.append(model(token, batch=CacheBatch.build(cache, slots, [[T + i]] * B))[:, -1])
     return torch.stack(out, 1)
 
 

@@ -1,4 +1,5 @@
-"""The engine without HTTP: batching invariance, chunked prefill, stop strings, slots and the scheduler."""
+"""The engine loop on the tiny model: batching invariance, chunked prefill, events and stop strings, the thread
+surviving a failed step, aborts."""
 
 from __future__ import annotations
 
@@ -6,42 +7,8 @@ import pytest
 import torch
 
 from model.sampling import SamplingParams
-from service.engine import Engine, FinishReason, QueueFullError, Sequence
-from service.engine.cache_manager import CacheManager
-from service.engine.loop import ModelInfo
-from tests.service.conftest import tiny_model
-
-GREEDY = SamplingParams(temperature=0.0)
-
-
-@pytest.fixture(scope="module")
-def make_engine(tokenizer):
-    models = {}
-
-    def make(dtype=torch.float32, **kw) -> Engine:
-        if dtype not in models:
-            models[dtype] = tiny_model(0).to(dtype)
-        model = models[dtype]
-        opts = dict(max_batch_size=4, max_context=512, max_queue=64, prefill_chunk=512)
-        opts.update(kw)
-        return Engine(model, tokenizer, info=ModelInfo("tiny"), **opts)
-
-    return make
-
-
-def run(engine: Engine, seqs: list[Sequence], max_steps: int = 10_000) -> None:
-    """Drive the engine synchronously (no thread) until every sequence finished."""
-    for s in seqs:
-        engine.submit(s)
-    for _ in range(max_steps):
-        if all(s.finish_reason is not None for s in seqs):
-            return
-        engine.step()
-    raise AssertionError("engine did not finish")
-
-
-def prompts(tokenizer, n: int) -> list[list[int]]:
-    return [tokenizer.encode(f"Prompt {i}:" + " word" * (3 * i + 1), add_special_tokens=False) for i in range(n)]
+from service.engine import FinishReason, QueueFullError, Sequence
+from tests.service.engine.conftest import GREEDY, prompts, run, wait
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -127,18 +94,6 @@ def test_events_and_stop_string_holdback(make_engine, tokenizer):
     assert events[-1].finish_reason is FinishReason.STOP
 
 
-def test_append_text_holds_back_possible_stop_prefixes():
-    seq = Sequence([1], 10, GREEDY, stop=("END", "xyz"))
-    assert seq.append_text("hello E") == ("hello ", False)
-    assert seq.append_text("N") == ("", False)
-    assert seq.append_text("ough") == ("ENough", False)
-    assert seq.append_text(" x") == (" ", False)
-    assert seq.append_text("yz and more") == ("", True)
-    assert seq.text == "hello ENough "
-    plain = Sequence([1], 10, GREEDY)
-    assert plain.append_text("abc") == ("abc", False)
-
-
 def test_context_limit_and_queue(make_engine):
     engine = make_engine(max_context=32, max_batch_size=1, max_queue=1)
     seq = Sequence(list(range(5, 25)), 100, GREEDY, ignore_eos=True)
@@ -148,20 +103,6 @@ def test_context_limit_and_queue(make_engine):
     engine.submit(Sequence([1], 5, GREEDY))  # waits
     with pytest.raises(QueueFullError):
         engine.submit(Sequence([1], 5, GREEDY))
-
-
-def test_cache_manager_lowest_slot_first():
-    cm = CacheManager(3, 10)
-    assert [cm.allocate(), cm.allocate(), cm.allocate()] == [0, 1, 2]
-    cm.free(1)
-    cm.set_tokens(0, 7)
-    assert cm.allocate() == 1
-    usage = cm.usage()
-    assert (usage.slots_used, usage.slots_total, usage.tokens_used, usage.tokens_total) == (3, 3, 7, 30)
-    with pytest.raises(RuntimeError):
-        cm.allocate()
-    with pytest.raises(ValueError):
-        cm.free(5)
 
 
 def test_engine_thread_survives_a_failing_step(make_engine, tokenizer):
@@ -181,49 +122,14 @@ def test_engine_thread_survives_a_failing_step(make_engine, tokenizer):
     try:
         bad = Sequence([1, 2], 50, GREEDY, ignore_eos=True, emit=lambda s, e: events.append(e))
         engine.submit(bad)
-        assert _wait(lambda: bad.finish_reason is not None)
+        assert wait(lambda: bad.finish_reason is not None)
         assert bad.finish_reason is FinishReason.ERROR and "boom" in events[-1].error
         good = Sequence([1, 2], 5, GREEDY, ignore_eos=True)
         engine.submit(good)
-        assert _wait(lambda: good.finish_reason is FinishReason.LENGTH)
+        assert wait(lambda: good.finish_reason is FinishReason.LENGTH)
         assert engine.cache_manager.num_free == 4
     finally:
         engine.stop()
-
-
-def _wait(pred, timeout=10.0) -> bool:
-    import time
-
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if pred():
-            return True
-        time.sleep(0.01)
-    return False
-
-
-def test_prefill_packs_prompts_up_to_the_chunk_budget():
-    from service.engine.scheduler import Scheduler
-
-    sched = Scheduler(CacheManager(8, 2048), max_queue=8, prefill_chunk=64)
-    short = [Sequence(list(range(1, 11)), 4, GREEDY) for _ in range(3)]
-    long = Sequence(list(range(1, 101)), 4, GREEDY)
-    last = Sequence(list(range(1, 6)), 4, GREEDY)
-    for s in [*short, long, last]:
-        sched.add(s)
-    sched.admit()
-    batch = sched.schedule()
-    # No padding between packed prompts: the three short ones and as much of the long one as the budget allows.
-    assert [(it.seq, it.start, it.end) for it in batch.prefill] == [*((s, 0, 10) for s in short), (long, 0, 34)]
-    for it in batch.prefill:
-        it.seq.num_cached = it.end
-    for s in short:
-        sched.remove_running(s)  # as if they finished at once
-    batch = sched.schedule()
-    assert [(it.seq, it.start, it.end) for it in batch.prefill] == [(long, 34, 98)]
-    long.num_cached = 98
-    batch = sched.schedule()
-    assert [(it.seq, it.start, it.end) for it in batch.prefill] == [(long, 98, 100), (last, 0, 5)]
 
 
 def test_one_token_event_per_generated_token(make_engine, tokenizer):
@@ -248,17 +154,6 @@ def test_one_token_event_per_generated_token(make_engine, tokenizer):
     eos = Sequence([1, 2, 3], 5, GREEDY, stop_ids=frozenset(probe.output_ids), emit=lambda s, e: events.append(e))
     run(make_engine(), [eos])
     assert eos.finish_reason is FinishReason.STOP and [(e.text, e.index) for e in events[:-1]] == [("", 0)]
-
-
-def test_prefill_padding_near_the_end_of_the_cache(make_engine, tokenizer):
-    # Chunks are padded to a multiple of PREFILL_ALIGN tokens; near max_len the padding is clamped inside the cache and
-    # must not change the answer.
-    p = tokenizer.encode("a long prompt " * 40, add_special_tokens=False)[:58]
-    whole = Sequence(p, 5, GREEDY, ignore_eos=True)
-    run(make_engine(max_context=64), [whole])
-    chunked = Sequence(p, 5, GREEDY, ignore_eos=True)
-    run(make_engine(max_context=64, prefill_chunk=50), [chunked])
-    assert whole.finish_reason is FinishReason.LENGTH and chunked.output_ids == whole.output_ids
 
 
 def test_abort_all_ends_running_and_waiting_with_an_error(make_engine):

@@ -1,0 +1,181 @@
+"""The scheduler on plain sequences, without a model: admission, prefill packing, and every state change after a
+step (append, stop id, length, context, cancel, timeout, errors), each releasing the slot exactly once."""
+
+from __future__ import annotations
+
+import pytest
+
+from model.sampling import SamplingParams
+from service.engine import FinishReason, QueueFullError, Sequence
+from service.engine.cache_manager import CacheManager
+from service.engine.scheduler import Batch, Scheduler, StepStats
+from service.engine.sequence import Status
+
+GREEDY = SamplingParams(temperature=0.0)
+
+
+def make(slots: int = 4, context: int = 64, max_queue: int = 8, prefill_chunk: int = 64) -> Scheduler:
+    return Scheduler(CacheManager(slots, context), max_queue=max_queue, prefill_chunk=prefill_chunk)
+
+
+def seq(prompt_len: int = 3, max_tokens: int = 5, **kw) -> Sequence:
+    return Sequence(list(range(1, prompt_len + 1)), max_tokens, GREEDY, **kw)
+
+
+def prefill_all(sched: Scheduler, tokens: list[int | None] | None = None, now: float = 1.0) -> list[Sequence]:
+    batch = sched.schedule()
+    assert batch is not None and batch.is_prefill
+    return sched.postprocess(batch, tokens if tokens is not None else [7] * batch.size, now)
+
+
+def test_prefill_packs_prompts_up_to_the_chunk_budget():
+    sched = make(slots=8, context=2048)
+    short = [Sequence(list(range(1, 11)), 4, GREEDY) for _ in range(3)]
+    long = Sequence(list(range(1, 101)), 4, GREEDY)
+    last = Sequence(list(range(1, 6)), 4, GREEDY)
+    for s in [*short, long, last]:
+        sched.add(s)
+    sched.admit(0.0)
+    batch = sched.schedule()
+    # No padding between packed prompts: the three short ones and as much of the long one as the budget allows.
+    assert [(it.seq, it.start, it.end) for it in batch.prefill] == [*((s, 0, 10) for s in short), (long, 0, 34)]
+    for it in batch.prefill:
+        it.seq.num_cached = it.end
+    for s in short:
+        sched.finish(s, FinishReason.CANCELLED, 0.0)  # as if they finished at once
+    batch = sched.schedule()
+    assert [(it.seq, it.start, it.end) for it in batch.prefill] == [(long, 34, 98)]
+    long.num_cached = 98
+    batch = sched.schedule()
+    assert [(it.seq, it.start, it.end) for it in batch.prefill] == [(long, 98, 100), (last, 0, 5)]
+
+
+def test_postprocess_appends_and_records_progress():
+    sched = make()
+    a, b = seq(3), seq(4)
+    sched.add(a)
+    sched.add(b)
+    stats = StepStats()
+    assert sched.admit(0.5, stats) == [a, b]
+    assert stats.queue_waits == [0.5 - a.arrival_time, 0.5 - b.arrival_time]
+    batch = sched.schedule()
+    appended = sched.postprocess(batch, [11, 12], 2.0, stats)
+    assert appended == [a, b] and a.output_ids == [11] and b.output_ids == [12]
+    assert (a.num_cached, b.num_cached, stats.prompt_tokens, stats.generation_tokens) == (3, 4, 7, 2)
+    assert a.first_token_time == 2.0 and len(stats.ttfts) == 2 and stats.batch_size == 2 and stats.is_prefill
+    assert sched.cache.usage().tokens_used == 4 + 5
+    # Alternation: the decode step comes next, in slot order.
+    batch = sched.schedule()
+    assert batch.decode == [a, b]
+    stats = StepStats()
+    sched.postprocess(batch, [13, 14], 2.5, stats)
+    assert a.output_ids == [11, 13] and stats.inter_token == [0.5, 0.5] and not stats.is_prefill
+
+
+def test_a_chunk_that_does_not_end_its_prompt_appends_nothing():
+    sched = make(prefill_chunk=4)
+    s = seq(10)
+    sched.add(s)
+    sched.admit(0.0)
+    assert prefill_all(sched, [None]) == []
+    assert s.num_cached == 4 and s.output_ids == [] and s.status is Status.RUNNING
+
+
+@pytest.mark.parametrize(
+    ("kw", "tokens", "reason", "n_out"),
+    [
+        (dict(stop_ids=frozenset({9})), [5, 9], FinishReason.STOP, 2),  # a stop id ends it, and is kept
+        (dict(max_tokens=2), [5, 6], FinishReason.LENGTH, 2),  # max_tokens
+        (dict(prompt_len=62, max_tokens=50), [5, 6], FinishReason.LENGTH, 2),  # the 64-token context
+    ],
+    ids=["stop-id", "max-tokens", "context"],
+)
+def test_postprocess_finishes_and_releases_the_slot(kw, tokens, reason, n_out):
+    sched = make(context=64)
+    prompt_len = kw.pop("prompt_len", 3)
+    s = seq(prompt_len, **{"max_tokens": 10, **kw})
+    sched.add(s)
+    sched.admit(0.0)
+    stats = StepStats()
+    prefill_all(sched, tokens[:1])
+    batch = sched.schedule()
+    sched.postprocess(batch, tokens[1:], 3.0, stats)
+    assert s.finished and s.finish_reason is reason and len(s.output_ids) == n_out
+    assert s.finished_time == 3.0 and stats.finished == [s]
+    assert s.slot == -1 and sched.running == [] and sched.cache.num_free == 4
+    assert sched.schedule() is None
+
+
+def test_finishing_again_only_relabels():
+    """A stop string found in the token that also reached max_tokens: the reason becomes STOP, the slot is
+    released once."""
+    sched = make()
+    s = seq(max_tokens=1)
+    sched.add(s)
+    sched.admit(0.0)
+    stats = StepStats()
+    sched.postprocess(sched.schedule(), [5], 1.0, stats)
+    assert s.finish_reason is FinishReason.LENGTH
+    sched.finish(s, FinishReason.STOP, 1.0, stats)
+    assert s.finish_reason is FinishReason.STOP and stats.finished == [s] and sched.cache.num_free == 4
+
+
+def test_expire_ends_cancelled_and_timed_out_sequences_running_or_waiting():
+    sched = make(slots=1)
+    running, cancelled_waiting, late_waiting, fine = seq(), seq(), seq(timeout=1.0), seq()
+    for s in (running, cancelled_waiting, late_waiting, fine):
+        sched.add(s)
+    sched.admit(0.0)
+    running.cancel()
+    cancelled_waiting.cancel()
+    now = late_waiting.arrival_time + 2.0
+    stats = StepStats()
+    ended = sched.expire(now, stats)
+    assert set(ended) == {running, cancelled_waiting, late_waiting} and set(stats.finished) == set(ended)
+    assert running.finish_reason is FinishReason.CANCELLED and late_waiting.finish_reason is FinishReason.TIMEOUT
+    assert list(sched.waiting) == [fine] and sched.running == [] and sched.cache.num_free == 1
+
+
+def test_expire_refuses_waiting_prompts_longer_than_the_context():
+    sched = make(slots=1, context=8)
+    s = seq(prompt_len=8)
+    sched.add(s)
+    assert sched.expire(0.0) == [s]
+    assert s.finish_reason is FinishReason.ERROR and "exceeds the new context" in s.error
+
+
+def test_fail_ends_what_is_not_finished_yet():
+    sched = make(slots=1)
+    a, b = seq(), seq()
+    sched.add(a)
+    sched.add(b)
+    sched.admit(0.0)
+    failed = sched.fail(list(sched.running) + list(sched.waiting), "boom", 1.0)
+    assert failed == [a, b] and all(s.error == "boom" and s.finish_reason is FinishReason.ERROR for s in failed)
+    assert sched.fail([a], "again", 2.0) == [] and a.error == "boom"
+    assert not sched.running and not sched.waiting and sched.cache.num_free == 1
+
+
+def test_queue_limit_counts_only_requests_a_free_slot_will_not_take():
+    sched = make(slots=1, max_queue=1)
+    sched.add(seq())  # takes the free slot at the next step
+    sched.add(seq())  # waits
+    with pytest.raises(QueueFullError):
+        sched.add(seq())
+
+
+def test_paused_admission_holds_waiting_sequences():
+    sched = make()
+    s = seq()
+    sched.add(s)
+    sched.admit_paused = True
+    assert sched.admit(0.0) == [] and not sched.has_work()
+    sched.admit_paused = False
+    assert sched.admit(0.0) == [s] and sched.has_work()
+
+
+def test_empty_batch_postprocess_records_nothing():
+    sched = make()
+    stats = StepStats()
+    assert sched.postprocess(Batch(prefill=[], decode=[]), [], 0.0, stats) == []
+    assert stats.generation_tokens == 0 and stats.finished == []
