@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from model.packed_linear import PackedLinear
-from service.app import make_loader
+from service.loading import make_loader
 from tests.service.conftest import tiny_settings
 
 
