@@ -9,7 +9,7 @@ from fastapi import FastAPI
 
 from service.compute_threads import run_in_passing_thread_async
 from service.errors import install_error_handlers
-from service.loading import build_engine
+from service.loading import build_engine, resolve_precision
 from service.metrics import Metrics
 from service.middleware import AuthMiddleware, BodyLimitMiddleware, MetricsMiddleware
 from service.routes import generate, health, openai
@@ -20,7 +20,8 @@ from service.settings import Settings
 async def lifespan(app: FastAPI):
     settings: Settings = app.state.settings
     engine, watcher = await run_in_passing_thread_async(build_engine, settings)
-    app.state.metrics.bind(engine)
+    app.state.precision = resolve_precision(settings)
+    app.state.metrics.bind(engine, app.state.precision.labels())
     engine.start(asyncio.get_running_loop())
     if watcher is not None:
         watcher.start()

@@ -178,12 +178,22 @@ class OpenAIUsage(BaseModel):
     total_tokens: int
 
 
+class ServingInfo(BaseModel):
+    """Extension: how the server computes with this model."""
+
+    dtype: str = Field(description="compute dtype, as resolved from SMOLLM_DTYPE (auto picks by hardware)")
+    device: str
+    quant: Literal["none", "int8", "int4"]
+    cpu_isa: str = Field(description="the CPU's instruction set as torch dispatches to it; empty on CUDA")
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
     created: int = 0
     owned_by: str = "smollm"
     root: str = Field(description="the checkpoint's name (its directory name), never a filesystem path")
+    smollm: ServingInfo | None = None
 
 
 class ModelList(BaseModel):

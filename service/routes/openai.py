@@ -35,12 +35,13 @@ _STREAM = {200: {"content": {"text/event-stream": {}}, "description": "JSON, or 
 
 
 @router.get("/v1/models", response_model=ModelList)
-async def models(engine: EngineDep) -> dict:
+async def models(engine: EngineDep, request: Request) -> dict:
     # `root` names the checkpoint (its directory name, e.g. step-000123), never the server's filesystem path.
+    precision = getattr(request.app.state, "precision", None)
     return {
         "object": "list",
         "data": [{"id": engine.info.name, "object": "model", "created": 0, "owned_by": "smollm",
-                  "root": engine.info.name}],
+                  "root": engine.info.name, "smollm": precision.labels() if precision is not None else None}],
     }
 
 

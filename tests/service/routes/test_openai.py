@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from tests.service.conftest import parse_sse, slow_down
 
@@ -13,6 +14,8 @@ def test_models(client):
     models = client.get("/v1/models").json()
     assert models["object"] == "list" and models["data"][0]["id"] == "tiny"
     assert "/" not in models["data"][0]["root"]  # the checkpoint's name, never the server's filesystem path
+    assert models["data"][0]["smollm"] == {"dtype": "float32", "device": "cpu", "quant": "none",
+                                           "cpu_isa": torch.backends.cpu.get_cpu_capability()}
     schemas = client.get("/openapi.json").json()["components"]["schemas"]
     assert {"CompletionResponse", "ChatCompletionResponse", "ModelList"} <= set(schemas)
 
