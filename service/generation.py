@@ -15,6 +15,28 @@ from fastapi.exceptions import RequestValidationError
 from model.sampling import SamplingParams
 from service.engine import Engine, FinishReason, QueueFullError, Sequence, StreamEvent
 
+CLIENT_CLOSED = 499  # nginx's "client closed request": logged and counted, never seen by anyone
+
+
+def encode_prompt(engine: Engine, prompt: str, chat: bool) -> list[int]:
+    """Token ids for `prompt`: as it is, or wrapped as one user message in the checkpoint's chat template."""
+    tokenizer = engine.tokenizer
+    if not chat:
+        return tokenizer.encode(prompt, add_special_tokens=False)
+    return chat_ids(tokenizer, [{"role": "user", "content": prompt}])
+
+
+def chat_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """`messages` through the chat template, ending with the assistant's turn; 400 when there is no template or
+    the template refuses them."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise HTTPException(400, "this checkpoint's tokenizer has no chat template; use a plain prompt")
+    try:
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    except Exception as e:  # a template may reject a message order (e.g. two system messages)
+        raise HTTPException(400, f"messages: the chat template rejected them: {e}") from e
+    return list(ids)
+
 
 def validation_error(field: str, message: str, value=None) -> RequestValidationError:
     """A 422 naming the field, shaped like FastAPI's own."""

@@ -12,6 +12,7 @@ from service.engine.sequence import FinishReason
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300)
 _FAST_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2.5, 5, 10)
 _BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 128)
+_PRECISION_LABELS = ("dtype", "device", "quant", "cpu_isa")
 
 
 class Metrics:
@@ -48,10 +49,16 @@ class Metrics:
         self.tokens_used = Gauge("smollm_kv_cache_tokens_used", "KV cache positions in use", registry=r)
         self.tokens_total = Gauge("smollm_kv_cache_tokens_total", "KV cache positions", registry=r)
         # The checkpoint label is the full path: metrics are for operators (the public /v1/models shows the name).
-        self.model_info = Gauge("smollm_model_info", "The served checkpoint", ["checkpoint", "step"], registry=r)
+        self.model_info = Gauge(
+            "smollm_model_info", "The served checkpoint and how it computes",
+            ["checkpoint", "step", *_PRECISION_LABELS], registry=r,
+        )
+        self.precision: dict[str, str] = dict.fromkeys(_PRECISION_LABELS, "")
 
-    def bind(self, engine: Engine) -> None:
-        """Follow `engine`: per-step observations, gauges read at scrape time, model info on every swap."""
+    def bind(self, engine: Engine, precision: dict[str, str] | None = None) -> None:
+        """Follow `engine`: per-step observations, gauges read at scrape time, model info (with `precision`'s
+        dtype, device, quant and cpu_isa labels) on every swap."""
+        self.precision.update(precision or {})
         engine.on_step.append(self.observe_step)
         engine.on_swap.append(self.set_model)
         self.running.set_function(lambda: len(engine.scheduler.running))
@@ -64,7 +71,7 @@ class Metrics:
 
     def set_model(self, info: ModelInfo) -> None:
         self.model_info.clear()
-        self.model_info.labels(checkpoint=info.checkpoint, step=info.step).set(1)
+        self.model_info.labels(checkpoint=info.checkpoint, step=info.step, **self.precision).set(1)
 
     def observe_step(self, s: StepStats) -> None:
         if s.batch_size:

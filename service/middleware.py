@@ -4,21 +4,13 @@ request counting, API-key auth and the body-size limit."""
 from __future__ import annotations
 
 import hmac
-import json
 
+from service.errors import send_error
 from service.metrics import Metrics
 
 OPEN_PATHS = frozenset({"/", "/healthz", "/readyz", "/metrics", "/docs", "/docs/oauth2-redirect", "/openapi.json",
                         "/redoc", "/favicon.ico"})
 KNOWN_ENDPOINTS = frozenset({"/v1/generate", "/v1/completions", "/v1/chat/completions", "/v1/models"}) | OPEN_PATHS
-
-
-async def send_error(send, status: int, message: str, headers: dict[str, str] | None = None) -> None:
-    body = json.dumps({"error": {"message": message, "type": "invalid_request_error", "code": status}}).encode()
-    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
-    await send({"type": "http.response.start", "status": status, "headers": raw})
-    await send({"type": "http.response.body", "body": body})
 
 
 class MetricsMiddleware:

@@ -170,3 +170,69 @@ class ChatCompletionRequest(_OpenAIBase):
         if v:
             raise ValueError("logprobs are not supported")
         return v
+
+
+class OpenAIUsage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ServingInfo(BaseModel):
+    """Extension: how the server computes with this model."""
+
+    dtype: str = Field(description="compute dtype, as resolved from SMOLLM_DTYPE (auto picks by hardware)")
+    device: str
+    quant: Literal["none", "int8", "int4"]
+    cpu_isa: str = Field(description="the CPU's instruction set as torch dispatches to it; empty on CUDA")
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = 0
+    owned_by: str = "smollm"
+    root: str = Field(description="the checkpoint's name (its directory name), never a filesystem path")
+    smollm: ServingInfo | None = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: None = None
+    finish_reason: Literal["stop", "length"] | None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: OpenAIUsage | None = None
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: None = None
+    finish_reason: Literal["stop", "length"]
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: OpenAIUsage

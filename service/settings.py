@@ -19,9 +19,19 @@ class Settings(BaseSettings):
     )
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(8000, ge=0, le=65535, description="port to listen on")
-    dtype: Literal["bfloat16", "float32"] = Field("bfloat16", description="weights and KV cache dtype")
+    dtype: Literal["auto", "bfloat16", "float32"] = Field(
+        "auto",
+        description="weights, activations and KV cache: auto is bfloat16 where the hardware computes it natively "
+        "(CUDA with bf16, a CPU with AVX512-BF16 or AMX), float32 elsewhere (emulated bf16 is ~100x slower)",
+    )
+    quant: Literal["none", "int8", "int4"] = Field(
+        "none", description="weight-only quantization of the linear layers after loading (needs model.quant)"
+    )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available, else cpu")
-    max_batch_size: int = Field(16, ge=1, description="concurrent running sequences (KV cache slots)")
+    max_batch_size: int = Field(64, ge=1, description="concurrent running sequences (KV cache slots)")
+    kv_cache_memory: float | None = Field(
+        None, gt=0, description="GiB the KV cache may take: fewer slots than max_batch_size when they do not fit"
+    )
     max_context: int = Field(2048, ge=2, description="tokens per sequence, prompt included")
     max_queue: int = Field(64, ge=0, description="requests allowed to wait for a slot before 429")
     request_timeout: float = Field(300.0, gt=0, description="seconds a request may take in total")

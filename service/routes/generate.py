@@ -8,30 +8,11 @@ from fastapi import APIRouter, HTTPException, Request, Response
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from service.deps import EngineDep, SettingsDep
-from service.engine import Engine, FinishReason
-from service.generation import EngineFailure, Generation, start_generation
+from service.engine import FinishReason
+from service.generation import CLIENT_CLOSED, EngineFailure, Generation, encode_prompt, start_generation
 from service.schemas import GenerateRequest, GenerateResponse
 
 router = APIRouter(tags=["generate"])
-
-CLIENT_CLOSED = 499  # nginx's "client closed request": logged and counted, never seen by anyone
-
-
-def encode_prompt(engine: Engine, prompt: str, chat: bool) -> list[int]:
-    tokenizer = engine.tokenizer
-    if not chat:
-        return tokenizer.encode(prompt, add_special_tokens=False)
-    return chat_ids(tokenizer, [{"role": "user", "content": prompt}])
-
-
-def chat_ids(tokenizer, messages: list[dict]) -> list[int]:
-    if not getattr(tokenizer, "chat_template", None):
-        raise HTTPException(400, "this checkpoint's tokenizer has no chat template; use a plain prompt")
-    try:
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
-    except Exception as e:  # a template may reject a message order (e.g. two system messages)
-        raise HTTPException(400, f"messages: the chat template rejected them: {e}") from e
-    return list(ids)
 
 
 def finish_name(reason: FinishReason) -> str:

@@ -10,9 +10,14 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from service.deps import EngineDep, SettingsDep
 from service.engine import FinishReason
-from service.generation import EngineFailure, Generation, start_generation
-from service.routes.generate import CLIENT_CLOSED, chat_ids
-from service.schemas import ChatCompletionRequest, CompletionRequest
+from service.generation import CLIENT_CLOSED, EngineFailure, Generation, chat_ids, start_generation
+from service.schemas import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    ModelList,
+)
 
 router = APIRouter(tags=["openai"])
 
@@ -26,17 +31,21 @@ def _usage(gen: Generation) -> dict:
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
 
-@router.get("/v1/models")
-async def models(engine: EngineDep) -> dict:
+_STREAM = {200: {"content": {"text/event-stream": {}}, "description": "JSON, or `data:` chunks with stream=true"}}
+
+
+@router.get("/v1/models", response_model=ModelList)
+async def models(engine: EngineDep, request: Request) -> dict:
     # `root` names the checkpoint (its directory name, e.g. step-000123), never the server's filesystem path.
+    precision = getattr(request.app.state, "precision", None)
     return {
         "object": "list",
         "data": [{"id": engine.info.name, "object": "model", "created": 0, "owned_by": "smollm",
-                  "root": engine.info.name}],
+                  "root": engine.info.name, "smollm": precision.labels() if precision is not None else None}],
     }
 
 
-@router.post("/v1/completions")
+@router.post("/v1/completions", response_model=CompletionResponse, responses=_STREAM)
 async def completions(body: CompletionRequest, request: Request, engine: EngineDep, settings: SettingsDep):
     if isinstance(body.prompt, str):
         prompt_ids = engine.tokenizer.encode(body.prompt, add_special_tokens=False)
@@ -62,7 +71,7 @@ async def completions(body: CompletionRequest, request: Request, engine: EngineD
     return out
 
 
-@router.post("/v1/chat/completions")
+@router.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=_STREAM)
 async def chat_completions(body: ChatCompletionRequest, request: Request, engine: EngineDep, settings: SettingsDep):
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
     prompt_ids = chat_ids(engine.tokenizer, messages)

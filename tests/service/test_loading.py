@@ -1,14 +1,25 @@
-"""What the server does to a checkpoint when it loads it."""
+"""What the server does to a checkpoint when it loads it: precision by hardware, packing, quantization, slots."""
 
 from __future__ import annotations
 
+import logging
+import sys
+import types
+
 import pytest
 import torch
+from pydantic import ValidationError
 from torch import nn
 
-from model.packed_linear import PackedLinear
-from service.app import make_loader
+import model.device as devices
+from model.device import CpuCapability
+from model.packed_linear import PackedLinear, can_pack
+from service.loading import build_engine, kv_slots, make_loader, resolve_precision
+from service.settings import Settings
 from tests.service.conftest import tiny_settings
+
+AVX2 = CpuCapability(isa="AVX2", native_bf16=False)
+AVX512_BF16 = CpuCapability(isa="AVX512", native_bf16=True)
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
@@ -20,3 +31,79 @@ def test_linear_weights_are_packed_unless_disabled(tiny_checkpoint):
 
     model, _ = make_loader(tiny_settings(tiny_checkpoint, pack_weights=False))(tiny_checkpoint)
     assert type(model.output) is nn.Linear
+
+
+def test_auto_is_the_default_dtype():
+    assert Settings().dtype == "auto"
+    with pytest.raises(ValidationError, match="dtype"):
+        Settings(dtype="float64")
+
+
+@pytest.mark.parametrize(("capability", "expected"), [(AVX2, torch.float32), (AVX512_BF16, torch.bfloat16)])
+def test_auto_dtype_follows_the_cpu(monkeypatch, tiny_checkpoint, capability, expected):
+    monkeypatch.setattr(devices, "cpu_capability", lambda: capability)
+    precision = resolve_precision(tiny_settings(tiny_checkpoint, dtype="auto", device="cpu"))
+    assert precision.dtype == expected and precision.cpu_isa == capability.isa
+    assert precision.labels()["dtype"] == str(expected).removeprefix("torch.")
+    model, _ = make_loader(tiny_settings(tiny_checkpoint, dtype="auto", device="cpu"))(tiny_checkpoint)
+    assert model.dtype == expected
+    # Packing follows the chosen dtype: oneDNN packs what it computes natively on this build, nothing else.
+    plain = make_loader(tiny_settings(tiny_checkpoint, dtype="auto", device="cpu", pack_weights=False))(
+        tiny_checkpoint
+    )[0]
+    assert isinstance(model.output, PackedLinear) == can_pack(plain)
+
+
+@pytest.mark.parametrize("capability", [AVX2, AVX512_BF16])
+def test_explicit_dtypes_win_over_the_cpu(monkeypatch, tiny_checkpoint, capability):
+    monkeypatch.setattr(devices, "cpu_capability", lambda: capability)
+    for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+        assert resolve_precision(tiny_settings(tiny_checkpoint, dtype=name, device="cpu")).dtype == dtype
+
+
+def test_the_choice_is_logged_at_start(monkeypatch, tiny_checkpoint, caplog):
+    monkeypatch.setattr(devices, "cpu_capability", lambda: CpuCapability(isa="FAKEISA", native_bf16=False))
+    with caplog.at_level(logging.INFO, logger="service.loading"):
+        engine, _ = build_engine(tiny_settings(tiny_checkpoint, dtype="auto", device="cpu"))
+    text = caplog.text
+    assert "dtype float32 (auto requested)" in text and "CPU ISA FAKEISA" in text
+    assert "KV cache 4 slots x 2048 tokens" in text
+
+
+def test_default_slots_serve_64_streams():
+    assert Settings().max_batch_size == 64
+
+
+def test_kv_cache_memory_caps_the_slots(tiny_checkpoint):
+    model, _ = make_loader(tiny_settings(tiny_checkpoint))(tiny_checkpoint)
+    c = model.config
+    per_slot = 2 * c.n_layer * c.n_kv_head * c.head_dim * 4 * 2048  # fp32 K and V for 2048 positions
+    assert kv_slots(tiny_settings(tiny_checkpoint, max_batch_size=64), model) == 64
+    budget = 3.5 * per_slot / 2**30
+    assert kv_slots(tiny_settings(tiny_checkpoint, max_batch_size=64, kv_cache_memory=budget), model) == 3
+    assert kv_slots(tiny_settings(tiny_checkpoint, max_batch_size=2, kv_cache_memory=budget), model) == 2
+    with pytest.raises(ValueError, match="kv_cache_memory"):
+        kv_slots(tiny_settings(tiny_checkpoint, kv_cache_memory=0.5 * per_slot / 2**30), model)
+
+
+def test_quant_setting_is_validated():
+    assert Settings().quant == "none"
+    with pytest.raises(ValidationError, match="quant"):
+        Settings(quant="int3")
+
+
+def test_quant_calls_model_quant_after_loading(monkeypatch, tiny_checkpoint):
+    calls = []
+    fake = types.ModuleType("model.quant")
+    fake.quantize_model = lambda model, mode: calls.append((model.dtype, mode))
+    monkeypatch.setitem(sys.modules, "model.quant", fake)
+    make_loader(tiny_settings(tiny_checkpoint, quant="int8"))(tiny_checkpoint)
+    assert calls == [(torch.float32, "int8")]
+    make_loader(tiny_settings(tiny_checkpoint, quant="none"))(tiny_checkpoint)
+    assert len(calls) == 1
+
+
+def test_quant_without_model_quant_is_a_clear_error(monkeypatch, tiny_checkpoint):
+    monkeypatch.setitem(sys.modules, "model.quant", None)  # import fails as if the module were absent
+    with pytest.raises(ValueError, match="quant: int4"):
+        make_loader(tiny_settings(tiny_checkpoint, quant="int4"))

@@ -1,0 +1,142 @@
+"""Loading what the server serves: the device and precision from the settings (logged, and shown in /v1/models
+and /metrics), a loader for checkpoint directories (used at start and by hot reload), and the engine built
+around the first model."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from model import device as devices
+from model.device import dtype_name, pick_device, resolve_dtype
+from model.kv_cache import KVCache
+from service.checkpoints import resolve_checkpoint, step_of
+from service.engine import Engine
+from service.engine.loop import ModelInfo
+from service.reload import CheckpointWatcher
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+Loader = Callable[[Path], tuple[torch.nn.Module, object]]
+
+
+@dataclass(frozen=True)
+class Precision:
+    """Where and how the model computes, as resolved from the settings on this machine."""
+
+    device: torch.device
+    dtype: torch.dtype
+    quant: str
+    cpu_isa: str  # torch's CPU dispatch level ("AVX2", "AVX512", ...); "" on CUDA
+    native_bf16: bool | None  # the CPU computes bf16 natively; None on CUDA
+
+    def labels(self) -> dict[str, str]:
+        """The public description: /v1/models' `smollm` object and smollm_model_info's labels."""
+        return {"dtype": dtype_name(self.dtype), "device": self.device.type, "quant": self.quant,
+                "cpu_isa": self.cpu_isa}
+
+
+def resolve_precision(settings: Settings) -> Precision:
+    """The device, dtype and quantization `settings` ask for, with `auto` resolved for this machine."""
+    device = pick_device(settings.device)
+    if device.type == "cpu":
+        # Looked up at call time, so tests can fake the other kind of CPU by patching model.device.
+        capability = devices.cpu_capability()
+        isa, native = capability.isa, capability.native_bf16
+    else:
+        capability, isa, native = None, "", None
+    dtype = resolve_dtype(settings.dtype, device, capability=lambda: capability)
+    return Precision(device=device, dtype=dtype, quant=settings.quant, cpu_isa=isa, native_bf16=native)
+
+
+def _quantizer(mode: str) -> Callable[[torch.nn.Module, str], object] | None:
+    if mode == "none":
+        return None
+    try:
+        from model.quant import quantize_model
+    except ImportError as e:
+        raise ValueError(f"quant: {mode} needs model.quant, which this build lacks ({e}); use quant none") from None
+    return quantize_model
+
+
+def make_loader(settings: Settings, precision: Precision | None = None) -> Loader:
+    """`load(path) -> (model, tokenizer)` in `precision` (default: resolved from `settings`): quantized when
+    asked, then the remaining linear weights packed for oneDNN where it computes that dtype."""
+    from model.checkpoint import load_model
+    from model.packed_linear import pack_linears
+    from model.tokenizer import load_tokenizer
+
+    precision = precision or resolve_precision(settings)
+    quantize = _quantizer(precision.quant)
+
+    def load(path: Path):
+        model = load_model(path, dtype=precision.dtype, device=precision.device)
+        if quantize is not None:
+            quantize(model, precision.quant)
+        if settings.pack_weights:
+            # pack_linears asks can_pack first: it packs nothing where oneDNN would emulate the dtype (bf16 on AVX2).
+            packed = pack_linears(model)
+            log.debug("packed %d linear layers for oneDNN", packed)
+        return model, load_tokenizer(path)
+
+    return load
+
+
+def kv_slots(settings: Settings, model) -> int:
+    """KV cache slots: max_batch_size, or fewer when `kv_cache_memory` GiB cannot hold that many."""
+    if settings.kv_cache_memory is None:
+        return settings.max_batch_size
+    c = model.config
+    per_slot = KVCache.bytes_per_token(c.n_layer, c.n_kv_head, c.head_dim, model.dtype) * min(
+        settings.max_context, c.block_size
+    )
+    fit = int(settings.kv_cache_memory * 2**30 // per_slot)
+    if fit < 1:
+        raise ValueError(
+            f"kv_cache_memory: {settings.kv_cache_memory:g} GiB holds no slot of {per_slot / 2**20:.1f} MiB "
+            f"({settings.max_context} tokens); raise it or lower max_context"
+        )
+    return min(settings.max_batch_size, fit)
+
+
+def build_engine(settings: Settings) -> tuple[Engine, CheckpointWatcher | None]:
+    """Resolve and load the checkpoint, build the engine (and the watcher when a directory is watched)."""
+    from model.bundled import default_checkpoint
+
+    # Here, not on the event loop's thread: in PyTorch this starts an OpenMP pool in the calling thread (see
+    # compute_threads.py). Threads started later, the engine's included, take the count from it.
+    torch.set_num_threads(settings.threads or os.cpu_count() or 1)
+    resolved = resolve_checkpoint(settings.checkpoint)
+    path = resolved.path or default_checkpoint()
+    precision = resolve_precision(settings)
+    log.info(
+        "precision: dtype %s (%s requested), device %s, quant %s%s", dtype_name(precision.dtype), settings.dtype,
+        precision.device, precision.quant,
+        f", CPU ISA {precision.cpu_isa} (native bf16: {precision.native_bf16})" if precision.cpu_isa else "",
+    )
+    loader = make_loader(settings, precision)
+    model, tokenizer = loader(path)
+    slots = kv_slots(settings, model)
+    engine = Engine(
+        model,
+        tokenizer,
+        max_batch_size=slots,
+        max_context=settings.max_context,
+        max_queue=settings.max_queue,
+        prefill_chunk=settings.prefill_chunk,
+        info=ModelInfo(str(path), resolved.step or step_of(path), path.name),
+    )
+    watcher = None
+    if resolved.watch_dir is not None and settings.reload_interval > 0:
+        watcher = CheckpointWatcher(resolved.watch_dir, engine, loader, settings.reload_interval, resolved.path)
+    log.info(
+        "serving %s (%s, %s); KV cache %d slots x %d tokens = %.1f MiB", path, dtype_name(model.dtype),
+        model.device, slots, engine.max_context, engine.runner.cache.nbytes / 2**20,
+    )
+    return engine, watcher
