@@ -182,26 +182,31 @@ def read_conversations(path: Path) -> Iterator[tuple[str, list[dict[str, str]]]]
 # ---------------------------------------------------------------- rendering and labels
 
 
-def _render(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+def _render(tokenizer: Any, messages: list[dict[str, str]], where: str, add_generation_prompt: bool = False) -> str:
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except Exception as e:  # jinja2's TemplateError (a template's raise_exception) and transformers' ValueError
+        raise DataError(f"{where}: the chat template refuses this conversation: {e}") from None
 
 
 def assistant_spans(tokenizer: Any, messages: list[dict[str, str]], where: str) -> tuple[str, list[tuple[int, int]]]:
     """The rendered conversation and the [start, end) character spans of its assistant turns' trained text
     (content plus the end-of-turn token)."""
-    text = _render(tokenizer, messages)
+    text = _render(tokenizer, messages, where)
     eos = tokenizer.eos_token or ""
     spans = []
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        head = _render(tokenizer, messages[:i], add_generation_prompt=True)
-        turn = _render(tokenizer, messages[: i + 1])
+        if i == 0:
+            raise DataError(f"{where}: messages[0]: a conversation must start with a system or user message")
+        head = _render(tokenizer, messages[:i], where, add_generation_prompt=True)
+        turn = _render(tokenizer, messages[: i + 1], where)
         if not (text.startswith(head) and text.startswith(turn) and turn.startswith(head)):
             raise DataError(
                 f"{where}: the chat template renders messages[{i}] differently in a prefix of the conversation "
-                "than in the whole (it cannot be masked turn by turn); a conversation must start with a system "
-                "or user message"
+                "than in the whole, so its turns cannot be masked one by one; use a template that renders each "
+                "turn independently"
             )
         start = len(head)
         cut = turn.rfind(eos, start) if eos else -1
