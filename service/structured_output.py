@@ -100,6 +100,14 @@ class StructuredOutput:
         grammar = grammar_for(response_format)
         return None if grammar is None else cls(grammar, tokenizer, vocab_size)
 
+    def copy(self) -> StructuredOutput:
+        """An independent matcher in the same state (for `n` > 1 choices of one request), without recompiling."""
+        twin = object.__new__(StructuredOutput)
+        twin._matcher = self._matcher.deep_copy()
+        twin.vocab_size = self.vocab_size
+        twin._bitmask = torch.zeros_like(self._bitmask)
+        return twin
+
     def fill_bitmask(self, bitmask: torch.Tensor, row: int = 0) -> None:
         """Write the next token's allowed set into row `row` of an int32 (B, ceil(V / 32)) CPU bitmask
         (bit t % 32 of word t // 32), as vLLM and llguidance lay it out."""

@@ -114,6 +114,16 @@ def test_schema_rejects_wrong_values(tokenizer):
     assert "doesn't satisfy the grammar" in matcher.error and matcher.is_finished
 
 
+def test_copies_advance_independently(tokenizer):
+    first = StructuredOutput.from_response_format(_schema_format(SMALL), tokenizer)
+    for t in tokenizer.encode('{"a":1'):
+        assert first.accept(t)
+    second = first.copy()
+    assert second.accept(tokenizer.encode(",")[0])
+    assert not torch.equal(first.allowed_tokens(), second.allowed_tokens())
+    assert first.accept(tokenizer.encode("2")[0]) and not second.accept(tokenizer.encode("2")[0])
+
+
 def test_tokenizer_table_built_once(tokenizer):
     assert tokenizer_info(tokenizer, 49152) is tokenizer_info(tokenizer, 49152)
 
