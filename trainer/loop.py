@@ -7,6 +7,7 @@ import contextlib
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from model.device import pick_device
+from model.device import CpuCapability, cpu_capability, dtype_name, pick_device, resolve_dtype
 from model.generate import generate_tokens
 from model.llama import Transformer
 from model.sampling import SamplingParams
@@ -28,9 +29,10 @@ from trainer.config import ConfigError, TrainConfig
 from trainer.data import WindowSampler, load_tokens, split_tokens
 from trainer.distributed import DistInfo
 from trainer.init_source import ModelSource, build_model, resolve_model_source
+from trainer.mfu import MfuMeter, device_peak, flops_per_token
 from trainer.optim import build_optimizer, lr_at, set_lr
 from trainer.preemption import StopRequest
-from trainer.progress import Progress, flops_per_token, measure_peak_flops
+from trainer.progress import Progress
 from trainer.state import Evaluation, TrainState, restore_or_init
 
 log = logging.getLogger(__name__)
@@ -66,8 +68,17 @@ def prepare(cfg: TrainConfig) -> Prepared:
     return Prepared(cfg=cfg, source=source, tokenizer=tokenizer, train_tokens=train, val_tokens=val)
 
 
+def compute_dtype(
+    cfg: TrainConfig, device: torch.device, capability: Callable[[], CpuCapability] = cpu_capability
+) -> torch.dtype:
+    """The precision the forward runs in: `cfg.dtype`, with `auto` bf16 only where the hardware computes it
+    natively (`model.device.resolve_dtype`); weights and optimizer state stay fp32 either way. `capability`
+    is a seam for tests that fake the other kind of CPU."""
+    return resolve_dtype(cfg.dtype, device, capability)
+
+
 def autocast_context(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager:
-    if cfg.dtype == "bfloat16":
+    if compute_dtype(cfg, device) == torch.bfloat16:
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
@@ -214,19 +225,20 @@ def _clear_debris(out_dir: Path, info: DistInfo) -> None:
 
 
 def _build_progress(prep: Prepared, out_dir: Path, info: DistInfo, state: TrainState) -> Progress:
-    """Progress reporting with MFU against the configured peak, or the peak measured here (rank 0 only)."""
+    """Progress reporting, with MFU against one device's peak in the compute dtype (rank 0 finds it)."""
     cfg, config = prep.cfg, state.model.config
-    peak = cfg.peak_tflops * 1e12 if cfg.peak_tflops else None
-    if peak is None and info.is_main:
-        peak = measure_peak_flops(info.device, torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32)
-    progress = Progress(
-        out_dir, state.step, cfg.max_steps, cfg.tokens_per_step, flops_per_token(config, cfg.data.seq_len),
-        peak, cfg.metrics_port, enabled=info.is_main,
-    )
-    log.info("training %s (%.1fM parameters) for %d steps on %s x%d, %d tokens per step",
+    dtype = compute_dtype(cfg, info.device)
+    meter = MfuMeter(flops_per_token(config, cfg.data.seq_len), None, info.world_size)
+    if info.is_main:
+        peak = device_peak(info.device, dtype, cfg.peak_tflops)
+        meter.peak_flops = peak.flops
+        log.info("MFU peak: %.3g FLOP/s per device (%s)", peak.flops, peak.source)
+    log.info("training %s (%.1fM parameters) for %d steps on %s x%d in %s, %d tokens per step",
              cfg.model if prep.source.init_path is None else prep.source.init_path,
-             config.num_params() / 1e6, cfg.max_steps, info.device, info.world_size, cfg.tokens_per_step)
-    return progress
+             config.num_params() / 1e6, cfg.max_steps, info.device, info.world_size, dtype_name(dtype),
+             cfg.tokens_per_step)
+    return Progress(out_dir, state.step, cfg.max_steps, cfg.tokens_per_step, meter, cfg.metrics_port,
+                    enabled=info.is_main)
 
 
 def measure_throughput(cfg: TrainConfig, steps: int = 5, warmup: int = 1) -> float:
