@@ -18,7 +18,7 @@ from trainer.config import TrainConfig
 from trainer.data import WindowSampler
 from trainer.distributed import DistInfo
 from trainer.init_source import ModelSource, build_model
-from trainer.optim import build_optimizer
+from trainer.optim import apply_hyperparameters, build_optimizer
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +84,7 @@ def restore_or_init(
     sampler = WindowSampler(train_tokens, cfg.data.seq_len, cfg.batch_size, cfg.seed, info.rank, info.world_size)
     if saved:
         optimizer.load_state_dict(saved["optimizer"])
+        apply_hyperparameters(optimizer, cfg.optim)  # the loaded state carries the saved run's values
         sampler.load_state_dict(saved["data"])
         checkpointing.restore_rng_state(saved["rng"])
     distributed.barrier(info)  # rank 0 may have rewritten `latest`
