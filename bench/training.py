@@ -97,7 +97,7 @@ def transformers_tokens_per_s(case: TrainCase) -> float:
 
 def bench_case(case: TrainCase, peak_flops: float) -> dict[str, Any]:
     from trainer.init_source import resolve_model_source
-    from trainer.progress import flops_per_token
+    from trainer.mfu import flops_per_token
 
     model_config = resolve_model_source(train_config(case)).config
     per_token = flops_per_token(model_config, case.seq_len)

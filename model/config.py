@@ -103,8 +103,20 @@ class ModelConfig:
         for flag in ("attention_bias", "mlp_bias"):
             if hf.get(flag):
                 raise ValueError(f"config.json: {flag}=true is not supported")
-        if hf.get("rope_scaling"):
-            raise ValueError("config.json: rope_scaling is not supported")
+        # transformers < 5 names RoPE variants `rope_scaling`, transformers 5 `rope_parameters` (with rope_theta
+        # inside). Only plain RoPE is implemented: loading llama3/yarn/linear/dynamic scaling as plain RoPE would
+        # give wrong logits past the original context without any error.
+        for key in ("rope_scaling", "rope_parameters"):
+            rope = hf.get(key) or {}
+            if not isinstance(rope, dict):
+                raise ValueError(f"config.json: {key} must be an object, got {rope!r}")
+            rope_type = rope.get("rope_type", rope.get("type", "default"))
+            if rope_type != "default":
+                raise ValueError(f"config.json: {key} with rope_type {rope_type!r} is not supported (only plain "
+                                 "RoPE, rope_type 'default')")
+            extra = sorted(set(rope) - {"rope_type", "type", "rope_theta"})
+            if extra:
+                raise ValueError(f"config.json: {key} keys {extra} are not supported (only plain RoPE)")
         if hf.get("hidden_act", "silu") != "silu":
             raise ValueError(f"config.json: hidden_act {hf['hidden_act']!r} is not supported (only 'silu')")
         n_head = hf["num_attention_heads"]

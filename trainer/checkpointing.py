@@ -14,7 +14,7 @@ import random
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -30,6 +30,12 @@ from model.run_dir import (
     step_dir_name,
     write_latest,
 )
+from trainer import distributed
+
+if TYPE_CHECKING:
+    from trainer.config import TrainConfig
+    from trainer.distributed import DistInfo
+    from trainer.state import TrainState
 
 log = logging.getLogger(__name__)
 
@@ -144,3 +150,19 @@ def find_resumable(out_dir: Path) -> tuple[Path, Transformer, dict[str, Any]] | 
             continue
         return path, model, state
     return None
+
+
+class Checkpointer:
+    """When to checkpoint and the collective around it: rank 0 writes, every rank waits for it."""
+
+    def __init__(self, out_dir: Path, cfg: TrainConfig, tokenizer: Any, info: DistInfo) -> None:
+        self.out_dir, self.cfg, self.tokenizer, self.info = out_dir, cfg, tokenizer, info
+
+    def due(self, step: int, stopping: bool) -> bool:
+        return step % self.cfg.checkpoint_every == 0 or step == self.cfg.max_steps or stopping
+
+    def save(self, state: TrainState, lr: float) -> None:
+        if self.info.is_main:
+            save(self.out_dir, state.step, state.model, self.tokenizer, state.to_checkpoint(lr, self.cfg, self.info),
+                 self.cfg.keep_last)
+        distributed.barrier(self.info)

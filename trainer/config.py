@@ -76,8 +76,10 @@ class TrainConfig(_Strict):
     max_steps: int = Field(1000, gt=0)
     grad_clip: float = Field(1.0, ge=0)
     """Clip the global gradient norm to this; 0 disables clipping."""
-    dtype: Literal["float32", "bfloat16"] = "float32"
-    """Compute precision: weights and optimizer state stay fp32, `bfloat16` runs the forward under autocast."""
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """Compute precision: weights and optimizer state stay fp32, `bfloat16` runs the forward under autocast.
+    `auto` is bf16 where the hardware computes it natively (CUDA with bf16, a CPU with AVX512-BF16 or AMX) and
+    fp32 elsewhere (bf16 matmuls are emulated, ~100x slower, on an AVX2-only CPU)."""
     checkpoint_every: int = Field(1000, gt=0)
     keep_last: int = Field(3, gt=0)
     eval_every: int = Field(0, ge=0)
@@ -92,7 +94,8 @@ class TrainConfig(_Strict):
     metrics_port: int | None = Field(None, ge=0, le=65535)
     """Serve Prometheus gauges on this port (rank 0); unset disables it."""
     peak_tflops: float | None = Field(None, gt=0)
-    """Hardware peak for MFU; unset measures this machine's matmul throughput once at start."""
+    """One device's peak for MFU in the compute dtype; unset takes the datasheet figure of a known GPU, or
+    measures large matmuls here once at start."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     plot: bool = True
     """Draw `loss.png` at the end when matplotlib is installed."""

@@ -7,6 +7,7 @@ import contextlib
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,20 +18,22 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from model import run_dir
-from model.device import pick_device
+from model.device import CpuCapability, cpu_capability, dtype_name, pick_device, resolve_dtype
 from model.generate import generate_tokens
 from model.llama import Transformer
 from model.sampling import SamplingParams
 from model.tokenizer import load_tokenizer
 from trainer import checkpointing, distributed
+from trainer.checkpointing import Checkpointer
 from trainer.config import ConfigError, TrainConfig
 from trainer.data import WindowSampler, load_tokens, split_tokens
 from trainer.distributed import DistInfo
 from trainer.init_source import ModelSource, build_model, resolve_model_source
+from trainer.mfu import MfuMeter, device_peak, flops_per_token
 from trainer.optim import build_optimizer, lr_at, set_lr
 from trainer.preemption import StopRequest
-from trainer.progress import Progress, flops_per_token, measure_peak_flops
+from trainer.progress import Progress
+from trainer.state import Evaluation, TrainState, restore_or_init
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +68,17 @@ def prepare(cfg: TrainConfig) -> Prepared:
     return Prepared(cfg=cfg, source=source, tokenizer=tokenizer, train_tokens=train, val_tokens=val)
 
 
+def compute_dtype(
+    cfg: TrainConfig, device: torch.device, capability: Callable[[], CpuCapability] = cpu_capability
+) -> torch.dtype:
+    """The precision the forward runs in: `cfg.dtype`, with `auto` bf16 only where the hardware computes it
+    natively (`model.device.resolve_dtype`); weights and optimizer state stay fp32 either way. `capability`
+    is a seam for tests that fake the other kind of CPU."""
+    return resolve_dtype(cfg.dtype, device, capability)
+
+
 def autocast_context(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager:
-    if cfg.dtype == "bfloat16":
+    if compute_dtype(cfg, device) == torch.bfloat16:
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
@@ -125,18 +137,19 @@ def generate_samples(model: Transformer, tokenizer: Any, cfg: TrainConfig) -> li
     return samples
 
 
-def trainer_state(step: int, lr: float, optimizer: torch.optim.Optimizer, sampler: WindowSampler,
-                  cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
-    return {
-        "step": step,
-        "optimizer": optimizer.state_dict(),
-        # The schedule is a pure function of the step (trainer.optim.lr_at); this records where it stood.
-        "scheduler": {"step": step, "lr": lr},
-        "data": sampler.state_dict(),
-        "rng": checkpointing.capture_rng_state(),
-        "config": cfg.model_dump(mode="json"),
-        "world_size": info.world_size,
-    }
+class Validator:
+    """Validation loss every `eval_every` steps on the held-out tail (none without a validation split)."""
+
+    def __init__(self, val_tokens: np.ndarray | None, cfg: TrainConfig, info: DistInfo, autocast: Any) -> None:
+        self.val_tokens, self.cfg, self.info, self.autocast = val_tokens, cfg, info, autocast
+
+    def due(self, step: int) -> bool:
+        return bool(self.cfg.eval_every and step % self.cfg.eval_every == 0 and self.val_tokens is not None)
+
+    def validate(self, state: TrainState) -> float:
+        loss = evaluate(state.model, self.val_tokens, self.cfg, self.info, self.autocast)
+        state.last_eval = Evaluation(state.step, loss)
+        return loss
 
 
 @dataclass
@@ -151,8 +164,7 @@ class RunSummary:
 
 def run(prep: Prepared, out_dir: Path) -> RunSummary:
     """Train until `max_steps`, resuming from the newest complete checkpoint in `out_dir` if there is one."""
-    cfg = prep.cfg
-    info = distributed.setup(cfg.device)
+    info = distributed.setup(prep.cfg.device)
     try:
         return _run(prep, out_dir, info)
     finally:
@@ -160,100 +172,73 @@ def run(prep: Prepared, out_dir: Path) -> RunSummary:
 
 
 def _run(prep: Prepared, out_dir: Path, info: DistInfo) -> RunSummary:
-    cfg, device = prep.cfg, info.device
+    cfg = prep.cfg
+    _clear_debris(out_dir, info)
+    state = restore_or_init(cfg, prep.source, prep.train_tokens, out_dir, info)
+    model: nn.Module = DistributedDataParallel(state.model) if info.enabled else state.model
+    autocast = autocast_context(cfg, info.device)
+    validator = Validator(prep.val_tokens, cfg, info, autocast)
+    checkpointer = Checkpointer(out_dir, cfg, prep.tokenizer, info)
+    progress = _build_progress(prep, out_dir, info, state)
+    summary = RunSummary(state.step, max(state.step, cfg.max_steps), state.resumed_from, None, None)
+    with StopRequest() as stop, contextlib.closing(progress):
+        while state.step < cfg.max_steps:
+            lr = lr_at(state.step, cfg.optim, cfg.max_steps)
+            set_lr(state.optimizer, lr)
+            t0 = time.perf_counter()
+            loss, grad_norm = train_step(model, state.optimizer, state.sampler, cfg.grad_accum, cfg.grad_clip,
+                                         info.device, autocast)
+            state.step += 1
+            evaluate_now = validator.due(state.step)
+            log_now = state.step % cfg.log_every == 0 or state.step == cfg.max_steps or evaluate_now
+            if log_now:
+                summary.last_loss = distributed.all_reduce_mean(loss, info).item()  # host sync: logging only
+                grad_norm_value = grad_norm.item()
+            progress.step_timed(time.perf_counter() - t0)
+            if log_now:
+                val_loss = validator.validate(state) if evaluate_now else None
+                summary.tokens_per_s = progress.log_step(state.step, summary.last_loss, lr, grad_norm_value, val_loss)
+            if cfg.sample_every and state.step % cfg.sample_every == 0 and info.is_main:
+                progress.log_samples(state.step, generate_samples(state.model, prep.tokenizer, cfg))
+            stopping = state.step < cfg.max_steps and stop.requested(info)
+            if checkpointer.due(state.step, stopping):
+                checkpointer.save(state, lr)
+            if stopping:
+                log.warning("stopped by SIGTERM at step %d; rerun the same command to resume", state.step)
+                summary.final_step, summary.stopped_early = state.step, True
+                break
+    if summary.start_step >= cfg.max_steps:
+        log.info("%s already holds a checkpoint at step %d >= max_steps %d: nothing to do",
+                 out_dir, summary.start_step, cfg.max_steps)
+    if info.is_main and cfg.plot and not summary.stopped_early:
+        from trainer.plot import plot_if_available
+
+        plot_if_available(out_dir)
+    return summary
+
+
+def _clear_debris(out_dir: Path, info: DistInfo) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     if info.is_main:
         checkpointing.remove_debris(out_dir)
     distributed.barrier(info)
 
-    torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed % 2**32)
-    resumed = checkpointing.find_resumable(out_dir)
-    state = None
-    if resumed is not None:
-        resumed_from, model, state = resumed
-        start_step = int(state["step"])
-        log.info("resuming from %s (step %d)", resumed_from, start_step)
-        _warn_config_changes(state.get("config", {}), cfg.model_dump(mode="json"))
-        if info.is_main and run_dir.read_latest(out_dir) != resumed_from.name:
-            # `latest` named a checkpoint that does not load: point readers (the server) at a good one.
-            run_dir.write_latest(out_dir, resumed_from.name)
-    else:
-        resumed_from, start_step = None, 0
-        model = build_model(prep.source, cfg.seed)
-    model.to(device).train()
-    optimizer = build_optimizer(model, cfg.optim, device)
-    sampler = WindowSampler(prep.train_tokens, cfg.data.seq_len, cfg.batch_size, cfg.seed, info.rank, info.world_size)
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        sampler.load_state_dict(state["data"])
-        checkpointing.restore_rng_state(state["rng"])
-    ddp_model: nn.Module = DistributedDataParallel(model) if info.enabled else model
-    autocast = autocast_context(cfg, device)
 
-    peak = cfg.peak_tflops * 1e12 if cfg.peak_tflops else None
-    if peak is None and info.is_main:
-        peak = measure_peak_flops(device, torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32)
-    progress = Progress(
-        out_dir, start_step, cfg.max_steps, cfg.tokens_per_step, flops_per_token(model.config, cfg.data.seq_len),
-        peak, cfg.metrics_port, enabled=info.is_main,
-    )
-    log.info("training %s (%.1fM parameters) for %d steps on %s x%d, %d tokens per step",
+def _build_progress(prep: Prepared, out_dir: Path, info: DistInfo, state: TrainState) -> Progress:
+    """Progress reporting, with MFU against one device's peak in the compute dtype (rank 0 finds it)."""
+    cfg, config = prep.cfg, state.model.config
+    dtype = compute_dtype(cfg, info.device)
+    meter = MfuMeter(flops_per_token(config, cfg.data.seq_len), None, info.world_size)
+    if info.is_main:
+        peak = device_peak(info.device, dtype, cfg.peak_tflops)
+        meter.peak_flops = peak.flops
+        log.info("MFU peak: %.3g FLOP/s per device (%s)", peak.flops, peak.source)
+    log.info("training %s (%.1fM parameters) for %d steps on %s x%d in %s, %d tokens per step",
              cfg.model if prep.source.init_path is None else prep.source.init_path,
-             model.config.num_params() / 1e6, cfg.max_steps, device, info.world_size, cfg.tokens_per_step)
-    last_loss = None
-    tokens_per_s = None
-    final_step = max(start_step, cfg.max_steps)
-    stopped_early = False
-    with contextlib.ExitStack() as stack:
-        stop = stack.enter_context(StopRequest())
-        stack.callback(progress.close)
-        for step in range(start_step, cfg.max_steps):
-            lr = lr_at(step, cfg.optim, cfg.max_steps)
-            set_lr(optimizer, lr)
-            t0 = time.perf_counter()
-            loss, grad_norm = train_step(ddp_model, optimizer, sampler, cfg.grad_accum, cfg.grad_clip, device, autocast)
-            done = step + 1
-            evaluate_now = bool(cfg.eval_every and done % cfg.eval_every == 0 and prep.val_tokens is not None)
-            log_now = done % cfg.log_every == 0 or done == cfg.max_steps or evaluate_now
-            if log_now:
-                last_loss = distributed.all_reduce_mean(loss, info).item()  # host sync: logging only
-                grad_norm_value = grad_norm.item()
-            progress.step_timed(time.perf_counter() - t0)
-            if log_now:
-                val_loss = evaluate(model, prep.val_tokens, cfg, info, autocast) if evaluate_now else None
-                tokens_per_s = progress.log_step(done, last_loss, lr, grad_norm_value, val_loss)
-            if cfg.sample_every and done % cfg.sample_every == 0 and info.is_main:
-                progress.log_samples(done, generate_samples(model, prep.tokenizer, cfg))
-                model.train()
-            stopping = done < cfg.max_steps and stop.requested(info)
-            if done % cfg.checkpoint_every == 0 or done == cfg.max_steps or stopping:
-                if info.is_main:
-                    state = trainer_state(done, lr, optimizer, sampler, cfg, info)
-                    checkpointing.save(out_dir, done, model, prep.tokenizer, state, cfg.keep_last)
-                distributed.barrier(info)
-            if stopping:
-                log.warning("stopped by SIGTERM at step %d; rerun the same command to resume", done)
-                final_step, stopped_early = done, True
-                break
-    if start_step >= cfg.max_steps:
-        log.info("%s already holds a checkpoint at step %d >= max_steps %d: nothing to do",
-                 out_dir, start_step, cfg.max_steps)
-    if info.is_main and cfg.plot and not stopped_early:
-        from trainer.plot import plot_if_available
-
-        plot_if_available(out_dir)
-    return RunSummary(start_step, final_step, resumed_from, last_loss, tokens_per_s, stopped_early)
-
-
-def _warn_config_changes(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> None:
-    """A resume continues the saved run; changed settings apply from here on, which is worth a warning."""
-    for key in sorted(set(saved) | set(current)):
-        a, b = saved.get(key), current.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            _warn_config_changes(a, b, f"{prefix}{key}.")
-        elif a != b:
-            log.warning("resuming with %s%s=%r (the checkpoint was trained with %r)", prefix, key, b, a)
+             config.num_params() / 1e6, cfg.max_steps, info.device, info.world_size, dtype_name(dtype),
+             cfg.tokens_per_step)
+    return Progress(out_dir, state.step, cfg.max_steps, cfg.tokens_per_step, meter, cfg.metrics_port,
+                    enabled=info.is_main)
 
 
 def measure_throughput(cfg: TrainConfig, steps: int = 5, warmup: int = 1) -> float:

@@ -17,17 +17,29 @@ log = logging.getLogger(__name__)
 def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.AdamW:
     """AdamW over `model`'s parameters: 2-D tensors (matmul weights, embeddings) decay, norms do not."""
     params = [p for p in model.parameters() if p.requires_grad]  # a tied embedding is listed once
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    kwargs = {"lr": cfg.lr, "betas": cfg.betas, "eps": cfg.eps}
+    groups = [{"params": [p for p in params if p.dim() >= 2]}, {"params": [p for p in params if p.dim() < 2]}]
+    _set_hyperparameters(groups, cfg)
+    kwargs = {"lr": cfg.lr}
     # The fused kernel (CUDA, and CPU since torch 2.4) does the whole update in one pass per tensor.
     try:
         return torch.optim.AdamW(groups, fused=device.type in ("cuda", "cpu"), **kwargs)
     except (RuntimeError, TypeError) as e:
         log.info("fused AdamW unavailable (%s); using the foreach implementation", e)
         return torch.optim.AdamW(groups, foreach=True, **kwargs)
+
+
+def apply_hyperparameters(optimizer: torch.optim.Optimizer, cfg: OptimConfig) -> None:
+    """Set `cfg`'s betas, eps and weight decay on an optimizer built by `build_optimizer`. Loading a saved
+    optimizer state restores the saved run's values, so a resume calls this afterwards: the config (and the
+    log line that reports it) is what applies from here on."""
+    _set_hyperparameters(optimizer.param_groups, cfg)
+
+
+def _set_hyperparameters(groups: list[dict], cfg: OptimConfig) -> None:
+    decay, no_decay = groups  # matrices, then norms (never decayed)
+    for group in groups:
+        group["betas"], group["eps"] = tuple(cfg.betas), cfg.eps
+    decay["weight_decay"], no_decay["weight_decay"] = cfg.weight_decay, 0.0
 
 
 def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:

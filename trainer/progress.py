@@ -12,35 +12,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from model.config import ModelConfig
+from trainer.mfu import MfuMeter
 
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
-
-
-def flops_per_token(config: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs per token (forward + backward): 6 N + 12 L H Q T (nanoGPT / PaLM appendix B)."""
-    return 6.0 * config.num_params() + 12.0 * config.n_layer * config.n_head * config.head_dim * seq_len
-
-
-def measure_peak_flops(device: torch.device, dtype: torch.dtype, n: int = 1024, repeats: int = 3) -> float:
-    """This machine's matmul FLOP/s in `dtype` (best of `repeats`), the denominator of MFU when no datasheet
-    peak is configured: MFU then reads as "share of what torch.mm reaches here"."""
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
-    best = math.inf
-    for _ in range(repeats + 1):  # the first run warms up
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        torch.mm(a, b)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t0)
-    return 2.0 * n**3 / best
 
 
 def format_duration(seconds: float) -> str:
@@ -141,14 +117,13 @@ class Progress:
         start_step: int,
         max_steps: int,
         tokens_per_step: int,
-        flops_per_token: float,
-        peak_flops: float | None,
+        mfu: MfuMeter,
         metrics_port: int | None = None,
         enabled: bool = True,
     ) -> None:
         self.enabled = enabled
         self.start_step, self.max_steps = start_step, max_steps
-        self.tokens_per_step, self.flops_per_token, self.peak_flops = tokens_per_step, flops_per_token, peak_flops
+        self.tokens_per_step, self.mfu = tokens_per_step, mfu
         self.t_start = time.perf_counter()
         self.window_seconds = 0.0  # training time since the last log line (eval and checkpoints excluded)
         self.window_steps = 0
@@ -183,7 +158,7 @@ class Progress:
     ) -> float:
         """Report a logged step; returns the tokens/s since the previous one."""
         tokens_per_s = self.tokens_per_step * self.window_steps / self.window_seconds if self.window_seconds else 0.0
-        mfu = tokens_per_s * self.flops_per_token / self.peak_flops if self.peak_flops else None
+        mfu = self.mfu(tokens_per_s)
         elapsed = time.perf_counter() - self.t_start
         done = step - self.start_step
         eta = elapsed / done * (self.max_steps - step) if done else math.inf

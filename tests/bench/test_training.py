@@ -8,7 +8,7 @@ from bench.training import TrainCase, run_training, train_config
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_tiny_training_step_of_both_models(dtype):
     from model.config import ModelConfig
-    from trainer.progress import flops_per_token
+    from trainer.mfu import flops_per_token
 
     out = run_training(peak_flops={dtype: 1e11}, cases=[TrainCase("tiny", 2, 32, dtype=dtype, steps=2, warmup=1)])
     run = out["runs"][f"tiny {dtype}"]

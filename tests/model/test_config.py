@@ -29,3 +29,25 @@ def test_invalid_shapes_rejected():
         ModelConfig(n_head=9, n_kv_head=2)
     with pytest.raises(ValueError, match="rope_scaling"):
         ModelConfig.from_hf_dict({**ModelConfig().to_hf_dict(), "rope_scaling": {"type": "linear", "factor": 2.0}})
+
+
+@pytest.mark.parametrize(
+    "rope",
+    [
+        {"rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0}},
+        {"rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0}},
+        {"rope_parameters": {"rope_theta": 10000.0, "partial_rotary_factor": 0.5}},
+        {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}},
+    ],
+    ids=["llama3", "yarn", "partial", "old-key-dynamic"],
+)
+def test_rope_variants_we_do_not_implement_are_refused(rope):
+    hf = {**ModelConfig().to_hf_dict(), "rope_scaling": None, **rope}
+    with pytest.raises(ValueError, match=next(iter(rope))):
+        ModelConfig.from_hf_dict(hf)
+
+
+def test_transformers_5_plain_rope_parameters_load_with_their_theta():
+    hf = {k: v for k, v in ModelConfig().to_hf_dict().items() if k not in ("rope_theta", "rope_scaling")}
+    hf["rope_parameters"] = {"rope_type": "default", "rope_theta": 12345.0}
+    assert ModelConfig.from_hf_dict(hf).rope_theta == 12345.0

@@ -8,9 +8,11 @@ import torch
 
 from model.checkpoint import load_model
 from model.run_dir import LATEST_FILE, STATE_FILE, read_latest
+from trainer import distributed
 from trainer.loop import measure_throughput, prepare, run
 from trainer.plot import PLOT_FILE, plot_loss
 from trainer.progress import read_metrics
+from trainer.state import restore_or_init
 
 
 def test_measure_throughput(make_config):
@@ -88,3 +90,17 @@ def test_retention_keeps_the_newest(make_config, tmp_path, losses):
     # Rerunning a finished job changes nothing.
     summary = train(make_config("max_steps=8", "checkpoint_every=2", "keep_last=2"), out)
     assert summary.start_step == 8 and sorted(losses(out)) == list(range(1, 9))
+
+
+def test_resume_applies_the_configs_optimizer_hyperparameters(make_config, tmp_path):
+    out = tmp_path / "out"
+    train(make_config("max_steps=2", "checkpoint_every=2"), out)
+    changed = make_config("max_steps=4", "optim.betas=[0.8, 0.9]", "optim.eps=1e-6", "optim.weight_decay=0.2")
+    prep = prepare(changed)
+    state = restore_or_init(changed, prep.source, prep.train_tokens, out, distributed.setup("cpu"))
+    assert state.step == 2 and state.saved  # resumed, the saved moments loaded
+    decay, no_decay = state.optimizer.param_groups
+    for group in (decay, no_decay):
+        assert tuple(group["betas"]) == (0.8, 0.9) and group["eps"] == 1e-6
+    assert decay["weight_decay"] == 0.2 and no_decay["weight_decay"] == 0.0
+    assert state.optimizer.state[decay["params"][0]]["exp_avg"].abs().sum() > 0

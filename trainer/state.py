@@ -1,0 +1,101 @@
+"""What a training run carries from step to step and what a checkpoint restores: `restore_or_init` returns it,
+fresh or resumed from the newest checkpoint that loads."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from model import run_dir
+from model.llama import Transformer
+from trainer import checkpointing, distributed
+from trainer.config import TrainConfig
+from trainer.data import WindowSampler
+from trainer.distributed import DistInfo
+from trainer.init_source import ModelSource, build_model
+from trainer.optim import apply_hyperparameters, build_optimizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Evaluation:
+    """The newest validation loss and the step it was measured at."""
+
+    step: int
+    loss: float
+
+
+@dataclass
+class TrainState:
+    """The model (fp32 master weights, unwrapped), its optimizer, the data position and the step count."""
+
+    step: int
+    model: Transformer
+    optimizer: torch.optim.Optimizer
+    sampler: WindowSampler
+    resumed_from: Path | None = None
+    last_eval: Evaluation | None = None
+    saved: dict[str, Any] = field(default_factory=dict)  # the loaded trainer state (empty on a fresh start)
+
+    def to_checkpoint(self, lr: float, cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
+        """The trainer state written next to the weights (`model.run_dir.STATE_FILE`)."""
+        return {
+            "step": self.step,
+            "optimizer": self.optimizer.state_dict(),
+            # The schedule is a pure function of the step (trainer.optim.lr_at); this records where it stood.
+            "scheduler": {"step": self.step, "lr": lr},
+            "data": self.sampler.state_dict(),
+            "rng": checkpointing.capture_rng_state(),
+            "config": cfg.model_dump(mode="json"),
+            "world_size": info.world_size,
+        }
+
+
+def restore_or_init(
+    cfg: TrainConfig, source: ModelSource, train_tokens: np.ndarray, out_dir: Path, info: DistInfo
+) -> TrainState:
+    """Resume from the newest checkpoint in `out_dir` that loads completely, else start fresh from `source`.
+
+    Seeds first, so a fresh start is reproducible; on a resume the saved RNG states replace the seeded ones
+    last, so the next step draws exactly what the uninterrupted run drew.
+    """
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed % 2**32)
+    resumed = checkpointing.find_resumable(out_dir)
+    if resumed is not None:
+        resumed_from, model, saved = resumed
+        step = int(saved["step"])
+        log.info("resuming from %s (step %d)", resumed_from, step)
+        _warn_config_changes(saved.get("config", {}), cfg.model_dump(mode="json"))
+        if info.is_main and run_dir.read_latest(out_dir) != resumed_from.name:
+            # `latest` named a checkpoint that does not load: point readers (the server) at a good one.
+            run_dir.write_latest(out_dir, resumed_from.name)
+    else:
+        resumed_from, step, saved = None, 0, {}
+        model = build_model(source, cfg.seed)
+    model.to(info.device).train()
+    optimizer = build_optimizer(model, cfg.optim, info.device)
+    sampler = WindowSampler(train_tokens, cfg.data.seq_len, cfg.batch_size, cfg.seed, info.rank, info.world_size)
+    if saved:
+        optimizer.load_state_dict(saved["optimizer"])
+        apply_hyperparameters(optimizer, cfg.optim)  # the loaded state carries the saved run's values
+        sampler.load_state_dict(saved["data"])
+        checkpointing.restore_rng_state(saved["rng"])
+    distributed.barrier(info)  # rank 0 may have rewritten `latest`
+    return TrainState(step, model, optimizer, sampler, resumed_from, saved=saved)
+
+
+def _warn_config_changes(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> None:
+    """A resume continues the saved run; changed settings apply from here on, which is worth a warning."""
+    for key in sorted(set(saved) | set(current)):
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            _warn_config_changes(a, b, f"{prefix}{key}.")
+        elif a != b:
+            log.warning("resuming with %s%s=%r (the checkpoint was trained with %r)", prefix, key, b, a)
