@@ -49,11 +49,14 @@ class Metrics:
         self.tokens_total = Gauge("smollm_kv_cache_tokens_total", "KV cache positions", registry=r)
         # The checkpoint label is the full path: metrics are for operators (the public /v1/models shows the name).
         self.model_info = Gauge("smollm_model_info", "The served checkpoint", ["checkpoint", "step"], registry=r)
+        self.reload_failures = Counter("smollm_reload_failures", "Checkpoints not swapped in, by reason", ["reason"],
+                                       registry=r)
 
     def bind(self, engine: Engine) -> None:
         """Follow `engine`: per-step observations, gauges read at scrape time, model info on every swap."""
         engine.on_step.append(self.observe_step)
         engine.on_swap.append(self.set_model)
+        engine.on_reload_failed.append(lambda reason, _message: self.reload_failures.labels(reason=reason).inc())
         self.running.set_function(lambda: len(engine.scheduler.running))
         self.waiting.set_function(lambda: engine.scheduler.num_waiting)
         self.slots_used.set_function(lambda: engine.cache_manager.usage().slots_used)

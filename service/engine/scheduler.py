@@ -256,5 +256,7 @@ def _should_end(seq: Sequence, now: float) -> FinishReason | None:
         return FinishReason.CANCELLED
     deadline = seq.deadline
     if deadline is not None and now > deadline:
-        return FinishReason.TIMEOUT
+        # Before the first token the request failed (the HTTP layer turns TIMEOUT into an error); after it, the
+        # client has part of an answer, cut short: ABORT, as vLLM names it.
+        return FinishReason.ABORT if seq.output_ids else FinishReason.TIMEOUT
     return None

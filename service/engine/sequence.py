@@ -22,7 +22,8 @@ class FinishReason(enum.StrEnum):
     STOP = "stop"  # end-of-sequence token or a stop string
     LENGTH = "length"  # max_tokens or the context limit reached
     CANCELLED = "cancelled"  # the client went away
-    TIMEOUT = "timeout"  # REQUEST_TIMEOUT expired
+    TIMEOUT = "timeout"  # REQUEST_TIMEOUT expired before the first token (output_ids is empty): an error
+    ABORT = "abort"  # REQUEST_TIMEOUT expired after the first token: the answer is cut short
     ERROR = "error"  # the engine failed while running this sequence
 
 

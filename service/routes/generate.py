@@ -35,7 +35,8 @@ def chat_ids(tokenizer, messages: list[dict]) -> list[int]:
 
 
 def finish_name(reason: FinishReason) -> str:
-    return reason.value if reason in (FinishReason.STOP, FinishReason.LENGTH, FinishReason.TIMEOUT) else "stop"
+    passed = (FinishReason.STOP, FinishReason.LENGTH, FinishReason.TIMEOUT, FinishReason.ABORT)
+    return reason.value if reason in passed else "stop"
 
 
 @router.post("/v1/generate", response_model=GenerateResponse, responses={
