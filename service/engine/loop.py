@@ -74,6 +74,7 @@ class Engine:
         info: ModelInfo,
         backstop_timeout: float = 3600.0,
         stall_timeout: float = 60.0,
+        drain_timeout: float = 2.0,
     ) -> None:
         self.runner = ModelRunner(model, max_batch_size, max_context)
         self.tokenizer = tokenizer
@@ -86,6 +87,9 @@ class Engine:
         self.backstop_timeout = backstop_timeout
         # /healthz fails when work is pending and no step has completed for this many seconds.
         self.stall_timeout = stall_timeout
+        # A model swap waits this long for running sequences to end, then moves the rest to the new model by
+        # recomputing their KV cache; admission is paused meanwhile, so this bounds a reload's stall.
+        self.drain_timeout = drain_timeout
         self.on_step: list[Callable[[StepStats], None]] = []
         self.on_swap: list[Callable[[ModelInfo], None]] = []
         # (reason, message) of every reload that did not happen: "swap" here, "load", "non_finite", "val_loss"
@@ -188,7 +192,9 @@ class Engine:
             self._fail_running(reason, waiting=True)
 
     def swap_model(self, model: Transformer, tokenizer: Tokenizer, info: ModelInfo) -> Future[ModelInfo]:
-        """Serve `model` once the running sequences have finished on the old one; new requests wait meanwhile.
+        """Serve `model` once the running sequences have finished on the old one, or after `drain_timeout`
+        seconds, when those still running move to the new model (their prompt and output so far are prefilled
+        again on it; none fails). New requests wait meanwhile.
 
         All or nothing: the returned future gets `info` once the new model serves, or the exception that stopped
         the swap (the old model then keeps serving; the failure is logged and counted as reason "swap"). A swap
@@ -271,7 +277,13 @@ class Engine:
     def _has_work(self) -> bool:
         if self._abort_reason is not None:
             return True
-        return self.scheduler.has_work() or (self._pending_swap is not None and not self.scheduler.running)
+        return self.scheduler.has_work() or self._swap_due(time.monotonic())
+
+    def _swap_due(self, now: float) -> bool:
+        swap = self._pending_swap
+        if swap is None:
+            return False
+        return not self.scheduler.running or now - swap.requested >= self.drain_timeout
 
     def step(self) -> StepStats:
         """One engine step: expire/cancel, maybe swap the model, admit, run one batch, postprocess.
@@ -283,7 +295,7 @@ class Engine:
         events: list[tuple[Sequence, StreamEvent]] = []
         try:
             self._finish_events(self.scheduler.expire(now, stats), events)
-            if self._pending_swap is not None and not self.scheduler.running:
+            if self._swap_due(now):
                 self._apply_swap(events, stats)
             for seq in self.scheduler.admit(now, stats):
                 seq.model_version = self.model_version
@@ -378,9 +390,12 @@ class Engine:
         stop_ids = self._stop_ids(model, tokenizer)
         old_context = self.runner.context
         self.runner.set_model(model)  # all or nothing; clears the KV cache
+        moved = self._move_running(events, stats)
         if self.runner.context != old_context:
             self.cache_manager = CacheManager(self.cache_manager.max_slots, self.runner.context)
             self.scheduler.cache = self.cache_manager
+            for seq in moved:  # same number of slots: all fit
+                seq.slot = self.cache_manager.allocate()
         self.tokenizer = tokenizer
         self.stop_ids = stop_ids
         self.info = info
@@ -388,6 +403,33 @@ class Engine:
         self.scheduler.admit_paused = False
         self._recheck_waiting(events, stats)
         log.info("now serving %s (step %s)", info.checkpoint, info.step or "-")
+
+    def _move_running(self, events: list, stats: StepStats) -> list[Sequence]:
+        """The sequences still running when the drain ended continue on the new model (whose cache no longer holds
+        their keys): each is prefilled again from prompt + output so far. One whose tokens fall outside the new
+        vocabulary ends with an error, one that no longer fits the new context ends at its length."""
+        vocab, context, now = self.vocab_size, self.runner.context, time.monotonic()
+        moved = []
+        for seq in list(self.scheduler.running):
+            top = max(max(seq.prompt_ids), max(seq.output_ids, default=0))
+            if top >= vocab:
+                error = f"token id {top} is outside the new model's vocabulary ({vocab})"
+                self.scheduler.finish(seq, FinishReason.ERROR, now, stats, error=error)
+            elif seq.num_prompt >= context:
+                error = f"prompt ({seq.num_prompt} tokens) exceeds the new context ({context})"
+                self.scheduler.finish(seq, FinishReason.ERROR, now, stats, error=error)
+            elif seq.total_len >= context:
+                self.scheduler.finish(seq, FinishReason.LENGTH, now, stats)
+            else:
+                seq.recompute()
+                seq.model_version = self.model_version + 1
+                self.cache_manager.set_tokens(seq.slot, 0)
+                moved.append(seq)
+                continue
+            self._finish_events([seq], events)
+        if moved:
+            log.info("moved %d running sequences to the new model (recomputing their KV cache)", len(moved))
+        return moved
 
     def _recheck_waiting(self, events: list, stats: StepStats) -> None:
         """Requests queued against the old model were checked against its vocabulary and context: those that no

@@ -29,7 +29,8 @@ class PrefillItem:
 
     @property
     def completes_prompt(self) -> bool:
-        return self.end == self.seq.num_prompt
+        """The chunk ends what the sequence must prefill (its prompt, or prompt + output after a recompute)."""
+        return self.end == self.seq.prefill_len
 
 
 @dataclass(frozen=True)
@@ -143,7 +144,7 @@ class Scheduler:
         for seq in pending:
             if budget == 0:
                 break
-            n = min(seq.num_prompt - seq.num_cached, budget)
+            n = min(seq.prefill_len - seq.num_cached, budget)
             items.append(PrefillItem(seq, seq.num_cached, seq.num_cached + n))
             budget -= n
         return items

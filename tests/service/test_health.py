@@ -30,8 +30,16 @@ def test_healthz_fails_when_the_engine_stalls_or_dies(tokenizer):
     with TestClient(app) as client:
         app.state.engine = None  # still loading: the process answers
         assert client.get("/healthz").json() == {"status": "ok"}
-        engine = Engine(tiny_model(0), tokenizer, max_batch_size=1, max_context=64, max_queue=4, prefill_chunk=64,
-                        info=ModelInfo("tiny"), stall_timeout=0.05)
+        engine = Engine(
+            tiny_model(0),
+            tokenizer,
+            max_batch_size=1,
+            max_context=64,
+            max_queue=4,
+            prefill_chunk=64,
+            info=ModelInfo("tiny"),
+            stall_timeout=0.05,
+        )
         app.state.engine = engine
         assert client.get("/healthz").status_code == 200
         time.sleep(0.1)
