@@ -21,14 +21,15 @@ from pathlib import Path
 
 import torch
 
+from model.llama import Transformer
 from service.checkpoints import newest_checkpoint, step_of
 from service.compute_threads import run_in_passing_thread
 from service.engine import Engine
-from service.engine.loop import ModelInfo
+from service.engine.loop import ModelInfo, Tokenizer
 
 log = logging.getLogger(__name__)
 
-Loader = Callable[[Path], tuple[object, object]]  # path -> (model, tokenizer)
+Loader = Callable[[Path], tuple[Transformer, Tokenizer]]  # path -> (model, tokenizer)
 
 # Where the trainer records a checkpoint's state (trainer/checkpointing.py writes STATE_FILE = trainer_state.pt);
 # a JSON twin is read first when present, being cheap and safe to parse.
@@ -45,7 +46,7 @@ class CheckpointRefused(ValueError):
 
 def non_finite_weights(model: torch.nn.Module) -> list[str]:
     """Names of the parameters (and packed weights) holding NaN or infinity; one host sync per tensor."""
-    tensors = list(model.named_parameters())
+    tensors: list[tuple[str, torch.Tensor]] = list(model.named_parameters())
     for name, module in model.named_modules():
         packed = getattr(module, "packed", None)  # model.packed_linear.PackedLinear keeps its weight here
         if isinstance(packed, torch.Tensor):
@@ -176,13 +177,12 @@ class CheckpointWatcher:
         self.failed.add(path)
         self.engine.report_reload_failure(reason, f"skipping checkpoint {path}: {message}")
 
-    def _load_checked(self, path: Path) -> tuple[object, object]:
+    def _load_checked(self, path: Path) -> tuple[Transformer, Tokenizer]:
         model, tokenizer = self.loader(path)
-        if isinstance(model, torch.nn.Module):
-            bad = non_finite_weights(model)
-            if bad:
-                more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
-                raise CheckpointRefused("non_finite", f"non-finite weights in {', '.join(bad[:3])}{more}")
+        bad = non_finite_weights(model)
+        if bad:
+            more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+            raise CheckpointRefused("non_finite", f"non-finite weights in {', '.join(bad[:3])}{more}")
         return model, tokenizer
 
     def _gate_on_val_loss(self, path: Path) -> None:

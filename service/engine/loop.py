@@ -245,9 +245,7 @@ class Engine:
 
     @staticmethod
     def _stop_ids(model: Transformer, tokenizer: Tokenizer) -> frozenset[int]:
-        ids = {model.config.eos_token_id}
-        if getattr(tokenizer, "eos_token_id", None) is not None:
-            ids.add(tokenizer.eos_token_id)
+        ids: set[int | None] = {model.config.eos_token_id, getattr(tokenizer, "eos_token_id", None)}
         return frozenset(i for i in ids if i is not None)
 
     def _run(self) -> None:
@@ -351,7 +349,8 @@ class Engine:
     def _fail_running(self, message: str, waiting: bool = False) -> None:
         """End every running sequence (and with `waiting`, every queued one) with an error event."""
         now = time.monotonic()
-        stats, events = StepStats(), []
+        stats = StepStats()
+        events: list[tuple[Sequence, StreamEvent]] = []
         failed = self.scheduler.fail(self.scheduler.running, message, now, stats)
         if waiting:
             failed += self.scheduler.fail(self.scheduler.waiting, message, now, stats)

@@ -172,6 +172,7 @@ class Scheduler:
                     appended.append(seq)
         else:
             for seq, tok in zip(batch.decode, tokens, strict=True):
+                assert tok is not None  # every decode row samples
                 self._append(seq, tok, now, stats)
                 appended.append(seq)
         return appended
