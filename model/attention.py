@@ -48,6 +48,7 @@ class Attention(nn.Module):
             )  # (B, n_head, T, head_dim)
             y = y.transpose(1, 2)
         elif batch.segments is None:
+            assert batch.mask is not None  # a row batch always has one
             keys, values = batch.cache.update(self.layer_idx, batch, k, v)  # (B, n_kv_head, kv_len, head_dim)
             y = self._cached_attention(q, keys, values, batch.mask)
         else:

@@ -17,6 +17,9 @@ from torch import nn
 
 
 class KVCache(nn.Module):
+    k: torch.Tensor  # (n_layer, max_slots, n_kv_head, max_len, head_dim), registered as buffers below
+    v: torch.Tensor
+
     def __init__(
         self,
         n_layer: int,
@@ -199,16 +202,19 @@ class CacheBatch:
         logits_index: torch.Tensor | Sequence[int] | None = None,
     ) -> CacheBatch:
         """One row holding several sequences back to back: `segments` gives (slot, length, kv_len) of each in row
-        order, lengths summing to N; `positions` (N,) or (1, N) their absolute positions (host-side ints cost no
-        sync). `logits_index` (S,) picks positions in the row."""
+        order, lengths summing to N; `positions` (N,) their absolute positions (host-side ints cost no sync; a
+        tensor may also be (1, N)). `logits_index` (S,) picks positions in the row."""
         device = cache.k.device
-        host = None if isinstance(positions, torch.Tensor) else list(positions)
-        if host is not None and host and not isinstance(host[0], int):
-            host = [p for r in host for p in r]  # (1, N) given as nested lists
-        pos, low, high = _positions([host] if host is not None else positions.reshape(1, -1), device)
+        host: list[int] | None = None
+        if isinstance(positions, torch.Tensor):
+            pos, low, high = _positions(positions.reshape(1, -1), device)
+        else:
+            host = list(positions)
+            pos, low, high = _positions([host], device)
         _check_range(low, high, cache)
         row = pos[0]
-        spans, start = [], 0
+        spans: list[Segment] = []
+        start = 0
         for slot, length, kv_len in segments:
             if length < 1:
                 raise ValueError(f"segment of slot {slot} is empty")

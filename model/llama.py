@@ -61,6 +61,9 @@ class TransformerBlock(nn.Module):
 
 
 class Transformer(nn.Module):
+    rope_cos: torch.Tensor  # (block_size, head_dim), registered as buffers below
+    rope_sin: torch.Tensor
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config

@@ -54,6 +54,8 @@ class Metrics:
             ["checkpoint", "step", *_PRECISION_LABELS], registry=r,
         )
         self.precision: dict[str, str] = dict.fromkeys(_PRECISION_LABELS, "")
+        self.reload_failures = Counter("smollm_reload_failures", "Checkpoints not swapped in, by reason", ["reason"],
+                                       registry=r)
 
     def bind(self, engine: Engine, precision: dict[str, str] | None = None) -> None:
         """Follow `engine`: per-step observations, gauges read at scrape time, model info (with `precision`'s
@@ -61,6 +63,7 @@ class Metrics:
         self.precision.update(precision or {})
         engine.on_step.append(self.observe_step)
         engine.on_swap.append(self.set_model)
+        engine.on_reload_failed.append(lambda reason, _message: self.reload_failures.labels(reason=reason).inc())
         self.running.set_function(lambda: len(engine.scheduler.running))
         self.waiting.set_function(lambda: engine.scheduler.num_waiting)
         self.slots_used.set_function(lambda: engine.cache_manager.usage().slots_used)

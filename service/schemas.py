@@ -75,7 +75,7 @@ class Timing(BaseModel):
 class GenerateResponse(BaseModel):
     id: str
     text: str
-    finish_reason: Literal["stop", "length", "timeout"]
+    finish_reason: Literal["stop", "length", "timeout", "abort"]
     usage: Usage
     timing: Timing
 

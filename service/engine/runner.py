@@ -87,7 +87,7 @@ class ModelRunner:
         positions: list[int] = []
         last: list[int] = []
         for it in items:
-            row += it.seq.prompt_ids[it.start : it.end]
+            row += it.seq.prefill_ids(it.start, it.end)
             positions += range(it.start, it.end)
             last.append(len(row) - 1)
         # The row is padded to a few lengths (see PREFILL_ALIGN). The padding joins the last sequence and takes the

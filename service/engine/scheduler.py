@@ -29,7 +29,8 @@ class PrefillItem:
 
     @property
     def completes_prompt(self) -> bool:
-        return self.end == self.seq.num_prompt
+        """The chunk ends what the sequence must prefill (its prompt, or prompt + output after a recompute)."""
+        return self.end == self.seq.prefill_len
 
 
 @dataclass(frozen=True)
@@ -143,7 +144,7 @@ class Scheduler:
         for seq in pending:
             if budget == 0:
                 break
-            n = min(seq.num_prompt - seq.num_cached, budget)
+            n = min(seq.prefill_len - seq.num_cached, budget)
             items.append(PrefillItem(seq, seq.num_cached, seq.num_cached + n))
             budget -= n
         return items
@@ -171,6 +172,7 @@ class Scheduler:
                     appended.append(seq)
         else:
             for seq, tok in zip(batch.decode, tokens, strict=True):
+                assert tok is not None  # every decode row samples
                 self._append(seq, tok, now, stats)
                 appended.append(seq)
         return appended
@@ -256,5 +258,7 @@ def _should_end(seq: Sequence, now: float) -> FinishReason | None:
         return FinishReason.CANCELLED
     deadline = seq.deadline
     if deadline is not None and now > deadline:
-        return FinishReason.TIMEOUT
+        # Before the first token the request failed (the HTTP layer turns TIMEOUT into an error); after it, the
+        # client has part of an answer, cut short: ABORT, as vLLM names it.
+        return FinishReason.ABORT if seq.output_ids else FinishReason.TIMEOUT
     return None

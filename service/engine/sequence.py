@@ -22,7 +22,8 @@ class FinishReason(enum.StrEnum):
     STOP = "stop"  # end-of-sequence token or a stop string
     LENGTH = "length"  # max_tokens or the context limit reached
     CANCELLED = "cancelled"  # the client went away
-    TIMEOUT = "timeout"  # REQUEST_TIMEOUT expired
+    TIMEOUT = "timeout"  # REQUEST_TIMEOUT expired before the first token (output_ids is empty): an error
+    ABORT = "abort"  # REQUEST_TIMEOUT expired after the first token: the answer is cut short
     ERROR = "error"  # the engine failed while running this sequence
 
 
@@ -60,7 +61,10 @@ class Sequence:
 
     status: Status = Status.WAITING
     slot: int = -1
-    num_cached: int = 0  # prompt tokens already written to the KV cache
+    num_cached: int = 0  # tokens already written to the KV cache by prefill passes
+    # Tokens a prefill must write before decoding: the prompt, or after a model swap, prompt + output so far
+    # (see `recompute`).
+    prefill_len: int = 0
     output_ids: list[int] = field(default_factory=list)
     text: str = ""  # decoded output, stop strings cut off
     emitted_chars: int = 0  # how much of `text` the client has been sent
@@ -83,6 +87,7 @@ class Sequence:
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
         self._stops = StopStrings(self.stop) if self.stop else None
+        self.prefill_len = len(self.prompt_ids)
         if not self.params.greedy:
             self.generator = self.params.make_generator()
 
@@ -92,7 +97,19 @@ class Sequence:
 
     @property
     def prefilled(self) -> bool:
-        return self.num_cached >= len(self.prompt_ids)
+        return self.num_cached >= self.prefill_len
+
+    def prefill_ids(self, start: int, end: int) -> list[int]:
+        """Token ids at positions start..end-1 of prompt + output."""
+        if end <= len(self.prompt_ids):
+            return self.prompt_ids[start:end]
+        return (self.prompt_ids + self.output_ids)[start:end]
+
+    def recompute(self) -> None:
+        """Forget the KV cache (a new model serves): the next prefill rewrites prompt + output so far and samples
+        the next token, exactly what the next decode step would have done (vLLM's preemption by recompute)."""
+        self.num_cached = 0
+        self.prefill_len = self.total_len
 
     @property
     def total_len(self) -> int:

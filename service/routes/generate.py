@@ -16,7 +16,8 @@ router = APIRouter(tags=["generate"])
 
 
 def finish_name(reason: FinishReason) -> str:
-    return reason.value if reason in (FinishReason.STOP, FinishReason.LENGTH, FinishReason.TIMEOUT) else "stop"
+    passed = (FinishReason.STOP, FinishReason.LENGTH, FinishReason.TIMEOUT, FinishReason.ABORT)
+    return reason.value if reason in passed else "stop"
 
 
 @router.post("/v1/generate", response_model=GenerateResponse, responses={

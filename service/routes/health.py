@@ -12,9 +12,15 @@ router = APIRouter(tags=["health"])
 
 
 @router.get("/healthz")
-async def healthz() -> dict:
-    """The process is alive."""
-    return {"status": "ok"}
+async def healthz(request: Request) -> JSONResponse:
+    """The process is alive and so is its engine: 503 with the reason when the engine thread died, or when work
+    is pending and no engine step completed for the engine's stall_timeout (a liveness probe then restarts it).
+    Before the engine exists (loading at start-up) the process alone answers."""
+    engine = getattr(request.app.state, "engine", None)
+    problem = engine.health() if engine is not None else None
+    if problem is not None:
+        return JSONResponse({"status": "unhealthy", "reason": problem}, status_code=503)
+    return JSONResponse({"status": "ok"})
 
 
 @router.get("/readyz")

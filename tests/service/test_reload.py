@@ -106,3 +106,139 @@ def test_trainer_dir_without_checkpoint_serves_the_embedded_model_until_one_appe
     assert engine.swap_pending
     engine.step()  # nothing running: the swap happens at once
     assert engine.info.step == "5" and engine.vocab_size == 49152 and engine.runner.model.config.n_layer == 2
+
+
+# ---- fail-safe reloads: the watcher against an engine driven by hand (no thread, no HTTP) ----
+
+
+def _watched(tmp_path, save_tiny, tokenizer, **watcher_kw):
+    """A trainer output dir with step 1 served by an engine, and a watcher on it."""
+    from model.checkpoint import load_model
+    from service.engine import Engine
+    from service.engine.loop import ModelInfo
+    from service.reload import CheckpointWatcher
+
+    out = tmp_path / "run"
+    first = save_tiny(out / "step-000001", seed=0)
+    loads = []
+
+    def loader(path):
+        loads.append(path)
+        return load_model(path), tokenizer
+
+    model, _ = loader(first)
+    engine = Engine(model, tokenizer, max_batch_size=2, max_context=64, max_queue=4, prefill_chunk=64,
+                    info=ModelInfo(str(first), "1", first.name))
+    watcher = CheckpointWatcher(out, engine, loader, interval=1, current=first, **watcher_kw)
+    return out, engine, watcher, loads
+
+
+def _nan_checkpoint(path: Path, tokenizer) -> Path:
+    import torch
+
+    from model.checkpoint import save_checkpoint
+    from tests.service.conftest import tiny_model
+
+    model = tiny_model(2)
+    with torch.no_grad():
+        model.layers[1].feed_forward.w2.weight[0, 0] = float("nan")
+    return save_checkpoint(path, model, tokenizer=tokenizer)
+
+
+def test_a_checkpoint_with_nan_weights_is_refused(tmp_path, save_tiny, tokenizer):
+    out, engine, watcher, _ = _watched(tmp_path, save_tiny, tokenizer)
+    failures = []
+    engine.on_reload_failed.append(lambda reason, msg: failures.append((reason, msg)))
+    _nan_checkpoint(out / "step-000002", tokenizer)
+    assert not watcher.poll_once()
+    assert not engine.swap_pending and engine.reload_failures["non_finite"] == 1
+    assert failures[0][0] == "non_finite" and "layers.1.feed_forward.w2.weight" in failures[0][1]
+    assert not watcher.poll_once()  # refused for good: not loaded again
+    save_tiny(out / "step-000003", seed=1)  # the next good one is taken
+    assert watcher.poll_once()
+    engine.step()
+    assert engine.info.step == "3" and watcher.current == out / "step-000003"
+
+
+def test_nan_weights_are_found_in_packed_linears_too(tmp_path, tokenizer):
+    import pytest
+    import torch
+
+    from model.checkpoint import load_model
+    from model.packed_linear import pack_linears
+    from service.reload import non_finite_weights
+
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("needs oneDNN")
+    model = load_model(_nan_checkpoint(tmp_path / "nan", tokenizer))
+    assert pack_linears(model) > 0
+    assert non_finite_weights(model) == ["layers.1.feed_forward.w2.packed"]
+
+
+def test_a_failed_swap_is_retried_and_the_checkpoint_becomes_current_only_when_served(
+    tmp_path, save_tiny, tokenizer
+):
+    out, engine, watcher, loads = _watched(tmp_path, save_tiny, tokenizer, retry_after=3600)
+    second = save_tiny(out / "step-000002", seed=1)
+    real_set_model = engine.runner.set_model
+
+    def out_of_memory(model):
+        raise RuntimeError("out of memory")
+
+    engine.runner.set_model = out_of_memory
+    assert watcher.poll_once()
+    engine.step()  # the swap fails: the old model keeps serving
+    assert engine.info.step == "1" and engine.reload_failures["swap"] == 1
+    assert watcher.current == out / "step-000001"  # not marked current
+    assert not watcher.poll_once() and loads.count(second) == 1  # and not retried before retry_after
+    watcher.retry_after = 0
+    watcher._retry_at.clear()
+    engine.runner.set_model = real_set_model
+    assert watcher.poll_once()
+    assert watcher.current == out / "step-000001"  # handed over, not yet served
+    engine.step()
+    assert not watcher.poll_once() and watcher.current == second and engine.info.step == "2"
+
+
+def _write_state(ckpt: Path, val_loss, as_torch: bool = False) -> None:
+    import json
+
+    if as_torch:
+        import numpy as np
+        import torch
+
+        # Shaped like trainer/checkpointing.py's trainer_state.pt: numpy RNG state included.
+        state = {"step": 1, "val_loss": val_loss, "rng": {"numpy": np.random.get_state()}}
+        torch.save(state, ckpt / "trainer_state.pt")
+    else:
+        (ckpt / "trainer_state.json").write_text(json.dumps({"step": 1, "val_loss": val_loss}))
+
+
+def test_recorded_validation_loss_gates_a_reload(tmp_path, save_tiny, tokenizer):
+    out, engine, watcher, _ = _watched(tmp_path, save_tiny, tokenizer, max_loss_increase=0.5)
+    _write_state(out / "step-000001", 2.0)
+    nan = save_tiny(out / "step-000002", seed=1)
+    _write_state(nan, float("nan"), as_torch=True)
+    assert not watcher.poll_once() and engine.reload_failures["val_loss"] == 1
+    worse = save_tiny(out / "step-000003", seed=1)
+    _write_state(worse, 2.6)
+    assert not watcher.poll_once() and engine.reload_failures["val_loss"] == 2
+    ok = save_tiny(out / "step-000004", seed=1)
+    _write_state(ok, 2.4)
+    assert watcher.poll_once()
+    engine.step()
+    assert engine.info.step == "4"
+    # No recorded loss, or no margin set: no gate (a non-finite loss is refused regardless).
+    save_tiny(out / "step-000005", seed=0)
+    assert watcher.poll_once()
+
+
+def test_without_a_margin_only_non_finite_losses_are_refused(tmp_path, save_tiny, tokenizer):
+    out, engine, watcher, _ = _watched(tmp_path, save_tiny, tokenizer)
+    _write_state(out / "step-000001", 1.0)
+    inf = save_tiny(out / "step-000002", seed=1)
+    _write_state(inf, float("inf"))
+    assert not watcher.poll_once() and engine.reload_failures["val_loss"] == 1
+    worse = save_tiny(out / "step-000003", seed=1)
+    _write_state(worse, 50.0)
+    assert watcher.poll_once()
