@@ -75,7 +75,7 @@ class Timing(BaseModel):
 class GenerateResponse(BaseModel):
     id: str
     text: str
-    finish_reason: Literal["stop", "length", "timeout"]
+    finish_reason: Literal["stop", "length", "timeout", "abort"]
     usage: Usage
     timing: Timing
 
@@ -205,7 +205,7 @@ class CompletionChoice(BaseModel):
     index: int
     text: str
     logprobs: None = None
-    finish_reason: Literal["stop", "length"] | None
+    finish_reason: Literal["stop", "length", "abort"] | None
 
 
 class CompletionResponse(BaseModel):
@@ -226,7 +226,7 @@ class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
     logprobs: None = None
-    finish_reason: Literal["stop", "length"]
+    finish_reason: Literal["stop", "length", "abort"]
 
 
 class ChatCompletionResponse(BaseModel):
