@@ -20,7 +20,6 @@ import logging  # noqa: E402
 import signal  # noqa: E402
 import sys  # noqa: E402
 import threading  # noqa: E402
-import time  # noqa: E402
 
 import uvicorn  # noqa: E402
 from pydantic import ValidationError  # noqa: E402
@@ -33,7 +32,7 @@ from service.settings import Settings  # noqa: E402
 log = logging.getLogger("service")
 
 ABORT_WAIT = 5.0  # seconds for the engine to end the requests left when the grace period is over
-FLUSH_WAIT = 0.5  # seconds for their error events / 503 answers to reach the clients
+FLUSH_WAIT = 5.0  # seconds at most for the last events / answers to be written before connections close
 
 
 def parse_args(argv: list[str] | None) -> dict:
@@ -75,8 +74,20 @@ class DrainingServer(uvicorn.Server):
             engine.abort_all(f"server shutting down: the {self.grace:g} s grace period ended before this finished")
             if not engine.wait_idle(ABORT_WAIT):
                 log.warning("the engine did not end every request within %.0f s", ABORT_WAIT)
-            time.sleep(FLUSH_WAIT)  # let the handlers write the error events before uvicorn closes connections
+        # The engine has handed over every final event, but the handlers may not have written them yet; once
+        # should_exit is set, uvicorn and sse-starlette close the streams, so wait for the responses to end.
+        in_flight = getattr(self.app.state, "in_flight", None)
+        if in_flight is not None and not in_flight.wait_zero(FLUSH_WAIT):
+            log.warning("%d responses still being sent after %.0f s; closing them", in_flight.count, FLUSH_WAIT)
         self.should_exit = True
+
+
+def uvicorn_config(app, settings: Settings) -> uvicorn.Config:
+    """The server's uvicorn settings: where to listen and how much it accepts at once."""
+    return uvicorn.Config(
+        app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
+        timeout_graceful_shutdown=5, limit_concurrency=settings.limit_concurrency,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,9 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     app = create_app(settings)
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
-                            timeout_graceful_shutdown=5)
-    server = DrainingServer(config, app, settings.shutdown_grace)
+    server = DrainingServer(uvicorn_config(app, settings), app, settings.shutdown_grace)
     server.run()
     return 0 if server.started else 1
 

@@ -11,7 +11,7 @@ from service.compute_threads import run_in_passing_thread_async
 from service.errors import install_error_handlers
 from service.loading import build_engine, resolve_precision
 from service.metrics import Metrics
-from service.middleware import AuthMiddleware, BodyLimitMiddleware, MetricsMiddleware
+from service.middleware import AuthMiddleware, BodyLimitMiddleware, InFlight, MetricsMiddleware
 from service.routes import generate, health, openai
 from service.settings import Settings
 
@@ -48,13 +48,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = Metrics()
     app.state.engine = None
     app.state.draining = False
+    app.state.in_flight = InFlight()
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(generate.router)
     app.include_router(openai.router)
     # Added innermost first: the body limit, then auth, then counting around everything.
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        BodyLimitMiddleware, max_bytes=settings.max_body_bytes, read_timeout=settings.body_read_timeout
+    )
     if settings.api_key is not None and settings.api_key.get_secret_value():
         app.add_middleware(AuthMiddleware, api_key=settings.api_key.get_secret_value())
-    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
+    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics, in_flight=app.state.in_flight)
     return app

@@ -15,11 +15,14 @@ def get_settings(request: Request) -> Settings:
 
 
 def get_engine(request: Request) -> Engine:
-    """The engine, or 503 while the model is loading or the server is shutting down."""
+    """The engine, or 503 while the model is loading, the server is shutting down, or the engine thread has died
+    (a request queued to a dead engine would wait forever)."""
     state = request.app.state
     engine = getattr(state, "engine", None)
     if engine is None or getattr(state, "draining", False):
         raise HTTPException(503, "not ready (starting up or shutting down)", headers={"Retry-After": "5"})
+    if not engine.alive:
+        raise HTTPException(503, "the engine has stopped; the server needs a restart", headers={"Retry-After": "5"})
     return engine
 
 

@@ -13,6 +13,18 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 
+class ApiError(Exception):
+    """An error answer with a status, a message and the request field at fault (`param`), raised anywhere below a
+    route and written by the app's handler."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, headers: dict | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.headers = headers
+
+
 def error_body(status: int, message: str, param: str | None = None) -> dict:
     """`{"error": {"message", "type", "param", "code"}}`."""
     return {"error": {"message": message, "type": "invalid_request_error", "param": param, "code": status}}
@@ -69,7 +81,12 @@ async def http_handler(request: Request, exc: HTTPException) -> JSONResponse:
     return error_response(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
 
 
+async def api_error_handler(request: Request, exc: ApiError) -> JSONResponse:
+    return error_response(exc.status, exc.message, exc.param, headers=exc.headers)
+
+
 def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(ApiError, api_error_handler)
     app.add_exception_handler(RequestValidationError, validation_handler)
     app.add_exception_handler(HTTPException, http_handler)
     app.add_exception_handler(StarletteHTTPException, http_handler)

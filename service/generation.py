@@ -1,9 +1,11 @@
-"""The bridge between HTTP handlers and the engine: checks a request against the context, submits it and
-turns engine events into an async stream (or one result), cancelling the sequence when the client leaves."""
+"""The bridge between HTTP handlers and the engine: builds and bounds the prompt (tokenized off the event loop),
+checks it against the context, submits it and turns engine events into an async stream (or one result),
+cancelling the sequence when the client leaves or stops reading."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -11,11 +13,42 @@ from dataclasses import dataclass
 
 from fastapi import HTTPException, Request
 from fastapi.exceptions import RequestValidationError
+from sse_starlette import EventSourceResponse
+from sse_starlette.sse import SendTimeoutError
 
 from model.sampling import SamplingParams
 from service.engine import Engine, FinishReason, QueueFullError, Sequence, StreamEvent
+from service.errors import ApiError
+
+log = logging.getLogger(__name__)
 
 CLIENT_CLOSED = 499  # nginx's "client closed request": logged and counted, never seen by anyone
+# No token of SmolLM2's vocabulary decodes to more than 81 characters, so a text longer than context x 128
+# characters cannot fit the context: it is refused before tokenizing it costs anything (1 MiB takes ~1 s).
+MAX_CHARS_PER_TOKEN = 128
+
+
+def check_prompt_chars(engine: Engine, chars: int, field: str) -> None:
+    """400 naming `field` when `chars` characters certainly encode to more tokens than the context holds."""
+    limit = engine.max_context * MAX_CHARS_PER_TOKEN
+    if chars > limit:
+        raise ApiError(
+            400, f"{field}: {chars} characters cannot fit the context of {engine.max_context} tokens (at most "
+            f"{limit} characters are accepted)", param=field,
+        )
+
+
+async def encode_prompt_async(engine: Engine, prompt: str, chat: bool) -> list[int]:
+    """`encode_prompt` after the character bound, in a worker thread: the event loop (SSE streams, probes) keeps
+    running while a long prompt is tokenized (the tokenizer releases the GIL)."""
+    check_prompt_chars(engine, len(prompt), "prompt")
+    return await asyncio.to_thread(encode_prompt, engine, prompt, chat)
+
+
+async def chat_ids_async(engine: Engine, messages: list[dict]) -> list[int]:
+    """`chat_ids` after the character bound on the messages' text, in a worker thread."""
+    check_prompt_chars(engine, sum(len(m["content"]) for m in messages), "messages")
+    return await asyncio.to_thread(chat_ids, engine.tokenizer, messages)
 
 
 def encode_prompt(engine: Engine, prompt: str, chat: bool) -> list[int]:
@@ -55,8 +88,39 @@ class GenerationResult:
     total_ms: float
 
 
-class EngineFailure(RuntimeError):
-    """The engine failed while running this request (not the client's fault)."""
+class GenerationError(RuntimeError):
+    """The request ended without an answer: the engine failed (503) or it timed out before its first token (504)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def finish_error(gen: Generation, event: StreamEvent) -> GenerationError | None:
+    """What the final `event` means for the client when it is not an answer: an engine failure, or a timeout
+    that came before any token (a request that waited in the queue until its deadline)."""
+    if event.finish_reason is FinishReason.ERROR:
+        return GenerationError(503, f"generation failed: {event.error or 'engine error'}")
+    if event.finish_reason is FinishReason.TIMEOUT and gen.completion_tokens == 0:
+        timeout = gen.seq.timeout
+        return GenerationError(
+            504, f"request timed out after {timeout:g} s before its first token (the server is busy); retry later"
+        )
+    return None
+
+
+class EventStream(EventSourceResponse):
+    """Server-sent events with a send timeout: a client that stops reading is dropped after `send_timeout`
+    seconds (its generator is closed, which cancels its sequence) instead of holding a slot and a socket."""
+
+    def __init__(self, content, send_timeout: float) -> None:
+        super().__init__(content, ping=15, send_timeout=send_timeout)
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        except* SendTimeoutError:
+            log.info("dropped a client that read nothing for %g s", self.send_timeout)
 
 
 class Generation:
@@ -118,8 +182,9 @@ class Generation:
                 self.engine.cancel(self.seq)
         if finish is None:
             return None
-        if finish.finish_reason is FinishReason.ERROR:
-            raise EngineFailure(finish.error or "engine error")
+        error = finish_error(self, finish)
+        if error is not None:
+            raise error
         return self.summary("".join(parts), finish.finish_reason)
 
     def summary(self, text: str, reason: FinishReason) -> GenerationResult:

@@ -25,6 +25,10 @@ class Metrics:
         self.prompt_tokens = Counter("smollm_prompt_tokens", "Prompt tokens processed", registry=r)
         self.generation_tokens = Counter("smollm_generation_tokens", "Tokens generated", registry=r)
         self.cancelled = Counter("smollm_requests_cancelled", "Requests cancelled by the client", registry=r)
+        self.finished = Counter(
+            "smollm_request_finish", "Requests ended, by finish reason (stop, length, timeout, cancelled, error, ...)",
+            ["reason"], registry=r,
+        )
         self.latency = Histogram(
             "smollm_request_latency_seconds", "Generation request latency, arrival to last token",
             buckets=_LATENCY_BUCKETS, registry=r,
@@ -90,6 +94,7 @@ class Metrics:
         for v in s.inter_token:
             self.itl.observe(v)
         for seq in s.finished:
+            self.finished.labels(reason=str(seq.finish_reason)).inc()
             if seq.finish_reason is FinishReason.CANCELLED:
                 self.cancelled.inc()
             elif seq.finished_time is not None:

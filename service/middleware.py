@@ -3,22 +3,44 @@ request counting, API-key auth and the body-size limit."""
 
 from __future__ import annotations
 
+import asyncio
 import hmac
+import time
 
 from service.errors import send_error
 from service.metrics import Metrics
 
 OPEN_PATHS = frozenset({"/", "/healthz", "/readyz", "/metrics", "/docs", "/docs/oauth2-redirect", "/openapi.json",
                         "/redoc", "/favicon.ico"})
-KNOWN_ENDPOINTS = frozenset({"/v1/generate", "/v1/completions", "/v1/chat/completions", "/v1/models"}) | OPEN_PATHS
+GENERATION_PATHS = frozenset({"/v1/generate", "/v1/completions", "/v1/chat/completions"})
+KNOWN_ENDPOINTS = GENERATION_PATHS | {"/v1/models"} | OPEN_PATHS
+
+
+class InFlight:
+    """Generation requests whose response has not been sent to the end yet. SIGTERM's drain waits for zero before
+    uvicorn closes connections, so no stream loses its last events."""
+
+    def __init__(self) -> None:
+        self.count = 0  # changed on the event loop only; read from the drain thread
+
+    def wait_zero(self, timeout: float, interval: float = 0.01) -> bool:
+        """Block (in a thread other than the event loop's) until no response is in flight; False on timeout."""
+        deadline = time.monotonic() + timeout
+        while self.count > 0:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(interval)
+        return True
 
 
 class MetricsMiddleware:
-    """Counts every HTTP response as smollm_requests_total{endpoint, status}."""
+    """Counts every HTTP response as smollm_requests_total{endpoint, status}, and generation responses still being
+    sent in `in_flight`."""
 
-    def __init__(self, app, metrics: Metrics) -> None:
+    def __init__(self, app, metrics: Metrics, in_flight: InFlight) -> None:
         self.app = app
         self.metrics = metrics
+        self.in_flight = in_flight
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -33,9 +55,14 @@ class MetricsMiddleware:
                 status = message["status"]
             await send(message)
 
+        generation = path in GENERATION_PATHS
+        if generation:
+            self.in_flight.count += 1
         try:
             await self.app(scope, receive, counting_send)
         finally:
+            if generation:
+                self.in_flight.count -= 1
             self.metrics.requests.labels(endpoint=endpoint, status=str(status)).inc()
 
 
@@ -60,11 +87,14 @@ class AuthMiddleware:
 
 class BodyLimitMiddleware:
     """413 for bodies over the limit, judged by Content-Length and by the bytes actually received (a chunked
-    or lying client cannot get past it). Bodies are small, so they are buffered and replayed to the app."""
+    or lying client cannot get past it); 408 for a body not received within `read_timeout` seconds (a slowloris
+    client trickling bytes holds no task and socket for longer). Bodies are small, so they are buffered and
+    replayed to the app."""
 
-    def __init__(self, app, max_bytes: int) -> None:
+    def __init__(self, app, max_bytes: int, read_timeout: float) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.read_timeout = read_timeout
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
@@ -79,8 +109,15 @@ class BodyLimitMiddleware:
             if declared > self.max_bytes:
                 return await send_error(send, 413, too_big)
         chunks, size = [], 0
+        deadline = asyncio.get_running_loop().time() + self.read_timeout
         while True:
-            message = await receive()
+            try:
+                async with asyncio.timeout_at(deadline):
+                    message = await receive()
+            except TimeoutError:
+                return await send_error(
+                    send, 408, f"request body not received within {self.read_timeout:g} s", {"Connection": "close"}
+                )
             if message["type"] == "http.disconnect":
                 return None
             chunk = message.get("body", b"")

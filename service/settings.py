@@ -3,9 +3,10 @@ command-line flags of `python -m service`."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -36,10 +37,37 @@ class Settings(BaseSettings):
     max_queue: int = Field(64, ge=0, description="requests allowed to wait for a slot before 429")
     request_timeout: float = Field(300.0, gt=0, description="seconds a request may take in total")
     api_key: SecretStr | None = Field(None, description="when set, requests need 'Authorization: Bearer KEY'")
+    api_key_file: Path | None = Field(
+        None, description="a file holding the API key (a Docker or Kubernetes secret; keeps it out of `ps`)"
+    )
     max_body_bytes: int = Field(1 << 20, ge=1, description="largest accepted request body (413 above)")
+    body_read_timeout: float = Field(
+        30.0, gt=0, description="seconds a client may take to send its whole request body (408 after)"
+    )
+    sse_send_timeout: float = Field(
+        30.0, gt=0, description="seconds a stream waits for a client that stopped reading before dropping it"
+    )
+    limit_concurrency: int | None = Field(
+        1024, ge=1, description="open connections and requests beyond which the server answers 503 at once"
+    )
     reload_interval: float = Field(5.0, ge=0, description="seconds between checkpoint polls; 0 disables")
     prefill_chunk: int = Field(512, ge=1, description="prompt tokens per prefill step")
     log_level: str = Field("INFO", description="logging level")
     shutdown_grace: float = Field(30.0, ge=0, description="seconds SIGTERM waits for running requests")
     pack_weights: bool = Field(True, description="CPU: reorder linear weights for oneDNN once at load (faster steps)")
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: all cores)")
+
+    @model_validator(mode="after")
+    def _read_api_key_file(self) -> Settings:
+        if self.api_key_file is None:
+            return self
+        if self.api_key is not None:
+            raise ValueError("api_key_file: set either api_key or api_key_file, not both")
+        try:
+            key = self.api_key_file.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"api_key_file: cannot read {self.api_key_file}: {e}") from None
+        if not key:
+            raise ValueError(f"api_key_file: {self.api_key_file} is empty")
+        self.api_key = SecretStr(key)
+        return self

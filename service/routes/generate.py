@@ -4,39 +4,52 @@ from __future__ import annotations
 
 import json
 
-from fastapi import APIRouter, HTTPException, Request, Response
-from sse_starlette import EventSourceResponse, ServerSentEvent
+from fastapi import APIRouter, Request, Response
+from sse_starlette import ServerSentEvent
 
 from service.deps import EngineDep, SettingsDep
 from service.engine import FinishReason
-from service.generation import CLIENT_CLOSED, EngineFailure, Generation, encode_prompt, start_generation
+from service.errors import ApiError
+from service.generation import (
+    CLIENT_CLOSED,
+    EventStream,
+    Generation,
+    GenerationError,
+    encode_prompt_async,
+    finish_error,
+    start_generation,
+)
 from service.schemas import GenerateRequest, GenerateResponse
 
 router = APIRouter(tags=["generate"])
 
+_NAMED = (FinishReason.STOP, FinishReason.LENGTH, FinishReason.TIMEOUT, FinishReason.ABORT)
+
 
 def finish_name(reason: FinishReason) -> str:
-    passed = (FinishReason.STOP, FinishReason.LENGTH, FinishReason.TIMEOUT, FinishReason.ABORT)
-    return reason.value if reason in passed else "stop"
+    """stop, length, timeout; any other end after the first token (the engine aborted it) is `abort`."""
+    return reason.value if reason in _NAMED else "abort"
 
 
 @router.post("/v1/generate", response_model=GenerateResponse, responses={
     200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE with stream=true"},
     400: {"description": "prompt does not fit the context"}, 429: {"description": "queue full"},
+    503: {"description": "starting, draining, or the engine failed"},
+    504: {"description": "timed out in the queue before the first token"},
 })
 async def generate(body: GenerateRequest, request: Request, engine: EngineDep, settings: SettingsDep):
-    prompt_ids = encode_prompt(engine, body.prompt, body.chat)
+    prompt_ids = await encode_prompt_async(engine, body.prompt, body.chat)
     gen = start_generation(
         engine, prompt_ids, max_tokens=body.max_tokens, max_tokens_explicit="max_tokens" in body.model_fields_set,
         temperature=body.temperature, top_k=body.top_k, top_p=body.top_p, seed=body.seed, stop=body.stop,
         timeout=settings.request_timeout, ignore_eos=body.ignore_eos,
     )
     if body.stream:
-        return EventSourceResponse(sse_events(gen), ping=15)
+        return EventStream(sse_events(gen), send_timeout=settings.sse_send_timeout)
     try:
         r = await gen.result(request)
-    except EngineFailure as e:
-        raise HTTPException(503, f"generation failed: {e}") from e
+    except GenerationError as e:
+        raise ApiError(e.status, str(e)) from e
     if r is None:
         return Response(status_code=CLIENT_CLOSED)
     return GenerateResponse(
@@ -51,8 +64,10 @@ async def sse_events(gen: Generation):
         async for event in gen.events():
             if event.finish_reason is None:
                 yield ServerSentEvent(event="token", data=json.dumps({"text": event.text, "index": event.index}))
-            elif event.finish_reason is FinishReason.ERROR:
-                yield ServerSentEvent(event="error", data=json.dumps({"message": event.error}))
+                continue
+            error = finish_error(gen, event)
+            if error is not None:
+                yield ServerSentEvent(event="error", data=json.dumps({"message": str(error), "status": error.status}))
             else:
                 s = gen.summary("", event.finish_reason)
                 yield ServerSentEvent(event="done", data=json.dumps({

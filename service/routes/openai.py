@@ -5,12 +5,22 @@ from __future__ import annotations
 import json
 import time
 
-from fastapi import APIRouter, HTTPException, Request, Response
-from sse_starlette import EventSourceResponse, ServerSentEvent
+from fastapi import APIRouter, Request, Response
+from sse_starlette import ServerSentEvent
 
 from service.deps import EngineDep, SettingsDep
 from service.engine import FinishReason
-from service.generation import CLIENT_CLOSED, EngineFailure, Generation, chat_ids, start_generation
+from service.errors import ApiError
+from service.generation import (
+    CLIENT_CLOSED,
+    EventStream,
+    Generation,
+    GenerationError,
+    chat_ids_async,
+    encode_prompt_async,
+    finish_error,
+    start_generation,
+)
 from service.schemas import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -21,17 +31,19 @@ from service.schemas import (
 
 router = APIRouter(tags=["openai"])
 
+_STREAM = {200: {"content": {"text/event-stream": {}}, "description": "JSON, or `data:` chunks with stream=true"}}
+
 
 def _finish(reason: FinishReason) -> str:
-    return "stop" if reason is FinishReason.STOP else "length"
+    """OpenAI's stop and length; any other end after the first token (a timeout, an abort) is vLLM's `abort`."""
+    if reason is FinishReason.STOP:
+        return "stop"
+    return "length" if reason is FinishReason.LENGTH else "abort"
 
 
 def _usage(gen: Generation) -> dict:
     p, c = gen.prompt_tokens, gen.completion_tokens
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
-
-
-_STREAM = {200: {"content": {"text/event-stream": {}}, "description": "JSON, or `data:` chunks with stream=true"}}
 
 
 @router.get("/v1/models", response_model=ModelList)
@@ -48,7 +60,7 @@ async def models(engine: EngineDep, request: Request) -> dict:
 @router.post("/v1/completions", response_model=CompletionResponse, responses=_STREAM)
 async def completions(body: CompletionRequest, request: Request, engine: EngineDep, settings: SettingsDep):
     if isinstance(body.prompt, str):
-        prompt_ids = engine.tokenizer.encode(body.prompt, add_special_tokens=False)
+        prompt_ids = await encode_prompt_async(engine, body.prompt, chat=False)
     else:
         prompt_ids = list(body.prompt)
     gen = _start(engine, settings, body, prompt_ids, body.max_tokens, "max_tokens")
@@ -61,8 +73,8 @@ async def completions(body: CompletionRequest, request: Request, engine: EngineD
 
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return EventSourceResponse(_openai_stream(gen, chunk, include_usage, rid, created, model, "text_completion"),
-                                   ping=15)
+        return EventStream(_openai_stream(gen, chunk, include_usage, rid, created, model, "text_completion"),
+                           send_timeout=settings.sse_send_timeout)
     r = await _result(gen, request)
     if r is None:
         return Response(status_code=CLIENT_CLOSED)
@@ -74,7 +86,7 @@ async def completions(body: CompletionRequest, request: Request, engine: EngineD
 @router.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=_STREAM)
 async def chat_completions(body: ChatCompletionRequest, request: Request, engine: EngineDep, settings: SettingsDep):
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-    prompt_ids = chat_ids(engine.tokenizer, messages)
+    prompt_ids = await chat_ids_async(engine, messages)
     if body.max_completion_tokens is not None:
         max_tokens, field = body.max_completion_tokens, "max_completion_tokens"
     else:
@@ -97,9 +109,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, engine
 
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return EventSourceResponse(
-            _openai_stream(gen, chunk, include_usage, rid, created, model, "chat.completion.chunk"), ping=15
-        )
+        return EventStream(_openai_stream(gen, chunk, include_usage, rid, created, model, "chat.completion.chunk"),
+                           send_timeout=settings.sse_send_timeout)
     r = await _result(gen, request)
     if r is None:
         return Response(status_code=CLIENT_CLOSED)
@@ -122,8 +133,8 @@ def _start(engine, settings, body, prompt_ids: list[int], max_tokens: int | None
 async def _result(gen: Generation, request: Request):
     try:
         return await gen.result(request)
-    except EngineFailure as e:
-        raise HTTPException(503, f"generation failed: {e}") from e
+    except GenerationError as e:
+        raise ApiError(e.status, str(e)) from e
 
 
 async def _openai_stream(gen: Generation, chunk, include_usage: bool, rid: str, created: int, model: str,
@@ -133,8 +144,10 @@ async def _openai_stream(gen: Generation, chunk, include_usage: bool, rid: str, 
         async for event in gen.events():
             if event.finish_reason is None:
                 yield ServerSentEvent(data=json.dumps(chunk(event.text, None)))
-            elif event.finish_reason is FinishReason.ERROR:
-                yield ServerSentEvent(data=json.dumps({"error": {"message": event.error, "type": "server_error"}}))
+                continue
+            error = finish_error(gen, event)
+            if error is not None:
+                yield ServerSentEvent(data=json.dumps({"error": {"message": str(error), "type": "server_error"}}))
             else:
                 yield ServerSentEvent(data=json.dumps(chunk("", _finish(event.finish_reason))))
                 if include_usage:

@@ -20,6 +20,7 @@ from model.checkpoint import save_checkpoint
 from model.config import ModelConfig
 from model.llama import Transformer
 from model.tokenizer import load_tokenizer
+from service.__main__ import uvicorn_config
 from service.app import create_app
 from service.settings import Settings
 
@@ -107,7 +108,9 @@ class LiveServer:
         self.app = create_app(settings)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning")
+        config = uvicorn_config(
+            self.app, settings.model_copy(update={"host": "127.0.0.1", "port": self.port, "log_level": "warning"})
+        )
         self.server = uvicorn.Server(config)
         self.server.install_signal_handlers = lambda: None  # signals stay with pytest
         self.thread = threading.Thread(target=self.server.run, daemon=True)

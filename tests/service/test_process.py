@@ -7,11 +7,16 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
+import uvicorn
 
+from service.__main__ import DrainingServer
+from service.middleware import InFlight
 from tests.service.conftest import free_port, wait_ready
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -60,3 +65,28 @@ def test_bad_settings_fail_clearly(tmp_path):
     proc = spawn("--checkpoint", str(tmp_path / "weights"), "--port", str(free_port()))
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 2 and "is a file" in out and "Traceback" not in out
+
+
+def test_bad_api_key_file_fails_clearly(tmp_path):
+    proc = spawn("--api-key-file", str(tmp_path / "missing"), "--port", str(free_port()))
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 2 and "api_key_file" in out and "cannot read" in out and "Traceback" not in out
+
+
+class _IdleEngine:
+    def wait_idle(self, timeout: float) -> bool:
+        return True
+
+
+def test_the_drain_lets_the_last_events_out_before_exiting():
+    in_flight = InFlight()
+    in_flight.count = 1  # a stream whose final event the engine delivered but the handler has not written yet
+    app = SimpleNamespace(state=SimpleNamespace(engine=_IdleEngine(), in_flight=in_flight, draining=False))
+    server = DrainingServer(uvicorn.Config(app=None), app, grace=1)
+    drain = threading.Thread(target=server._drain_then_exit)
+    drain.start()
+    time.sleep(0.5)
+    assert not server.should_exit  # uvicorn would close the stream now and cut its last events
+    in_flight.count = 0
+    drain.join(timeout=5)
+    assert server.should_exit

@@ -7,15 +7,22 @@ import json
 import pytest
 import torch
 
-from tests.service.conftest import parse_sse, slow_down
+from model.sampling import SamplingParams
+from service.engine import Sequence
+from service.generation import MAX_CHARS_PER_TOKEN
+from tests.service.conftest import parse_sse, slow_down, wait_until
 
 
 def test_models(client):
     models = client.get("/v1/models").json()
     assert models["object"] == "list" and models["data"][0]["id"] == "tiny"
     assert "/" not in models["data"][0]["root"]  # the checkpoint's name, never the server's filesystem path
-    assert models["data"][0]["smollm"] == {"dtype": "float32", "device": "cpu", "quant": "none",
-                                           "cpu_isa": torch.backends.cpu.get_cpu_capability()}
+    assert models["data"][0]["smollm"] == {
+        "dtype": "float32",
+        "device": "cpu",
+        "quant": "none",
+        "cpu_isa": torch.backends.cpu.get_cpu_capability(),
+    }
     schemas = client.get("/openapi.json").json()["components"]["schemas"]
     assert {"CompletionResponse", "ChatCompletionResponse", "ModelList"} <= set(schemas)
 
@@ -114,5 +121,29 @@ def test_request_timeout(make_client):
     with make_client(request_timeout=0.3) as c:
         slow_down(c.app.state.engine, 0.01)
         r = c.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 1000, "ignore_eos": True})
-        assert r.json()["choices"][0]["finish_reason"] == "length"
+        assert r.json()["choices"][0]["finish_reason"] == "abort"  # cut short after its first tokens
         assert c.app.state.engine.idle()
+
+
+def test_queue_timeout_is_an_error_on_the_openai_routes(make_client):
+    with make_client(max_batch_size=1, request_timeout=0.3) as c:
+        engine = c.app.state.engine
+        slow_down(engine, 0.01)
+        holder = Sequence(prompt_ids=[1, 2, 3], max_tokens=1900, params=SamplingParams(temperature=0), ignore_eos=True)
+        engine.submit(holder)
+        assert wait_until(lambda: holder in engine.scheduler.running)
+        r = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4})
+        assert r.status_code == 504, r.text
+        events = parse_sse(c.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 4, "stream": True}).text)
+        assert "error" in json.loads(events[0][1]) and events[-1][1] == "[DONE]"
+        engine.cancel(holder)
+        assert wait_until(engine.idle)
+
+
+def test_messages_too_long_for_the_context_are_refused_before_tokenizing(client):
+    limit = client.app.state.engine.max_context * MAX_CHARS_PER_TOKEN
+    half = "x" * (limit // 2 + 1)
+    r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": half}] * 2})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+    r = client.post("/v1/completions", json={"prompt": "x" * (limit + 1)})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
