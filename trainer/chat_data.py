@@ -3,7 +3,8 @@ assistant tokens only, several conversations packed into each row.
 
 Input: `.jsonl` files of OpenAI-style records `{"messages": [{"role": ..., "content": ...}, ...]}` (roles
 `system`, `user`, `assistant`; content a string), or `.parquet` files with a `messages` column of the same lists.
-Directories and globs are expanded as for text data.
+Directories and globs are expanded as for text data; `stdlib-qa:train` and `stdlib-qa:heldout` name the splits of
+the dataset `trainer.stdlib_qa` makes from the standard library's docstrings (generated offline on first use).
 
 Rendering and labels. Each conversation is rendered to text by `tokenizer.apply_chat_template` and tokenized the
 way `apply_chat_template(tokenize=True)` does (no added special tokens). The characters of each assistant turn
@@ -58,6 +59,7 @@ log = logging.getLogger(__name__)
 IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant")
 CHAT_SUFFIXES = (".jsonl", ".parquet")
+STDLIB_QA = "stdlib-qa"
 _FORMAT_VERSION = 1  # bump when the row layout changes: old cache entries then miss
 _ENCODE_BATCH = 256  # conversations per batched tokenizer call
 
@@ -309,14 +311,42 @@ def pack_files(
 # ---------------------------------------------------------------- the cache
 
 
-def _chat_files(sources: Sequence[str]) -> list[Path]:
-    files = resolve_sources(list(sources))
+def stdlib_qa_dir(cache: Path) -> Path:
+    """The stdlib docstring Q&A dataset (`trainer.stdlib_qa`) for this Python, made once under `cache`."""
+    from trainer.stdlib_qa import make_dataset
+
+    target = cache / f"stdlib-qa-py{sys.version_info.major}.{sys.version_info.minor}"
+    cache.mkdir(parents=True, exist_ok=True)
+    with _locked(cache / f"{target.name}.lock"):
+        if not target.is_dir():
+            tmp = cache / f".{target.name}.tmp-{os.getpid()}"
+            make_dataset(tmp)
+            os.replace(tmp, target)  # readers never see a half-written dataset
+    return target
+
+
+def _chat_files(sources: Sequence[str], cache: Path) -> list[Path]:
+    """Files for chat sources: `.jsonl`/`.parquet` files, directories or globs of them, or `stdlib-qa:train` and
+    `stdlib-qa:heldout` (the dataset `trainer.stdlib_qa` makes, generated offline on first use)."""
+    files: list[Path] = []
+    for src in sources:
+        if src.startswith(STDLIB_QA + ":"):
+            split = src.split(":", 1)[1]
+            if split not in ("train", "heldout"):
+                raise DataError(f"data.sources: {src}: expected {STDLIB_QA}:train or {STDLIB_QA}:heldout")
+            files.append(stdlib_qa_dir(cache) / f"{split}.jsonl")
+            continue
+        if Path(src).is_file() and Path(src).suffix not in CHAT_SUFFIXES:
+            raise DataError(
+                f"data.sources: {src}: unsupported file type for chat data (use {' or '.join(CHAT_SUFFIXES)})"
+            )
+        files.extend(resolve_sources([src]))
     for f in files:
         if f.suffix not in CHAT_SUFFIXES:
             raise DataError(
                 f"data.sources: {f}: unsupported file type for chat data (use {' or '.join(CHAT_SUFFIXES)})"
             )
-    return files
+    return sorted({f.absolute() for f in files})
 
 
 def cache_key(train_files: list[Path], val_files: list[Path], tokenizer: Any, spec: ChatDataSpec) -> str:
@@ -382,10 +412,10 @@ def load_chat_data(spec: ChatDataSpec, tokenizer: Any) -> ChatData:
         raise DataError("data.sources: no chat files given")
     if len(tokenizer) > np.iinfo(np.int32).max:
         raise DataError(f"the tokenizer has {len(tokenizer)} tokens; chat rows store int32 ids")
-    train_files = _chat_files(spec.sources)
-    val_files = _chat_files(spec.val_sources) if spec.val_sources else []
     cache = Path(spec.cache_dir) if spec.cache_dir else default_cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
+    train_files = _chat_files(spec.sources, cache)
+    val_files = _chat_files(spec.val_sources, cache) if spec.val_sources else []
     key = cache_key(train_files, val_files, tokenizer, spec)
     path = cache / f"{key}.npz"
     with _locked(cache / f"{key}.lock"):
@@ -516,7 +546,7 @@ def main(argv: list[str] | None = None) -> int:
     chat file (fp32, each conversation on its own), the before/after figure of a fine-tune."""
     p = argparse.ArgumentParser(prog="python -m trainer.chat_data", description=main.__doc__.split(":")[0])
     p.add_argument("--checkpoint", help="Hugging Face checkpoint directory (default: the embedded model)")
-    p.add_argument("--data", required=True, nargs="+", help="chat .jsonl/.parquet files")
+    p.add_argument("--data", required=True, nargs="+", help="chat .jsonl/.parquet files or stdlib-qa:heldout")
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--max-rows", type=int, default=None, help="evaluate at most this many packed rows")
     args = p.parse_args(argv)
@@ -527,7 +557,7 @@ def main(argv: list[str] | None = None) -> int:
     path = Path(args.checkpoint) if args.checkpoint else default_checkpoint()
     tokenizer = load_tokenizer(path)
     try:
-        rows, _ = pack_files(_chat_files(args.data), tokenizer, args.seq_len)
+        rows, _ = pack_files(_chat_files(args.data, default_cache_dir()), tokenizer, args.seq_len)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -332,3 +332,21 @@ def test_heldout_loss_runs_each_conversation_alone(tokenizer):
         count += int((target != IGNORE_INDEX).sum())
     assert n == count == packed.stats.assistant_tokens
     assert loss == pytest.approx(total / count, rel=1e-5)
+
+
+def test_stdlib_qa_sources_are_made_once_in_the_cache(tokenizer, tmp_path):
+    spec = ChatDataSpec(
+        sources=("stdlib-qa:train",), val_sources=("stdlib-qa:heldout",), seq_len=256, cache_dir=str(tmp_path)
+    )
+    data = load_chat_data(spec, tokenizer)
+    [made] = [p for p in tmp_path.iterdir() if p.is_dir()]
+    assert made.name.startswith("stdlib-qa-py") and (made / "heldout.jsonl").is_file()
+    assert data.train.stats.conversations > 5 * data.val.stats.conversations > 0
+    assert data.train.stats.dropped_no_assistant == data.train.stats.truncated == 0
+    assert load_chat_data(spec, tokenizer).from_cache  # the files were not rewritten
+    with pytest.raises(DataError, match="stdlib-qa:test: expected stdlib-qa:train or stdlib-qa:heldout"):
+        load_chat_data(ChatDataSpec(sources=("stdlib-qa:test",), seq_len=64, cache_dir=str(tmp_path)), tokenizer)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("plain text")
+    with pytest.raises(DataError, match=rf"{notes}: unsupported file type for chat data"):
+        load_chat_data(ChatDataSpec(sources=(str(notes),), seq_len=64, cache_dir=str(tmp_path)), tokenizer)
