@@ -541,6 +541,24 @@ def heldout_loss(model: torch.nn.Module, rows: PackedRows, max_rows: int | None 
     return total / max(count, 1), count
 
 
+def chat_prompt_ids(tokenizer: Any, question: str) -> list[int]:
+    """Token ids of `question` as a user turn followed by the assistant header: the prompt a chat model answers."""
+    messages = [{"role": "user", "content": question}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def answer(model: Any, tokenizer: Any, question: str, max_new_tokens: int = 48) -> str:
+    """The model's greedy answer to `question` asked as a chat user turn (stops at the end-of-turn token)."""
+    from model.generate import generate_tokens
+    from model.sampling import SamplingParams
+
+    ids = chat_prompt_ids(tokenizer, question)
+    greedy = SamplingParams(temperature=0.0)
+    out = generate_tokens(model, ids, max_new_tokens, greedy, stop_ids=[tokenizer.eos_token_id])
+    return tokenizer.decode(list(out), skip_special_tokens=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     """`python -m trainer.chat_data --checkpoint DIR --data FILE`: the assistant-token loss of a checkpoint on a
     chat file (fp32, each conversation on its own), the before/after figure of a fine-tune."""
@@ -549,6 +567,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", required=True, nargs="+", help="chat .jsonl/.parquet files or stdlib-qa:heldout")
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--max-rows", type=int, default=None, help="evaluate at most this many packed rows")
+    p.add_argument("--ask", nargs="*", default=[], help="questions to answer greedily (shown with the loss)")
     args = p.parse_args(argv)
     from model.bundled import default_checkpoint
     from model.checkpoint import load_model
@@ -563,17 +582,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     model = load_model(path, dtype=torch.float32).eval()
     loss, n = heldout_loss(model, rows, args.max_rows)
-    print(
-        json.dumps(
-            {
-                "checkpoint": str(path),
-                "data": args.data,
-                "rows": min(len(rows), args.max_rows or len(rows)),
-                "assistant_tokens": n,
-                "loss": round(loss, 4),
-            }
-        )
-    )
+    answers = {q: answer(model, tokenizer, q) for q in args.ask}
+    rows_used = min(len(rows), args.max_rows or len(rows))
+    report = {"checkpoint": str(path), "data": args.data, "rows": rows_used, "assistant_tokens": n}
+    print(json.dumps({**report, "loss": round(loss, 4), "answers": answers}, indent=1))
     return 0
 
 

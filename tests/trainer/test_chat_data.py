@@ -350,3 +350,36 @@ def test_stdlib_qa_sources_are_made_once_in_the_cache(tokenizer, tmp_path):
     notes.write_text("plain text")
     with pytest.raises(DataError, match=rf"{notes}: unsupported file type for chat data"):
         load_chat_data(ChatDataSpec(sources=(str(notes),), seq_len=64, cache_dir=str(tmp_path)), tokenizer)
+
+
+def test_the_cli_reports_loss_and_answers_of_a_checkpoint(tokenizer, tmp_path, capsys):
+    from model.checkpoint import save_checkpoint
+    from trainer.chat_data import chat_prompt_ids, main
+
+    model = Transformer(ModelConfig.from_name("tiny"))
+    model.init_weights(seed=0)
+    ckpt = save_checkpoint(tmp_path / "ckpt", model, tokenizer)
+    data = _write_jsonl(tmp_path / "held.jsonl", [_conversation(i) for i in range(3)])
+    assert main(["--checkpoint", str(ckpt), "--data", str(data), "--ask", "What does `json.dumps` do?"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["assistant_tokens"] > 0 and report["loss"] > 0
+    assert isinstance(report["answers"]["What does `json.dumps` do?"], str)
+    prompt = tokenizer.decode(chat_prompt_ids(tokenizer, "hi"))
+    assert prompt.endswith("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
+    assert main(["--checkpoint", str(ckpt), "--data", str(tmp_path / "missing.jsonl")]) == 1
+    assert "missing.jsonl: no such file" in capsys.readouterr().err
+
+
+def test_sft_demo_config_is_valid_apart_from_the_fields_chat_data_adds():
+    import yaml
+
+    from trainer.config import build_config
+
+    raw = yaml.safe_load((Path(__file__).parents[2] / "trainer/configs/sft-demo.yaml").read_text())
+    assert raw["data"]["format"] == "chat" and raw["data"]["val_sources"] == ["stdlib-qa:heldout"]
+    # Until trainer/config.py has `data.format` and `data.val_sources`, the rest must already validate.
+    data = {k: v for k, v in raw["data"].items() if k not in ("format", "val_sources")}
+    cfg = build_config({**raw, "data": data})
+    assert cfg.init_from == "bundled" and cfg.dtype == "float32"
+    spec = ChatDataSpec.from_data_config(cfg.data)
+    assert spec.sources == ("stdlib-qa:train",) and spec.seq_len == 256
