@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import os
 from pathlib import Path
@@ -383,3 +384,22 @@ def test_sft_demo_config_is_valid_apart_from_the_fields_chat_data_adds():
     assert cfg.init_from == "bundled" and cfg.dtype == "float32"
     spec = ChatDataSpec.from_data_config(cfg.data)
     assert spec.sources == ("stdlib-qa:train",) and spec.seq_len == 256
+
+
+@pytest.mark.skipif(
+    "positions" not in inspect.signature(Transformer.forward).parameters,
+    reason="needs Transformer.forward(idx, positions) that keeps attention inside each run of positions",
+)
+def test_packed_conversations_do_not_attend_to_each_other(tokenizer):
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.from_name("tiny")).eval()
+    model.init_weights(seed=0)
+    convs = encode_conversations(tokenizer, [(f"f:{i}", _conversation(i)) for i in range(3)])
+    rows = pack(convs, seq_len=256, pad_id=tokenizer.eos_token_id)
+    assert len(rows) == 1 and len(segments(rows.positions[0])) == 4  # three conversations and the padding
+    x, y, pos = ChatBatches(rows, 1, seed=0).next_batch()
+    with torch.no_grad():
+        packed = model(x, positions=pos)[0]  # (T, vocab)
+        for a, b in segments(rows.positions[0]):
+            alone = model(x[:, a:b])[0]
+            assert torch.allclose(packed[a:b], alone, atol=1e-4), (a, b)
