@@ -3,7 +3,8 @@ assistant tokens only, several conversations packed into each row.
 
 Input: `.jsonl` files of OpenAI-style records `{"messages": [{"role": ..., "content": ...}, ...]}` (roles
 `system`, `user`, `assistant`; content a string), or `.parquet` files with a `messages` column of the same lists.
-Directories and globs are expanded as for text data.
+Directories and globs are expanded as for text data; `stdlib-qa:train` and `stdlib-qa:heldout` name the splits of
+the dataset `trainer.stdlib_qa` makes from the standard library's docstrings (generated offline on first use).
 
 Rendering and labels. Each conversation is rendered to text by `tokenizer.apply_chat_template` and tokenized the
 way `apply_chat_template(tokenize=True)` does (no added special tokens). The characters of each assistant turn
@@ -58,6 +59,7 @@ log = logging.getLogger(__name__)
 IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant")
 CHAT_SUFFIXES = (".jsonl", ".parquet")
+STDLIB_QA = "stdlib-qa"
 _FORMAT_VERSION = 1  # bump when the row layout changes: old cache entries then miss
 _ENCODE_BATCH = 256  # conversations per batched tokenizer call
 
@@ -309,14 +311,42 @@ def pack_files(
 # ---------------------------------------------------------------- the cache
 
 
-def _chat_files(sources: Sequence[str]) -> list[Path]:
-    files = resolve_sources(list(sources))
+def stdlib_qa_dir(cache: Path) -> Path:
+    """The stdlib docstring Q&A dataset (`trainer.stdlib_qa`) for this Python, made once under `cache`."""
+    from trainer.stdlib_qa import make_dataset
+
+    target = cache / f"stdlib-qa-py{sys.version_info.major}.{sys.version_info.minor}"
+    cache.mkdir(parents=True, exist_ok=True)
+    with _locked(cache / f"{target.name}.lock"):
+        if not target.is_dir():
+            tmp = cache / f".{target.name}.tmp-{os.getpid()}"
+            make_dataset(tmp)
+            os.replace(tmp, target)  # readers never see a half-written dataset
+    return target
+
+
+def _chat_files(sources: Sequence[str], cache: Path) -> list[Path]:
+    """Files for chat sources: `.jsonl`/`.parquet` files, directories or globs of them, or `stdlib-qa:train` and
+    `stdlib-qa:heldout` (the dataset `trainer.stdlib_qa` makes, generated offline on first use)."""
+    files: list[Path] = []
+    for src in sources:
+        if src.startswith(STDLIB_QA + ":"):
+            split = src.split(":", 1)[1]
+            if split not in ("train", "heldout"):
+                raise DataError(f"data.sources: {src}: expected {STDLIB_QA}:train or {STDLIB_QA}:heldout")
+            files.append(stdlib_qa_dir(cache) / f"{split}.jsonl")
+            continue
+        if Path(src).is_file() and Path(src).suffix not in CHAT_SUFFIXES:
+            raise DataError(
+                f"data.sources: {src}: unsupported file type for chat data (use {' or '.join(CHAT_SUFFIXES)})"
+            )
+        files.extend(resolve_sources([src]))
     for f in files:
         if f.suffix not in CHAT_SUFFIXES:
             raise DataError(
                 f"data.sources: {f}: unsupported file type for chat data (use {' or '.join(CHAT_SUFFIXES)})"
             )
-    return files
+    return sorted({f.absolute() for f in files})
 
 
 def cache_key(train_files: list[Path], val_files: list[Path], tokenizer: Any, spec: ChatDataSpec) -> str:
@@ -382,10 +412,10 @@ def load_chat_data(spec: ChatDataSpec, tokenizer: Any) -> ChatData:
         raise DataError("data.sources: no chat files given")
     if len(tokenizer) > np.iinfo(np.int32).max:
         raise DataError(f"the tokenizer has {len(tokenizer)} tokens; chat rows store int32 ids")
-    train_files = _chat_files(spec.sources)
-    val_files = _chat_files(spec.val_sources) if spec.val_sources else []
     cache = Path(spec.cache_dir) if spec.cache_dir else default_cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
+    train_files = _chat_files(spec.sources, cache)
+    val_files = _chat_files(spec.val_sources, cache) if spec.val_sources else []
     key = cache_key(train_files, val_files, tokenizer, spec)
     path = cache / f"{key}.npz"
     with _locked(cache / f"{key}.lock"):
@@ -511,14 +541,33 @@ def heldout_loss(model: torch.nn.Module, rows: PackedRows, max_rows: int | None 
     return total / max(count, 1), count
 
 
+def chat_prompt_ids(tokenizer: Any, question: str) -> list[int]:
+    """Token ids of `question` as a user turn followed by the assistant header: the prompt a chat model answers."""
+    messages = [{"role": "user", "content": question}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def answer(model: Any, tokenizer: Any, question: str, max_new_tokens: int = 48) -> str:
+    """The model's greedy answer to `question` asked as a chat user turn (stops at the end-of-turn token)."""
+    from model.generate import generate_tokens
+    from model.sampling import SamplingParams
+
+    ids = chat_prompt_ids(tokenizer, question)
+    greedy = SamplingParams(temperature=0.0)
+    out = generate_tokens(model, ids, max_new_tokens, greedy, stop_ids=[tokenizer.eos_token_id])
+    return tokenizer.decode(list(out), skip_special_tokens=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     """`python -m trainer.chat_data --checkpoint DIR --data FILE`: the assistant-token loss of a checkpoint on a
     chat file (fp32, each conversation on its own), the before/after figure of a fine-tune."""
     p = argparse.ArgumentParser(prog="python -m trainer.chat_data", description=main.__doc__.split(":")[0])
     p.add_argument("--checkpoint", help="Hugging Face checkpoint directory (default: the embedded model)")
-    p.add_argument("--data", required=True, nargs="+", help="chat .jsonl/.parquet files")
+    p.add_argument("--data", required=True, nargs="+", help="chat .jsonl/.parquet files or stdlib-qa:heldout")
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--max-rows", type=int, default=None, help="evaluate at most this many packed rows")
+    p.add_argument("--ask", nargs="*", default=[], help="questions to answer greedily (shown with the loss)")
     args = p.parse_args(argv)
     from model.bundled import default_checkpoint
     from model.checkpoint import load_model
@@ -527,23 +576,16 @@ def main(argv: list[str] | None = None) -> int:
     path = Path(args.checkpoint) if args.checkpoint else default_checkpoint()
     tokenizer = load_tokenizer(path)
     try:
-        rows, _ = pack_files(_chat_files(args.data), tokenizer, args.seq_len)
+        rows, _ = pack_files(_chat_files(args.data, default_cache_dir()), tokenizer, args.seq_len)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     model = load_model(path, dtype=torch.float32).eval()
     loss, n = heldout_loss(model, rows, args.max_rows)
-    print(
-        json.dumps(
-            {
-                "checkpoint": str(path),
-                "data": args.data,
-                "rows": min(len(rows), args.max_rows or len(rows)),
-                "assistant_tokens": n,
-                "loss": round(loss, 4),
-            }
-        )
-    )
+    answers = {q: answer(model, tokenizer, q) for q in args.ask}
+    rows_used = min(len(rows), args.max_rows or len(rows))
+    report = {"checkpoint": str(path), "data": args.data, "rows": rows_used, "assistant_tokens": n}
+    print(json.dumps({**report, "loss": round(loss, 4), "answers": answers}, indent=1))
     return 0
 
 

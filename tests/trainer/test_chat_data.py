@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import os
 from pathlib import Path
@@ -332,3 +333,73 @@ def test_heldout_loss_runs_each_conversation_alone(tokenizer):
         count += int((target != IGNORE_INDEX).sum())
     assert n == count == packed.stats.assistant_tokens
     assert loss == pytest.approx(total / count, rel=1e-5)
+
+
+def test_stdlib_qa_sources_are_made_once_in_the_cache(tokenizer, tmp_path):
+    spec = ChatDataSpec(
+        sources=("stdlib-qa:train",), val_sources=("stdlib-qa:heldout",), seq_len=256, cache_dir=str(tmp_path)
+    )
+    data = load_chat_data(spec, tokenizer)
+    [made] = [p for p in tmp_path.iterdir() if p.is_dir()]
+    assert made.name.startswith("stdlib-qa-py") and (made / "heldout.jsonl").is_file()
+    assert data.train.stats.conversations > 5 * data.val.stats.conversations > 0
+    assert data.train.stats.dropped_no_assistant == data.train.stats.truncated == 0
+    assert load_chat_data(spec, tokenizer).from_cache  # the files were not rewritten
+    with pytest.raises(DataError, match="stdlib-qa:test: expected stdlib-qa:train or stdlib-qa:heldout"):
+        load_chat_data(ChatDataSpec(sources=("stdlib-qa:test",), seq_len=64, cache_dir=str(tmp_path)), tokenizer)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("plain text")
+    with pytest.raises(DataError, match=rf"{notes}: unsupported file type for chat data"):
+        load_chat_data(ChatDataSpec(sources=(str(notes),), seq_len=64, cache_dir=str(tmp_path)), tokenizer)
+
+
+def test_the_cli_reports_loss_and_answers_of_a_checkpoint(tokenizer, tmp_path, capsys):
+    from model.checkpoint import save_checkpoint
+    from trainer.chat_data import chat_prompt_ids, main
+
+    model = Transformer(ModelConfig.from_name("tiny"))
+    model.init_weights(seed=0)
+    ckpt = save_checkpoint(tmp_path / "ckpt", model, tokenizer)
+    data = _write_jsonl(tmp_path / "held.jsonl", [_conversation(i) for i in range(3)])
+    assert main(["--checkpoint", str(ckpt), "--data", str(data), "--ask", "What does `json.dumps` do?"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["assistant_tokens"] > 0 and report["loss"] > 0
+    assert isinstance(report["answers"]["What does `json.dumps` do?"], str)
+    prompt = tokenizer.decode(chat_prompt_ids(tokenizer, "hi"))
+    assert prompt.endswith("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
+    assert main(["--checkpoint", str(ckpt), "--data", str(tmp_path / "missing.jsonl")]) == 1
+    assert "missing.jsonl: no such file" in capsys.readouterr().err
+
+
+def test_sft_demo_config_is_valid_apart_from_the_fields_chat_data_adds():
+    import yaml
+
+    from trainer.config import build_config
+
+    raw = yaml.safe_load((Path(__file__).parents[2] / "trainer/configs/sft-demo.yaml").read_text())
+    assert raw["data"]["format"] == "chat" and raw["data"]["val_sources"] == ["stdlib-qa:heldout"]
+    # Until trainer/config.py has `data.format` and `data.val_sources`, the rest must already validate.
+    data = {k: v for k, v in raw["data"].items() if k not in ("format", "val_sources")}
+    cfg = build_config({**raw, "data": data})
+    assert cfg.init_from == "bundled" and cfg.dtype == "float32"
+    spec = ChatDataSpec.from_data_config(cfg.data)
+    assert spec.sources == ("stdlib-qa:train",) and spec.seq_len == 256
+
+
+@pytest.mark.skipif(
+    "positions" not in inspect.signature(Transformer.forward).parameters,
+    reason="needs Transformer.forward(idx, positions) that keeps attention inside each run of positions",
+)
+def test_packed_conversations_do_not_attend_to_each_other(tokenizer):
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.from_name("tiny")).eval()
+    model.init_weights(seed=0)
+    convs = encode_conversations(tokenizer, [(f"f:{i}", _conversation(i)) for i in range(3)])
+    rows = pack(convs, seq_len=256, pad_id=tokenizer.eos_token_id)
+    assert len(rows) == 1 and len(segments(rows.positions[0])) == 4  # three conversations and the padding
+    x, y, pos = ChatBatches(rows, 1, seed=0).next_batch()
+    with torch.no_grad():
+        packed = model(x, positions=pos)[0]  # (T, vocab)
+        for a, b in segments(rows.positions[0]):
+            alone = model(x[:, a:b])[0]
+            assert torch.allclose(packed[a:b], alone, atol=1e-4), (a, b)
