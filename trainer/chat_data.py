@@ -583,7 +583,7 @@ def main(argv: list[str] | None = None) -> int:
     model = load_model(path, dtype=torch.float32).eval()
     loss, n = heldout_loss(model, rows, args.max_rows)
     answers = {q: answer(model, tokenizer, q) for q in args.ask}
-    rows_used = min(len(rows), args.max_rows or len(rows))
+    rows_used = len(rows) if args.max_rows is None else min(len(rows), args.max_rows)
     report = {"checkpoint": str(path), "data": args.data, "rows": rows_used, "assistant_tokens": n}
     print(json.dumps({**report, "loss": round(loss, 4), "answers": answers}, indent=1))
     return 0
