@@ -13,7 +13,7 @@ from fastapi import HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 
 from model.sampling import SamplingParams
-from service.engine import Engine, FinishReason, QueueFullError, Sequence, StreamEvent
+from service.engine import Engine, EngineDeadError, FinishReason, QueueFullError, Sequence, StreamEvent
 
 
 def validation_error(field: str, message: str, value=None) -> RequestValidationError:
@@ -169,4 +169,6 @@ def start_generation(
         engine.submit(seq)
     except QueueFullError as e:
         raise HTTPException(429, f"server busy: {e}; retry later", headers={"Retry-After": "1"}) from e
+    except EngineDeadError as e:
+        raise HTTPException(503, f"{e}; retry later") from e
     return gen
