@@ -17,7 +17,7 @@ from sse_starlette import EventSourceResponse
 from sse_starlette.sse import SendTimeoutError
 
 from model.sampling import SamplingParams
-from service.engine import Engine, FinishReason, QueueFullError, Sequence, StreamEvent
+from service.engine import Engine, EngineDeadError, FinishReason, QueueFullError, Sequence, StreamEvent
 from service.errors import ApiError
 
 log = logging.getLogger(__name__)
@@ -256,4 +256,6 @@ def start_generation(
         engine.submit(seq)
     except QueueFullError as e:
         raise HTTPException(429, f"server busy: {e}; retry later", headers={"Retry-After": "1"}) from e
+    except EngineDeadError as e:
+        raise HTTPException(503, f"{e}; retry later") from e
     return gen

@@ -1,8 +1,10 @@
 """The engine loop: schedule -> run -> postprocess, in a dedicated thread (torch releases the GIL), handing
 events to asyncio once per step.
 
-Everything that touches the scheduler's running queue, the cache manager or the model runs on this thread;
-the HTTP side only submits sequences and sets their `cancelled` flag.
+The scheduler decides and records every state change of a sequence; this module adds the thread, the text
+(detokenisation and stop strings), event delivery, model swaps and the engine's health. Everything that touches
+the scheduler's running queue, the cache manager or the model runs on this thread; the HTTP side only submits
+sequences and sets their `cancelled` flag.
 """
 
 from __future__ import annotations

@@ -55,3 +55,16 @@ def test_healthz_fails_when_the_engine_stalls_or_dies(tokenizer):
         engine._thread.join(5)
         r = client.get("/healthz")
         assert r.status_code == 503 and r.json()["reason"] == "engine thread died"
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_generation_answers_503_when_the_engine_is_not_running(make_client):
+    with make_client() as client:
+        engine = client.app.state.engine
+        assert client.post("/v1/generate", json={"prompt": "Hi", "max_tokens": 2}).status_code == 200
+        engine.step = die  # the next step kills the engine thread
+        r = client.post("/v1/generate", json={"prompt": "Hi", "max_tokens": 2})
+        assert r.status_code == 503 and "died" in r.json()["error"]["message"]  # the request in flight
+        r = client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2})
+        assert r.status_code == 503 and "thread died" in r.json()["error"]["message"]  # refused up front
+        assert client.get("/healthz").status_code == 503
