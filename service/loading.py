@@ -131,10 +131,15 @@ def build_engine(settings: Settings) -> tuple[Engine, CheckpointWatcher | None]:
         max_queue=settings.max_queue,
         prefill_chunk=settings.prefill_chunk,
         info=ModelInfo(str(path), resolved.step or step_of(path), path.name),
+        stall_timeout=settings.stall_timeout,
+        drain_timeout=settings.drain_timeout,
     )
     watcher = None
     if resolved.watch_dir is not None and settings.reload_interval > 0:
-        watcher = CheckpointWatcher(resolved.watch_dir, engine, loader, settings.reload_interval, resolved.path)
+        watcher = CheckpointWatcher(
+            resolved.watch_dir, engine, loader, settings.reload_interval, resolved.path,
+            max_loss_increase=settings.reload_max_loss_increase, retry_after=settings.reload_retry_after,
+        )
     log.info(
         "serving %s (%s, %s); KV cache %d slots x %d tokens = %.1f MiB", path, dtype_name(model.dtype),
         model.device, slots, engine.max_context, engine.runner.cache.nbytes / 2**20,

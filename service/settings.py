@@ -51,6 +51,19 @@ class Settings(BaseSettings):
         1024, ge=1, description="open connections and requests beyond which the server answers 503 at once"
     )
     reload_interval: float = Field(5.0, ge=0, description="seconds between checkpoint polls; 0 disables")
+    reload_max_loss_increase: float | None = Field(
+        None, ge=0, description="refuse a checkpoint whose recorded validation loss exceeds the served one's by more "
+        "than this (unset: no gate; a non-finite recorded loss is always refused)",
+    )
+    reload_retry_after: float = Field(
+        60.0, gt=0, description="seconds before a checkpoint whose swap failed is tried again"
+    )
+    drain_timeout: float = Field(
+        2.0, ge=0, description="seconds a hot reload waits for running requests before moving them to the new model"
+    )
+    stall_timeout: float = Field(
+        60.0, gt=0, description="/healthz fails when work is pending and the engine made no step for this long"
+    )
     prefill_chunk: int = Field(512, ge=1, description="prompt tokens per prefill step")
     log_level: str = Field("INFO", description="logging level")
     shutdown_grace: float = Field(30.0, ge=0, description="seconds SIGTERM waits for running requests")

@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from service.checkpoints import newest_checkpoint, resolve_checkpoint
-from tests.service.conftest import LiveServer, metric_value, slow_down, tiny_settings, wait_until
+from tests.service.conftest import LiveServer, slow_down, tiny_settings, wait_until
 
 
 def write_latest(out: Path, name: str) -> None:
@@ -90,7 +90,8 @@ def test_hot_reload_swaps_without_failures_and_skips_broken(tmp_path, save_tiny)
         assert {r.json()["text"] for r in responses} <= {old_answer, new_answer}
         assert httpx.get(server.url + "/v1/models").json()["data"][0]["id"] == "step-000003"
         metrics = httpx.get(server.url + "/metrics").text
-        assert metric_value(metrics, "smollm_model_info", f'checkpoint="{out / "step-000003"}",step="3"') == 1
+        [info] = [line for line in metrics.splitlines() if line.startswith("smollm_model_info{")]
+        assert f'checkpoint="{out / "step-000003"}"' in info and 'step="3"' in info and info.endswith(" 1.0")
         assert 'step="1"' not in metrics
 
 
