@@ -142,3 +142,15 @@ def test_bad_inputs_are_clear_errors():
     meta = Transformer(CONFIG).to("meta")
     with pytest.raises(ValueError, match="CPU kernels; the model is on meta"):
         quantize_model(meta, "int4")
+
+
+@torch.inference_mode()
+def test_a_bf16_model_keeps_bf16_activations():
+    model = tiny().to(torch.bfloat16)
+    ref = model(torch.arange(8)[None]).float()
+    quantize_model(model, "int4")
+    assert model.layers[0].feed_forward.w13.scales_and_zeros.dtype == torch.bfloat16
+    assert model.tok_embeddings.weight.dtype == torch.bfloat16
+    out = model(torch.arange(8)[None])
+    assert out.dtype == torch.float32  # the model's logits contract, whatever the weights
+    assert ((out - ref).norm() / ref.norm()).item() < 0.15
