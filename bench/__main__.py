@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import platform
 import shlex
 import sys
 from datetime import UTC, datetime
@@ -21,9 +20,12 @@ import httpx
 import torch
 
 from bench import anchors, report, training
-from bench.ceiling import DTYPES, measure_ceiling
+from bench.ceiling import measure_ceiling
 from bench.loadgen import LoadConfig, run_load_sync
+from bench.machine import describe_machine, machine_line
 from bench.server import ServerError, ServerProcess, llama_server, smollm_server
+from model.device import DTYPES
+from model.quant import QUANT_MODES
 
 log = logging.getLogger("bench")
 
@@ -57,6 +59,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help=f"comma-separated sections to run ({','.join(SECTIONS)})")
     p.add_argument("--concurrency", type=_int_list, default=None, help="streams per level (default 1,4,16,64)")
     p.add_argument("--dtypes", type=_choice_list(tuple(DTYPES)), default=["bfloat16", "float32"])
+    p.add_argument("--quants", type=_choice_list(QUANT_MODES), default=["int8", "int4"],
+                   help="weight-only quant modes served besides the plain dtypes (SMOLLM_QUANT, on SMOLLM_DTYPE=auto); "
+                   "none for no quantized rows")
     p.add_argument("--max-tokens", type=int, default=None, help="tokens per request (default 128, --quick 16)")
     p.add_argument("--min-requests", type=int, default=None,
                    help="requests per level at least (default 4; a level sends max(concurrency, this))")
@@ -76,17 +81,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _machine() -> str:
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{os.cpu_count()}-core CPU ({model}), {mem:.0f} GiB RAM, torch {torch.__version__}"
+def serving_modes(args: argparse.Namespace) -> list[tuple[str, str, str]]:
+    """(result key, SMOLLM_DTYPE, SMOLLM_QUANT) for every served mode: each plain dtype, then each quant mode on
+    the dtype `auto` picks for the machine."""
+    modes = [(dtype, dtype, "none") for dtype in args.dtypes]
+    return modes + [(quant, "auto", quant) for quant in args.quants if quant != "none"]
 
 
 def _batch_size_stats(base_url: str) -> tuple[float, float] | None:
@@ -140,18 +139,19 @@ def drive(server: ServerProcess, args: argparse.Namespace, api: str, extra_body:
 
 def run_serving(args: argparse.Namespace, checkpoint: Path, logs: Path) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for dtype in args.dtypes:
-        server = smollm_server(checkpoint, dtype, logs / f"service-{dtype}.log",
-                               max_queue=max(64, max(args.concurrency)))
+    for key, dtype, quant in serving_modes(args):
+        server = smollm_server(checkpoint, dtype, logs / f"service-{key}.log",
+                               max_queue=max(64, max(args.concurrency)), quant=quant)
         try:
             with server:
                 # Exactly max_tokens per request, like the anchors, when the server can; otherwise the prompts
                 # are open-ended enough to run on (the table's tok/req shows what happened).
                 extra = {"ignore_eos": True} if supports_ignore_eos(server.base_url) else {}
-                out[dtype] = {"ours": drive(server, args, "smollm", extra, metrics=True), "ignore_eos": bool(extra)}
+                out[key] = {"ours": drive(server, args, "smollm", extra, metrics=True), "ignore_eos": bool(extra),
+                            "dtype": dtype, "quant": quant}
         except ServerError as e:
             log.error("%s", e)
-            out[dtype] = {"ours": {"skipped": str(e).splitlines()[0] + f" (see {server.log_path})"}}
+            out[key] = {"ours": {"skipped": str(e).splitlines()[0] + f" (see {server.log_path})"}}
     return out
 
 
@@ -216,11 +216,14 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"error: {e}\n")
         return 2
     threads = args.threads or torch.get_num_threads()
+    # The machine (ISA, bandwidth, FLOP/s) goes with every result; the ceiling section measures the latter two
+    # more thoroughly, so they are only measured here when it does not run.
+    machine = describe_machine(measure="ceiling" not in args.only, quick=True)
     results: dict[str, Any] = {"meta": {
-        "date": now.strftime("%Y-%m-%d %H:%M UTC"), "machine": _machine(),
+        "date": now.strftime("%Y-%m-%d %H:%M UTC"),
         "command": "python -m bench " + shlex.join(sys.argv[1:] if argv is None else argv),
         "checkpoint": str(checkpoint), "max_tokens": args.max_tokens, "concurrency": args.concurrency,
-        "dtypes": args.dtypes, "threads": threads, "quick": args.quick,
+        "dtypes": args.dtypes, "quants": args.quants, "threads": threads, "quick": args.quick,
     }}
 
     if "ceiling" in args.only:
@@ -228,7 +231,11 @@ def main(argv: list[str] | None = None) -> int:
             gguf_bytes = bundled_gguf_path().stat().st_size
         except FileNotFoundError:
             gguf_bytes = None
-        results["ceiling"] = measure_ceiling(config, args.dtypes, quick=args.quick, gguf_bytes=gguf_bytes).to_dict()
+        ceiling = measure_ceiling(config, args.dtypes, quick=args.quick, gguf_bytes=gguf_bytes, quants=args.quants)
+        results["ceiling"] = ceiling.to_dict()
+        machine["bandwidth_gbs"], machine["matmul_gflops"] = ceiling.bandwidth_gbs, dict(ceiling.matmul_gflops)
+    results["meta"]["machine"] = machine_line(machine)
+    results["meta"]["machine_record"] = machine
     if "serving" in args.only:
         results["serving"] = run_serving(args, checkpoint, logs)
     if "anchors" in args.only:

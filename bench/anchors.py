@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from bench.ceiling import DTYPES
+from model.device import DTYPES
 
 log = logging.getLogger(__name__)
 

@@ -15,8 +15,11 @@ from typing import Any
 import torch
 
 from model.config import ModelConfig
+from model.device import DTYPES
 
-DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+# Weight bytes per parameter of the weight-only quant modes (model/quant.py): int8 with a bf16 scale per row;
+# int4 with a bf16 scale and zero per 32 weights (5 bits a weight), its output projection in int8.
+QUANT_BITS = {"int8": 8.0, "int4": 5.0}
 
 
 def _best_time(fn, repeats: int) -> float:
@@ -51,6 +54,14 @@ def weight_bytes_per_token(config: ModelConfig, bytes_per_param: float) -> float
     return config.num_params() * bytes_per_param
 
 
+def quant_weight_bytes_per_token(config: ModelConfig, mode: str) -> float:
+    """Bytes of weights one decode step reads in a quant mode; the tied output projection is its own int8 copy,
+    the embedding lookup reads one row (left out)."""
+    output = config.vocab_size * config.n_embd
+    layers = config.num_params() - output
+    return layers * QUANT_BITS[mode] / 8 + output * 1.0
+
+
 def single_stream_tokens_per_s(bandwidth: float, weight_bytes: float) -> float:
     """Upper bound for one stream: every weight byte is read once per token."""
     if weight_bytes <= 0:
@@ -83,9 +94,11 @@ def measure_ceiling(
     dtypes: list[str],
     quick: bool = False,
     gguf_bytes: int | None = None,
+    quants: list[str] = (),
 ) -> Ceiling:
     """Measure this machine and derive the ceilings for `config` in each dtype. `gguf_bytes` (the GGUF file's
-    size, close to its quantised weights' bytes) adds llama.cpp's single-stream bound."""
+    size, close to its quantised weights' bytes) adds llama.cpp's single-stream bound; `quants` (int8, int4) add
+    theirs."""
     bandwidth = measure_read_bandwidth(nbytes=(256 << 20) if quick else (1 << 30), repeats=3 if quick else 5)
     n = 1024 if quick else 2048
     params = config.num_params()
@@ -96,6 +109,9 @@ def measure_ceiling(
         gflops[name] = flops / 1e9
         single[name] = single_stream_tokens_per_s(bandwidth, weight_bytes_per_token(config, dtype.itemsize))
         batch[name] = batch_tokens_per_s(flops, params)
+    for mode in quants:
+        if mode in QUANT_BITS:
+            single[mode] = single_stream_tokens_per_s(bandwidth, quant_weight_bytes_per_token(config, mode))
     if gguf_bytes:
         single["gguf"] = single_stream_tokens_per_s(bandwidth, gguf_bytes)
     return Ceiling(

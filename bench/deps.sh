@@ -4,9 +4,16 @@
 #   - llama-cpp-python into the venv (the one-stream llama.cpp anchor), compiled from source,
 #   - llama.cpp's llama-server, built from that package's source distribution's vendored llama.cpp, into
 #     bench/.deps/bin/llama-server (gitignored).
-# Both llama.cpp builds target AVX2/AVX-512 explicitly: a -march=native build died with an illegal
-# instruction on these machines.
-# Environment: VENV (default .venv), LLAMA_CPP_PYTHON_VERSION (default: latest), JOBS (default 2).
+# Both llama.cpp builds target the CPU at hand (GGML_NATIVE), so the anchor runs what llama.cpp would run there:
+# AVX2 on an AVX2-only CPU, AVX-512/VNNI/BF16 where the CPU has them. (An unconditional -DGGML_AVX512=ON build
+# cannot run on an AVX2-only CPU.) For a build made on one machine and run on another (a container image),
+# LLAMA_PORTABLE=1 builds llama-server with ggml's runtime-dispatched CPU variants (one shared library per ISA
+# level, the best one picked at start) and llama-cpp-python for an AVX2 baseline.
+# To approximate an AVX2-only CPU on an AVX-512 one, build with LLAMA_CPU_FLAGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON
+# -DGGML_AVX512=OFF" into a fresh bench/.deps, and run the bench with ATEN_CPU_CAPABILITY=avx2
+# ONEDNN_MAX_CPU_ISA=AVX2.
+# Environment: VENV (default .venv), LLAMA_CPP_PYTHON_VERSION (default: latest), JOBS (default 2),
+# LLAMA_PORTABLE (default 0), LLAMA_CPU_FLAGS (overrides the CPU flags of both builds).
 # Each part is attempted even if another failed; the exit status says whether all succeeded.
 set -uo pipefail
 
@@ -16,7 +23,18 @@ DEPS="$ROOT/bench/.deps"
 JOBS="${JOBS:-2}"
 VERSION="${LLAMA_CPP_PYTHON_VERSION:-}"
 SPEC="llama-cpp-python${VERSION:+==$VERSION}"
-FLAGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_AVX512=ON -DLLAMA_CURL=OFF"
+if [ "${LLAMA_PORTABLE:-0}" = 1 ]; then
+    CPU_FLAGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON"
+    SERVER_CPU_FLAGS="-DGGML_NATIVE=OFF -DGGML_BACKEND_DL=ON -DGGML_CPU_ALL_VARIANTS=ON"
+    SERVER_SHARED=ON  # the dispatched variants are shared libraries loaded at start
+else
+    CPU_FLAGS="-DGGML_NATIVE=ON"
+    SERVER_CPU_FLAGS="$CPU_FLAGS"
+    SERVER_SHARED=OFF
+fi
+CPU_FLAGS="${LLAMA_CPU_FLAGS:-$CPU_FLAGS}"
+SERVER_CPU_FLAGS="${LLAMA_CPU_FLAGS:-$SERVER_CPU_FLAGS}"
+FLAGS="$CPU_FLAGS -DLLAMA_CURL=OFF"
 NICE="nice -n 19"  # other work shares the cores: build at the lowest priority
 failed=()
 
@@ -40,9 +58,15 @@ build_llama_server() {
     src="${sdist%.tar.gz}"
     [ -d "$src" ] || tar -xzf "$sdist" -C "$DEPS/src" || return 1
     # shellcheck disable=SC2086  # FLAGS is a list of words on purpose
-    $NICE cmake -S "$src/vendor/llama.cpp" -B "$src/build" -DCMAKE_BUILD_TYPE=Release $FLAGS \
-        -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=ON -DBUILD_SHARED_LIBS=OFF || return 1
-    $NICE cmake --build "$src/build" --target llama-server -j "$JOBS" || return 1
+    $NICE cmake -S "$src/vendor/llama.cpp" -B "$src/build" -DCMAKE_BUILD_TYPE=Release $SERVER_CPU_FLAGS \
+        -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=ON \
+        -DBUILD_SHARED_LIBS="$SERVER_SHARED" || return 1
+    if [ "$SERVER_SHARED" = ON ]; then
+        $NICE cmake --build "$src/build" -j "$JOBS" || return 1  # the server and every CPU variant's library
+        cp "$src"/build/bin/*.so "$DEPS/bin/" || return 1  # ggml looks for its CPU variants next to the binary
+    else
+        $NICE cmake --build "$src/build" --target llama-server -j "$JOBS" || return 1
+    fi
     cp "$src/build/bin/llama-server" "$DEPS/bin/llama-server"
 }
 

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
-from bench.ceiling import DTYPES
 from bench.loadgen import LoadConfig, run_load_sync
 from bench.server import smollm_server
+from model.device import DTYPES
 
 log = logging.getLogger("bench.profile")
 

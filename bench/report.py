@@ -41,6 +41,8 @@ def _ceiling_section(c: dict[str, Any]) -> str:
              f"{c['params'] / 1e6:.1f}M params"]
     rows = [[d, _f(g, 0), _f(c["single_stream_tokens_per_s"].get(d)), _f(c["batch_tokens_per_s"].get(d))]
             for d, g in c["matmul_gflops"].items()]
+    rows += [[f"{mode} (weight-only)", "-", _f(tps), "-"] for mode, tps in c["single_stream_tokens_per_s"].items()
+             if mode not in c["matmul_gflops"] and mode != "gguf"]
     if "gguf" in c["single_stream_tokens_per_s"]:
         rows.append(["gguf (llama.cpp)", "-", _f(c["single_stream_tokens_per_s"]["gguf"]), "-"])
     lines.append(_table(["weights", "matmul GFLOP/s", "1-stream bound tok/s", "batch bound tok/s"], rows))

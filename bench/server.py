@@ -102,8 +102,10 @@ class ServerProcess:
 
 def smollm_server(
     checkpoint: Path, dtype: str, log_path: Path, max_batch_size: int | None = None, max_queue: int | None = None,
+    quant: str = "none",
 ) -> ServerProcess:
-    """Our service on a free port, serving `checkpoint` in `dtype`, hot reload off (nothing to watch)."""
+    """Our service on a free port, serving `checkpoint` in `dtype` with weight-only `quant` (`SMOLLM_QUANT`),
+    hot reload off (nothing to watch)."""
     port = free_port()
     env = {"SMOLLM_RELOAD_INTERVAL": "0", "SMOLLM_LOG_LEVEL": "WARNING"}
     if max_batch_size is not None:
@@ -113,7 +115,11 @@ def smollm_server(
     cmd = [sys.executable, "-m", "service", "--checkpoint", str(checkpoint), "--host", "127.0.0.1",
            "--port", str(port)]
     env["SMOLLM_DTYPE"] = dtype
-    return ServerProcess(f"smollm service ({dtype})", cmd, port, "/readyz", log_path, env)
+    name = dtype
+    if quant != "none":
+        env["SMOLLM_QUANT"] = quant
+        name = f"{quant}, {dtype}"
+    return ServerProcess(f"smollm service ({name})", cmd, port, "/readyz", log_path, env)
 
 
 def llama_server(

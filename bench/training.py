@@ -21,7 +21,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from bench.ceiling import DTYPES, measure_matmul_flops
+from bench.ceiling import measure_matmul_flops
+from model.device import DTYPES
 
 log = logging.getLogger(__name__)
 

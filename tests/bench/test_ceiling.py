@@ -52,3 +52,14 @@ def test_measure_ceiling_ties_the_parts_together():
     assert ceil["single_stream_tokens_per_s"]["gguf"] == pytest.approx(bw / 1_000_000)
     for d in ("float32", "bfloat16"):
         assert ceil["batch_tokens_per_s"][d] == pytest.approx(ceil["matmul_gflops"][d] * 1e9 / (2 * c.num_params()))
+
+
+def test_quant_modes_read_fewer_weight_bytes():
+    from bench.ceiling import quant_weight_bytes_per_token
+
+    c = ModelConfig.from_name("smollm2-135m")
+    output = 49152 * 576  # the tied output projection's own int8 copy, in both modes
+    assert quant_weight_bytes_per_token(c, "int8") == c.num_params()
+    assert quant_weight_bytes_per_token(c, "int4") == (c.num_params() - output) * 5 / 8 + output
+    ceil = measure_ceiling(ModelConfig.from_name("tiny"), ["float32"], quick=True, quants=["none", "int4"]).to_dict()
+    assert set(ceil["single_stream_tokens_per_s"]) == {"float32", "int4"}

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from bench import report
-from bench.__main__ import parse_args
+from bench.__main__ import parse_args, serving_modes
 
 
 def _level(c: int, tps: float, ttft: float) -> dict:
@@ -72,9 +72,18 @@ def test_cli_rejects_bad_arguments(capsys):
     with pytest.raises(SystemExit):
         parse_args(["--concurrency", "1,0"])
     with pytest.raises(SystemExit):
-        parse_args(["--dtypes", "float16"])
+        parse_args(["--dtypes", "float64"])
+    with pytest.raises(SystemExit):
+        parse_args(["--quants", "int3"])
     args = parse_args(["--quick"])
     assert (args.concurrency, args.max_tokens, args.dtypes) == ([1, 4], 16, ["bfloat16", "float32"])
+    assert args.quants == ["int8", "int4"]
+
+
+def test_serving_modes_add_each_quant_on_the_auto_dtype():
+    assert serving_modes(parse_args(["--dtypes", "float32", "--quants", "int8,int4"])) == [
+        ("float32", "float32", "none"), ("int8", "auto", "int8"), ("int4", "auto", "int4")]
+    assert serving_modes(parse_args(["--dtypes", "bfloat16", "--quants", "none"])) == [("bfloat16", "bfloat16", "none")]
 
 
 def test_cli_ceiling_only_writes_json_and_prints_the_table(tmp_path):
@@ -86,3 +95,9 @@ def test_cli_ceiling_only_writes_json_and_prints_the_table(tmp_path):
     (json_file,) = tmp_path.glob("*.json")
     data = json.loads(json_file.read_text())
     assert data["ceiling"]["bandwidth_gbs"] > 0 and set(data["ceiling"]["matmul_gflops"]) == {"float32"}
+    assert {"int8", "int4", "gguf"} <= set(data["ceiling"]["single_stream_tokens_per_s"])
+    assert "int4 (weight-only)" in proc.stdout
+    # The machine is named with its ISA, bandwidth and FLOP/s, in the JSON and in the printed heading.
+    machine = data["meta"]["machine_record"]
+    assert machine["isa"] and machine["bandwidth_gbs"] == data["ceiling"]["bandwidth_gbs"]
+    assert f"{machine['isa']};" in proc.stdout.splitlines()[0] and "GB/s" in proc.stdout.splitlines()[0]

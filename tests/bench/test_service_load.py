@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import pytest
 
@@ -38,3 +39,11 @@ def test_a_server_that_cannot_start_says_why(tmp_path):
     with pytest.raises(ServerError, match="exited with code|not ready"):
         server.start()
     server.stop()
+
+
+def test_quant_modes_reach_the_server_as_smollm_quant(tmp_path):
+    plain = smollm_server(Path("ck"), "float32", tmp_path / "a.log")
+    assert "SMOLLM_QUANT" not in plain.env and plain.env["SMOLLM_DTYPE"] == "float32"
+    quant = smollm_server(Path("ck"), "auto", tmp_path / "b.log", quant="int4")
+    assert quant.env["SMOLLM_QUANT"] == "int4" and quant.env["SMOLLM_DTYPE"] == "auto"
+    assert quant.name == "smollm service (int4, auto)"
