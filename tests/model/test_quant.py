@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from model.config import ModelConfig
+from model.kv_cache import CacheBatch
 from model.llama import Transformer
 from model.packed_linear import pack_linears
 from model.quant import QUANT_MODES, Int4Linear, Int8Linear, kernel_dtype, quantize_model
@@ -32,10 +33,12 @@ def decode(model: Transformer, prompt: torch.Tensor, steps: int) -> tuple[torch.
     logits of every step (B, steps + 1, vocab)."""
     B, T = prompt.shape
     cache = model.new_kv_cache(max_slots=B, max_len=64)
-    logits = [model(prompt, torch.arange(T).expand(B, T), cache)[:, -1]]
+    slots = list(range(B))
+    logits = [model(prompt, batch=CacheBatch.build(cache, slots, torch.arange(T).expand(B, T)))[:, -1]]
     tokens = [logits[-1].argmax(-1)]
     for i in range(steps):
-        logits.append(model(tokens[-1][:, None], torch.full((B, 1), T + i), cache)[:, -1])
+        step = CacheBatch.build(cache, slots, torch.full((B, 1), T + i))
+        logits.append(model(tokens[-1][:, None], batch=step)[:, -1])
         tokens.append(logits[-1].argmax(-1))
     return torch.stack(tokens, 1), torch.stack(logits, 1)
 
