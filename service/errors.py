@@ -19,20 +19,29 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 OPENAI_PATHS = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/models"})
 
 # OpenAI's error `type` by HTTP status; anything else at or above 500 is a server_error.
-OPENAI_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
-                429: "rate_limit_error"}
+OPENAI_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error", 429: "rate_limit_error"}
 # The `code` an OpenAI-route error carries when the raiser named none.
-OPENAI_CODES = {400: "invalid_value", 401: "invalid_api_key", 404: "not_found", 408: "timeout",
-                413: "request_too_large", 415: "unsupported_media_type", 429: "rate_limit_exceeded",
-                500: "internal_error", 503: "service_unavailable", 504: "timeout"}
+OPENAI_CODES = {
+    400: "invalid_value",
+    401: "invalid_api_key",
+    404: "not_found",
+    408: "timeout",
+    413: "request_too_large",
+    415: "unsupported_media_type",
+    429: "rate_limit_exceeded",
+    500: "internal_error",
+    503: "service_unavailable",
+    504: "timeout",
+}
 
 
 class ApiError(Exception):
     """An error answer with a status, a message, the request field at fault (`param`) and, for the OpenAI routes,
     a string `code`; raised anywhere below a route and written by the app's handler."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, headers: dict | None = None,
-                 code: str | None = None) -> None:
+    def __init__(
+        self, status: int, message: str, param: str | None = None, headers: dict | None = None, code: str | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
@@ -45,19 +54,34 @@ def is_openai(path: str) -> bool:
     return path in OPENAI_PATHS
 
 
-def error_body(status: int, message: str, param: str | None = None, *, openai: bool = False,
-               code: str | None = None) -> dict:
+def error_body(
+    status: int, message: str, param: str | None = None, *, openai: bool = False, code: str | None = None
+) -> dict:
     """`{"error": {"message", "type", "param", "code"}}`: on the OpenAI routes `type` follows the status and `code`
     is a string; elsewhere `type` is invalid_request_error and `code` the status."""
     if not openai:
         return {"error": {"message": message, "type": "invalid_request_error", "param": param, "code": status}}
     kind = OPENAI_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
-    return {"error": {"message": message, "type": kind, "param": param,
-                      "code": code or OPENAI_CODES.get(status, str(status))}}
+    return {
+        "error": {
+            "message": message,
+            "type": kind,
+            "param": param,
+            "code": code or OPENAI_CODES.get(status, str(status)),
+        }
+    }
 
 
-def error_response(status: int, message: str, param: str | None = None, headers=None, detail=None, *,
-                   openai: bool = False, code: str | None = None) -> JSONResponse:
+def error_response(
+    status: int,
+    message: str,
+    param: str | None = None,
+    headers=None,
+    detail=None,
+    *,
+    openai: bool = False,
+    code: str | None = None,
+) -> JSONResponse:
     body = error_body(status, message, param, openai=openai, code=code)
     if detail is not None:
         body["detail"] = detail
@@ -109,13 +133,15 @@ async def validation_handler(request: Request, exc: RequestValidationError) -> J
 
 
 async def http_handler(request: Request, exc: HTTPException) -> JSONResponse:
-    return error_response(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None),
-                          openai=is_openai(request.url.path))
+    return error_response(
+        exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None), openai=is_openai(request.url.path)
+    )
 
 
 async def api_error_handler(request: Request, exc: ApiError) -> JSONResponse:
-    return error_response(exc.status, exc.message, exc.param, headers=exc.headers,
-                          openai=is_openai(request.url.path), code=exc.code)
+    return error_response(
+        exc.status, exc.message, exc.param, headers=exc.headers, openai=is_openai(request.url.path), code=exc.code
+    )
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -38,8 +38,12 @@ class Precision:
 
     def labels(self) -> dict[str, str]:
         """The public description: /v1/models' `smollm` object and smollm_model_info's labels."""
-        return {"dtype": dtype_name(self.dtype), "device": self.device.type, "quant": self.quant,
-                "cpu_isa": self.cpu_isa}
+        return {
+            "dtype": dtype_name(self.dtype),
+            "device": self.device.type,
+            "quant": self.quant,
+            "cpu_isa": self.cpu_isa,
+        }
 
 
 def resolve_precision(settings: Settings) -> Precision:
@@ -116,8 +120,11 @@ def build_engine(settings: Settings) -> tuple[Engine, CheckpointWatcher | None]:
     path = resolved.path or default_checkpoint()
     precision = resolve_precision(settings)
     log.info(
-        "precision: dtype %s (%s requested), device %s, quant %s%s", dtype_name(precision.dtype), settings.dtype,
-        precision.device, precision.quant,
+        "precision: dtype %s (%s requested), device %s, quant %s%s",
+        dtype_name(precision.dtype),
+        settings.dtype,
+        precision.device,
+        precision.quant,
         f", CPU ISA {precision.cpu_isa} (native bf16: {precision.native_bf16})" if precision.cpu_isa else "",
     )
     loader = make_loader(settings, precision)
@@ -136,7 +143,12 @@ def build_engine(settings: Settings) -> tuple[Engine, CheckpointWatcher | None]:
     if resolved.watch_dir is not None and settings.reload_interval > 0:
         watcher = CheckpointWatcher(resolved.watch_dir, engine, loader, settings.reload_interval, resolved.path)
     log.info(
-        "serving %s (%s, %s); KV cache %d slots x %d tokens = %.1f MiB", path, dtype_name(model.dtype),
-        model.device, slots, engine.max_context, engine.runner.cache.nbytes / 2**20,
+        "serving %s (%s, %s); KV cache %d slots x %d tokens = %.1f MiB",
+        path,
+        dtype_name(model.dtype),
+        model.device,
+        slots,
+        engine.max_context,
+        engine.runner.cache.nbytes / 2**20,
     )
     return engine, watcher
