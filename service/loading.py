@@ -86,7 +86,10 @@ def make_loader(settings: Settings, precision: Precision | None = None) -> Loade
         if settings.pack_weights:
             # pack_linears asks can_pack first: it packs nothing where oneDNN would emulate the dtype (bf16 on AVX2).
             packed = pack_linears(model)
-            log.debug("packed %d linear layers for oneDNN", packed)
+            if packed:
+                log.info("packed %d linear layers for oneDNN (%s)", packed, dtype_name(precision.dtype))
+            elif quantize is None:
+                log.info("weights not packed: oneDNN has no native %s path here", dtype_name(precision.dtype))
         return model, load_tokenizer(path)
 
     return load
