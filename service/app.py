@@ -20,7 +20,8 @@ from service.settings import Settings
 async def lifespan(app: FastAPI):
     settings: Settings = app.state.settings
     engine, watcher = await run_in_passing_thread_async(build_engine, settings)
-    app.state.precision = resolve_precision(settings)
+    # In a passing thread too: it asks oneDNN what the CPU computes, and the event loop's thread runs no torch.
+    app.state.precision = await run_in_passing_thread_async(resolve_precision, settings)
     app.state.metrics.bind(engine, app.state.precision.labels())
     engine.start(asyncio.get_running_loop())
     if watcher is not None:

@@ -67,7 +67,7 @@ def chat_ids(tokenizer, messages: list[dict]) -> list[int]:
     try:
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
     except Exception as e:  # a template may reject a message order (e.g. two system messages)
-        raise HTTPException(400, f"messages: the chat template rejected them: {e}") from e
+        raise ApiError(400, f"messages: the chat template rejected them: {e}", param="messages") from e
     return list(ids)
 
 
@@ -222,15 +222,20 @@ def start_generation(
     stop: list[str] | None,
     timeout: float,
     max_tokens_field: str = "max_tokens",
+    prompt_field: str = "prompt",
     ignore_eos: bool = False,
 ) -> Generation:
-    """Validate against the model and the context, then queue. Raises HTTPException (400/429/503) or a 422."""
+    """Validate against the model and the context, then queue. Raises ApiError (400), HTTPException (429) or a
+    422 naming the field."""
     context = engine.max_context
     n = len(prompt_ids)
     if n == 0:
         raise validation_error("prompt", "the prompt encodes to no tokens")
     if n >= context:
-        raise HTTPException(400, f"prompt is {n} tokens; the context holds {context} (prompt + at least 1 new token)")
+        raise ApiError(
+            400, f"{prompt_field}: the prompt is {n} tokens; the context holds {context} (prompt + at least 1 new "
+            "token)", param=prompt_field, code="context_length_exceeded",
+        )
     room = context - n
     if max_tokens is None:
         max_tokens = room

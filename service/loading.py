@@ -38,8 +38,12 @@ class Precision:
 
     def labels(self) -> dict[str, str]:
         """The public description: /v1/models' `smollm` object and smollm_model_info's labels."""
-        return {"dtype": dtype_name(self.dtype), "device": self.device.type, "quant": self.quant,
-                "cpu_isa": self.cpu_isa}
+        return {
+            "dtype": dtype_name(self.dtype),
+            "device": self.device.type,
+            "quant": self.quant,
+            "cpu_isa": self.cpu_isa,
+        }
 
 
 def resolve_precision(settings: Settings) -> Precision:
@@ -82,7 +86,10 @@ def make_loader(settings: Settings, precision: Precision | None = None) -> Loade
         if settings.pack_weights:
             # pack_linears asks can_pack first: it packs nothing where oneDNN would emulate the dtype (bf16 on AVX2).
             packed = pack_linears(model)
-            log.debug("packed %d linear layers for oneDNN", packed)
+            if packed:
+                log.info("packed %d linear layers for oneDNN (%s)", packed, dtype_name(precision.dtype))
+            elif quantize is None:
+                log.info("weights not packed: oneDNN has no native %s path here", dtype_name(precision.dtype))
         return model, load_tokenizer(path)
 
     return load
@@ -116,8 +123,11 @@ def build_engine(settings: Settings) -> tuple[Engine, CheckpointWatcher | None]:
     path = resolved.path or default_checkpoint()
     precision = resolve_precision(settings)
     log.info(
-        "precision: dtype %s (%s requested), device %s, quant %s%s", dtype_name(precision.dtype), settings.dtype,
-        precision.device, precision.quant,
+        "precision: dtype %s (%s requested), device %s, quant %s%s",
+        dtype_name(precision.dtype),
+        settings.dtype,
+        precision.device,
+        precision.quant,
         f", CPU ISA {precision.cpu_isa} (native bf16: {precision.native_bf16})" if precision.cpu_isa else "",
     )
     loader = make_loader(settings, precision)
@@ -141,7 +151,12 @@ def build_engine(settings: Settings) -> tuple[Engine, CheckpointWatcher | None]:
             max_loss_increase=settings.reload_max_loss_increase, retry_after=settings.reload_retry_after,
         )
     log.info(
-        "serving %s (%s, %s); KV cache %d slots x %d tokens = %.1f MiB", path, dtype_name(model.dtype),
-        model.device, slots, engine.max_context, engine.runner.cache.nbytes / 2**20,
+        "serving %s (%s, %s); KV cache %d slots x %d tokens = %.1f MiB",
+        path,
+        dtype_name(model.dtype),
+        model.device,
+        slots,
+        engine.max_context,
+        engine.runner.cache.nbytes / 2**20,
     )
     return engine, watcher

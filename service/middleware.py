@@ -80,7 +80,7 @@ class AuthMiddleware:
         scheme, _, given = dict(scope["headers"]).get(b"authorization", b"").strip().partition(b" ")
         # The scheme is case-insensitive (RFC 9110 11.1); the key is compared in constant time.
         if scheme.lower() != b"bearer" or not hmac.compare_digest(given.strip(), self.expected):
-            return await send_error(send, 401, "missing or wrong API key (send 'Authorization: Bearer KEY')",
+            return await send_error(scope, send, 401, "missing or wrong API key (send 'Authorization: Bearer KEY')",
                                     {"WWW-Authenticate": "Bearer"})
         return await self.app(scope, receive, send)
 
@@ -105,9 +105,9 @@ class BodyLimitMiddleware:
             try:
                 declared = int(length)
             except ValueError:
-                return await send_error(send, 400, "invalid Content-Length header")
+                return await send_error(scope, send, 400, "invalid Content-Length header")
             if declared > self.max_bytes:
-                return await send_error(send, 413, too_big)
+                return await send_error(scope, send, 413, too_big)
         chunks, size = [], 0
         deadline = asyncio.get_running_loop().time() + self.read_timeout
         while True:
@@ -115,15 +115,14 @@ class BodyLimitMiddleware:
                 async with asyncio.timeout_at(deadline):
                     message = await receive()
             except TimeoutError:
-                return await send_error(
-                    send, 408, f"request body not received within {self.read_timeout:g} s", {"Connection": "close"}
-                )
+                message = f"request body not received within {self.read_timeout:g} s"
+                return await send_error(scope, send, 408, message, {"Connection": "close"})
             if message["type"] == "http.disconnect":
                 return None
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_bytes:
-                return await send_error(send, 413, too_big)
+                return await send_error(scope, send, 413, too_big)
             chunks.append(chunk)
             if not message.get("more_body", False):
                 break

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Callable
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -83,40 +84,94 @@ class GenerateResponse(BaseModel):
 # ---- OpenAI-compatible ----
 
 
+def _given(v: Any) -> bool:
+    return v is not None and v is not False and v != "" and v != [] and v != {}
+
+
+# OpenAI (and vLLM) request fields this server does not implement. A request that asks for one gets 400 naming
+# it, never a silent default; each entry says which values ask for something (defaults and no-op values pass).
+# Delete an entry when its feature lands.
+UNSUPPORTED_FIELDS: dict[str, Callable[[Any], bool]] = {
+    # tools and function calling
+    "tools": _given,
+    "tool_choice": lambda v: v not in (None, "none"),
+    "functions": _given,
+    "function_call": lambda v: v not in (None, "none"),
+    "parallel_tool_calls": lambda v: v is True,
+    # the shape of the answer
+    "n": lambda v: v != 1,
+    "best_of": lambda v: v not in (None, 1),
+    "echo": lambda v: v is True,
+    "suffix": _given,
+    "logprobs": lambda v: v is not None and v is not False,  # completions: 0..5; chat: true
+    "top_logprobs": lambda v: v not in (None, 0),
+    "response_format": lambda v: v is not None and not (isinstance(v, dict) and v.get("type") == "text"),
+    "audio": _given,
+    "modalities": lambda v: v not in (None, ["text"]),
+    "prediction": _given,
+    "reasoning_effort": _given,
+    "web_search_options": _given,
+    # sampling
+    "presence_penalty": lambda v: v not in (None, 0),
+    "frequency_penalty": lambda v: v not in (None, 0),
+    "logit_bias": _given,
+    "min_p": lambda v: v not in (None, 0),
+    "repetition_penalty": lambda v: v not in (None, 1),
+    "min_tokens": lambda v: v not in (None, 0),
+    "stop_token_ids": _given,
+    "use_beam_search": lambda v: v is True,
+    "guided_json": _given,
+    "guided_regex": _given,
+    "guided_choice": _given,
+    "guided_grammar": _given,
+}
+# Accepted and ignored, as OpenAI itself treats them as hints: user, store, metadata, service_tier.
+HINT_FIELDS = ("user", "store", "metadata", "service_tier")
+
+
 class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
 class _OpenAIBase(BaseModel):
-    # Clients send many optional fields (user, logit_bias, ...); unknown ones are ignored as OpenAI does.
-    model_config = ConfigDict(extra="ignore")
+    # Extra fields are kept so `unsupported_field` can refuse the ones that ask for a feature we lack; any other
+    # unknown field is ignored, as OpenAI does.
+    model_config = ConfigDict(extra="allow")
 
-    model: str | None = None
+    model: str | None = Field(None, description="the id /v1/models lists, or `smollm` (whatever is served)")
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0, description="extension (as in vLLM): 0 = off")
     ignore_eos: bool = Field(False, description="extension (as in vLLM): keep generating past end-of-sequence")
-    n: int = Field(1, ge=1, le=1, description="only one choice per request is supported")
+    n: int = Field(1, ge=1, description="only 1 is supported")
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = Field(
         None, description=f"at most {MAX_STOP} strings, each at most {MAX_STOP_CHARS} characters"
     )
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description=SEED_DESCRIPTION)
-    presence_penalty: float = Field(0.0, ge=0.0, le=0.0, description="not supported: must be 0")
-    frequency_penalty: float = Field(0.0, ge=0.0, le=0.0, description="not supported: must be 0")
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="not supported yet: must be 0")
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="not supported yet: must be 0")
 
     @field_validator("stop")
     @classmethod
     def _stop(cls, v):
         return _check_stop(v)
 
+    def unsupported_field(self) -> str | None:
+        """The first field of this request that asks for something this server does not implement, or None."""
+        given = {name: getattr(self, name) for name in self.model_fields_set} | dict(self.model_extra or {})
+        for name, asks in UNSUPPORTED_FIELDS.items():
+            if name in given and asks(given[name]):
+                return name
+        return None
+
 
 class CompletionRequest(_OpenAIBase):
     prompt: str | list[str] | list[int] = Field(..., description="a string, a one-string list, or token ids")
     max_tokens: int | None = Field(16, ge=1)
-    echo: bool = Field(False, le=False, description="not supported")
-    logprobs: int | None = Field(None, le=0, description="not supported")
+    echo: bool = Field(False, description="not supported yet: must be false")
+    logprobs: int | None = Field(None, ge=0, le=5, description="not supported yet")
 
     @field_validator("prompt")
     @classmethod
@@ -162,14 +217,8 @@ class ChatCompletionRequest(_OpenAIBase):
     messages: list[ChatMessage] = Field(..., min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    logprobs: bool | None = Field(None, description="not supported")
-
-    @field_validator("logprobs")
-    @classmethod
-    def _logprobs(cls, v):
-        if v:
-            raise ValueError("logprobs are not supported")
-        return v
+    logprobs: bool | None = Field(None, description="not supported yet")
+    top_logprobs: int | None = Field(None, ge=0, le=20, description="not supported yet")
 
 
 class OpenAIUsage(BaseModel):

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 from fastapi import APIRouter, Request, Response
 from sse_starlette import ServerSentEvent
 
 from service.deps import EngineDep, SettingsDep
 from service.engine import FinishReason
-from service.errors import ApiError
+from service.errors import ApiError, error_body
 from service.generation import (
     CLIENT_CLOSED,
     EventStream,
@@ -41,6 +42,33 @@ def _finish(reason: FinishReason) -> str:
     return "length" if reason is FinishReason.LENGTH else "abort"
 
 
+SERVED_NAME = "smollm"  # always accepted as `model`: whatever checkpoint is served now, across hot reloads
+
+
+def served_names(engine) -> set[str]:
+    """The `model` values this server answers to: `smollm`, the checkpoint's name (what /v1/models lists) and,
+    for a trainer's step-NNNNNN checkpoint, the run directory's name."""
+    names = {SERVED_NAME, engine.info.name}
+    path = Path(engine.info.checkpoint)
+    if path.name.startswith("step-"):
+        names.add(path.parent.name)
+    return names
+
+
+def check_request(body, engine) -> None:
+    """404 for a model this server does not serve; 400 naming the first field that asks for a feature this
+    server does not implement (see schemas.UNSUPPORTED_FIELDS)."""
+    if body.model is not None and body.model not in served_names(engine):
+        raise ApiError(
+            404, f"model {body.model!r} does not exist here; this server serves {engine.info.name!r} (or use "
+            f"{SERVED_NAME!r})", param="model", code="model_not_found",
+        )
+    field = body.unsupported_field()
+    if field is not None:
+        raise ApiError(400, f"{field}: not supported by this server; leave it out (or at its default)",
+                       param=field, code="unsupported_parameter")
+
+
 def _usage(gen: Generation) -> dict:
     p, c = gen.prompt_tokens, gen.completion_tokens
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
@@ -59,6 +87,7 @@ async def models(engine: EngineDep, request: Request) -> dict:
 
 @router.post("/v1/completions", response_model=CompletionResponse, responses=_STREAM)
 async def completions(body: CompletionRequest, request: Request, engine: EngineDep, settings: SettingsDep):
+    check_request(body, engine)
     if isinstance(body.prompt, str):
         prompt_ids = await encode_prompt_async(engine, body.prompt, chat=False)
     else:
@@ -85,13 +114,14 @@ async def completions(body: CompletionRequest, request: Request, engine: EngineD
 
 @router.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=_STREAM)
 async def chat_completions(body: ChatCompletionRequest, request: Request, engine: EngineDep, settings: SettingsDep):
+    check_request(body, engine)
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
     prompt_ids = await chat_ids_async(engine, messages)
     if body.max_completion_tokens is not None:
         max_tokens, field = body.max_completion_tokens, "max_completion_tokens"
     else:
         max_tokens, field = body.max_tokens, "max_tokens"
-    gen = _start(engine, settings, body, prompt_ids, max_tokens, field)
+    gen = _start(engine, settings, body, prompt_ids, max_tokens, field, prompt_field="messages")
     created, model = int(time.time()), engine.info.name
     rid = f"chatcmpl-{gen.id}"
     first = True
@@ -122,11 +152,13 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, engine
     }
 
 
-def _start(engine, settings, body, prompt_ids: list[int], max_tokens: int | None, field: str) -> Generation:
+def _start(engine, settings, body, prompt_ids: list[int], max_tokens: int | None, field: str,
+           prompt_field: str = "prompt") -> Generation:
     return start_generation(
         engine, prompt_ids, max_tokens=max_tokens, max_tokens_explicit=max_tokens is not None,
         temperature=body.temperature, top_k=body.top_k, top_p=body.top_p, seed=body.seed, stop=body.stop,
-        timeout=settings.request_timeout, max_tokens_field=field, ignore_eos=body.ignore_eos,
+        timeout=settings.request_timeout, max_tokens_field=field, prompt_field=prompt_field,
+        ignore_eos=body.ignore_eos,
     )
 
 
@@ -147,13 +179,12 @@ async def _openai_stream(gen: Generation, chunk, include_usage: bool, rid: str, 
                 continue
             error = finish_error(gen, event)
             if error is not None:
-                yield ServerSentEvent(data=json.dumps({"error": {"message": str(error), "type": "server_error"}}))
+                yield ServerSentEvent(data=json.dumps(error_body(error.status, str(error), openai=True)))
             else:
                 yield ServerSentEvent(data=json.dumps(chunk("", _finish(event.finish_reason))))
                 if include_usage:
                     yield ServerSentEvent(data=json.dumps({"id": rid, "object": obj, "created": created,
                                                            "model": model, "choices": [], "usage": _usage(gen)}))
     except Exception as e:  # never cut a stream silently
-        error = {"message": f"{type(e).__name__}: {e}", "type": "server_error"}
-        yield ServerSentEvent(data=json.dumps({"error": error}))
+        yield ServerSentEvent(data=json.dumps(error_body(500, f"{type(e).__name__}: {e}", openai=True)))
     yield ServerSentEvent(data="[DONE]")

@@ -115,8 +115,16 @@ def test_openai_client(live):
     streamed = "".join(c.choices[0].text for c in client.completions.create(
         model="tiny", prompt="Hello", max_tokens=5, temperature=0, stream=True, **fixed))
     assert streamed == done.choices[0].text
-    with pytest.raises(openai.UnprocessableEntityError):
+    with pytest.raises(openai.BadRequestError) as bad:
         client.chat.completions.create(model="tiny", messages=[{"role": "robot", "content": "x"}])
+    assert bad.value.param == "messages.0.role"
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model="smollm", messages=[{"role": "user", "content": "Hi"}], max_tokens=2,
+                                       tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}])
+    assert refused.value.param == "tools" and refused.value.code == "unsupported_parameter"
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.completions.create(model="gpt-4o", prompt="Hi", max_tokens=2)
+    assert missing.value.code == "model_not_found"
 
 
 def test_sse_over_the_wire_is_incremental(live):

@@ -10,6 +10,7 @@ import torch
 from model.sampling import SamplingParams
 from service.engine import Sequence
 from service.generation import MAX_CHARS_PER_TOKEN
+from service.schemas import HINT_FIELDS, UNSUPPORTED_FIELDS
 from tests.service.conftest import parse_sse, slow_down, wait_until
 
 
@@ -69,11 +70,12 @@ def test_chat_completions(client):
         ("/v1/completions", {"prompt": "x", "stop": "y" * 257}, "stop"),
     ],
 )
-def test_bad_parameters_are_422_naming_the_field(client, path, body, field):
+def test_bad_parameters_are_400_naming_the_field(client, path, body, field):
     r = client.post(path, json=body)
-    assert r.status_code == 422, r.text
+    assert r.status_code == 400, r.text
     err = r.json()["error"]
     assert err["param"] == field and field in err["message"]
+    assert err["type"] == "invalid_request_error" and isinstance(err["code"], str)
 
 
 @pytest.mark.parametrize(
@@ -90,10 +92,10 @@ def test_bad_parameters_are_422_naming_the_field(client, path, body, field):
         ("/v1/chat/completions", b'{"messages": [{"role": "\\ud800", "content": "hi"}]}', "messages.0.role"),
     ],
 )
-def test_unencodable_input_is_422_not_500(client, path, raw, field):
-    # Non-finite numbers and lone surrogates: the 422 must still be valid JSON naming the field.
+def test_unencodable_input_is_400_not_500(client, path, raw, field):
+    # Lone surrogates: the 400 must still be valid JSON naming the field.
     r = client.post(path, content=raw, headers={"content-type": "application/json"})
-    assert r.status_code == 422, r.text
+    assert r.status_code == 400, r.text
     err = r.json()["error"]
     assert err["param"].startswith(field) and field in err["message"]
 
@@ -101,9 +103,9 @@ def test_unencodable_input_is_422_not_500(client, path, raw, field):
 def test_openai_errors_and_defaults(client):
     r = client.post("/v1/completions", json={"prompt": [1, 2, 3], "temperature": 0, "ignore_eos": True})
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 16  # OpenAI's default max_tokens
-    assert client.post("/v1/completions", json={"prompt": [10**7]}).status_code == 422
+    assert client.post("/v1/completions", json={"prompt": [10**7]}).status_code == 400
     r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}], "max_tokens": 9999})
-    assert r.status_code == 422 and r.json()["error"]["param"] == "max_tokens"
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
     r = client.post(
         "/v1/chat/completions",
         json={
@@ -147,3 +149,126 @@ def test_messages_too_long_for_the_context_are_refused_before_tokenizing(client)
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
     r = client.post("/v1/completions", json={"prompt": "x" * (limit + 1)})
     assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+
+
+# ---- saying no clearly (issue 13 item 8)
+
+CHAT = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+REFUSED = [
+    ("tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
+    ("tool_choice", "auto"),
+    ("functions", [{"name": "f", "parameters": {}}]),
+    ("function_call", "auto"),
+    ("parallel_tool_calls", True),
+    ("n", 2),
+    ("logprobs", True),
+    ("top_logprobs", 3),
+    ("response_format", {"type": "json_object"}),
+    ("audio", {"voice": "alloy", "format": "wav"}),
+    ("modalities", ["text", "audio"]),
+    ("prediction", {"type": "content", "content": "x"}),
+    ("presence_penalty", 0.5),
+    ("frequency_penalty", -1.0),
+    ("logit_bias", {"50256": -100}),
+    ("min_p", 0.1),
+    ("repetition_penalty", 1.2),
+    ("min_tokens", 4),
+    ("stop_token_ids", [2]),
+]
+COMPLETION_ONLY = [("suffix", "the end"), ("best_of", 2), ("echo", True), ("logprobs", 1)]
+NO_OPS = {
+    "n": 1,
+    "presence_penalty": 0,
+    "frequency_penalty": 0.0,
+    "response_format": {"type": "text"},
+    "tool_choice": "none",
+    "tools": [],
+    "logprobs": False,
+    "top_logprobs": 0,
+    "logit_bias": {},
+    "parallel_tool_calls": False,
+    "repetition_penalty": 1.0,
+    "min_p": 0,
+}
+HINTS = {"user": "someone", "store": False, "metadata": {"run": "1"}, "service_tier": "auto"}
+
+
+@pytest.mark.parametrize(("field", "value"), REFUSED)
+def test_unimplemented_chat_fields_are_400_naming_the_field(client, field, value):
+    r = client.post("/v1/chat/completions", json={**CHAT, field: value})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"] == {
+        "message": r.json()["error"]["message"],
+        "type": "invalid_request_error",
+        "param": field,
+        "code": "unsupported_parameter",
+    }
+    assert field in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize(("field", "value"), COMPLETION_ONLY + [("tools", [{"type": "function"}])])
+def test_unimplemented_completion_fields_are_400_naming_the_field(client, field, value):
+    r = client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2, field: value})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == field and r.json()["error"]["code"] == "unsupported_parameter"
+
+
+def test_defaults_and_hints_are_accepted(client):
+    r = client.post("/v1/chat/completions", json={**CHAT, **NO_OPS, **HINTS})
+    assert r.status_code == 200, r.text
+    r = client.post(
+        "/v1/completions", json={"prompt": "Hi", "max_tokens": 2, "echo": False, "best_of": 1, "suffix": None, **HINTS}
+    )
+    assert r.status_code == 200, r.text
+
+
+def test_the_refusal_list_is_one_table():
+    # The fields refused are exactly the table's keys: implementing one means deleting its entry.
+    assert {f for f, _ in REFUSED + COMPLETION_ONLY} <= set(UNSUPPORTED_FIELDS)
+    assert not set(HINT_FIELDS) & set(UNSUPPORTED_FIELDS)
+
+
+def test_unknown_model_is_404_model_not_found(client):
+    r = client.post("/v1/chat/completions", json={**CHAT, "model": "gpt-4o"})
+    assert r.status_code == 404
+    err = r.json()["error"]
+    assert err["type"] == "not_found_error" and err["code"] == "model_not_found" and err["param"] == "model"
+    assert "gpt-4o" in err["message"]
+    served = client.get("/v1/models").json()["data"][0]["id"]
+    for name in (served, "smollm", None):
+        body = {**CHAT, "model": name} if name else CHAT
+        assert client.post("/v1/chat/completions", json=body).status_code == 200, name
+    assert client.post("/v1/completions", json={"prompt": "Hi", "model": "nope"}).status_code == 404
+
+
+def test_openai_error_shape_by_status(make_client):
+    with make_client(api_key="k", max_batch_size=1, max_queue=0) as c:
+        r = c.post("/v1/completions", json={"prompt": "Hi"})
+        assert r.status_code == 401
+        assert r.json()["error"]["type"] == "authentication_error" and r.json()["error"]["code"] == "invalid_api_key"
+        # /v1/generate keeps its documented shape: the status as the code.
+        r = c.post("/v1/generate", json={"prompt": "Hi"})
+        assert r.status_code == 401 and r.json()["error"]["code"] == 401
+        auth = {"Authorization": "Bearer k"}
+        r = c.post("/v1/generate", json={"prompt": "x", "temperature": 9}, headers=auth)
+        assert r.status_code == 422 and r.json()["error"]["code"] == 422
+        engine = c.app.state.engine
+        slow_down(engine, 0.01)
+        holder = Sequence(prompt_ids=[1, 2, 3], max_tokens=1900, params=SamplingParams(temperature=0), ignore_eos=True)
+        engine.submit(holder)
+        assert wait_until(lambda: holder in engine.scheduler.running)
+        r = c.post("/v1/chat/completions", json=CHAT, headers=auth)
+        assert r.status_code == 429
+        assert r.json()["error"]["type"] == "rate_limit_error" and r.json()["error"]["code"] == "rate_limit_exceeded"
+        engine.cancel(holder)
+        assert wait_until(engine.idle)
+        engine.stop()
+        r = c.post("/v1/chat/completions", json=CHAT, headers=auth)
+        assert r.status_code == 503
+        assert r.json()["error"]["type"] == "server_error" and r.json()["error"]["code"] == "service_unavailable"
+
+
+def test_prompt_beyond_the_context_is_context_length_exceeded(client):
+    r = client.post("/v1/completions", json={"prompt": list(range(1, 2100)), "max_tokens": 2})
+    assert r.status_code == 400
+    assert r.json()["error"]["code"] == "context_length_exceeded" and r.json()["error"]["param"] == "prompt"
