@@ -55,8 +55,15 @@ from tests.reliability.harness import StreamResult, free_port, random_prompt, re
 
 log = logging.getLogger("chaos")
 
-FAULTS = ("nan_checkpoint", "truncated_checkpoint", "swap_raises", "step_raises", "client_stops_reading",
-          "huge_prompt", "slow_body")
+FAULTS = (
+    "nan_checkpoint",
+    "truncated_checkpoint",
+    "swap_raises",
+    "step_raises",
+    "client_stops_reading",
+    "huge_prompt",
+    "slow_body",
+)
 TINY = ModelConfig.from_name("tiny").replace(block_size=1024)
 REQUEST_TIMEOUT = 30.0  # the server's request timeout; a client's deadline is this + 5 s
 
@@ -123,8 +130,9 @@ class InProcessServer:
         self.app = create_app(settings)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning",
-                                timeout_graceful_shutdown=5)
+        config = uvicorn.Config(
+            self.app, host="127.0.0.1", port=self.port, log_level="warning", timeout_graceful_shutdown=5
+        )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, name="chaos-uvicorn", daemon=True)
 
@@ -199,8 +207,13 @@ class Tally:
 
 
 async def one_request(client: httpx.AsyncClient, rng: random.Random, tally: Tally) -> None:
-    payload = {"prompt": random_prompt(rng), "max_tokens": rng.randint(8, 48), "temperature": 0.8,
-               "seed": rng.randrange(1 << 30), "stream": True}
+    payload = {
+        "prompt": random_prompt(rng),
+        "max_tokens": rng.randint(8, 48),
+        "temperature": 0.8,
+        "seed": rng.randrange(1 << 30),
+        "stream": True,
+    }
     tally.add("sent")
     result = StreamResult()
     events = result.events
@@ -269,8 +282,9 @@ def raw_request(port: int, head: bytes, body: bytes, *, read: bool, wait: float)
 
 
 def post_head(path: str, length: int) -> bytes:
-    return (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {length}\r\n\r\n").encode()
+    return (
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {length}\r\n\r\n"
+    ).encode()
 
 
 async def inject(fault: str, server: InProcessServer, run_dir: RunDir, rng: random.Random, notes: Counter) -> None:
@@ -285,26 +299,31 @@ async def inject(fault: str, server: InProcessServer, run_dir: RunDir, rng: rand
     elif fault == "step_raises":
         fail_once(engine.runner, "run", "injected: engine step failed")
     elif fault == "client_stops_reading":
-        body = json.dumps({"prompt": "Tell me a story", "max_tokens": 400, "ignore_eos": True, "stream": True,
-                           "temperature": 0}).encode()
-        await asyncio.to_thread(raw_request, server.port, post_head("/v1/generate", len(body)), body, read=False,
-                                wait=3.0)
+        body = json.dumps(
+            {"prompt": "Tell me a story", "max_tokens": 400, "ignore_eos": True, "stream": True, "temperature": 0}
+        ).encode()
+        await asyncio.to_thread(
+            raw_request, server.port, post_head("/v1/generate", len(body)), body, read=False, wait=3.0
+        )
     elif fault == "huge_prompt":
         body = json.dumps({"prompt": "a " * 500_000, "max_tokens": 4}).encode()
-        answer = await asyncio.to_thread(raw_request, server.port, post_head("/v1/generate", len(body)), body,
-                                         read=True, wait=15.0)
+        answer = await asyncio.to_thread(
+            raw_request, server.port, post_head("/v1/generate", len(body)), body, read=True, wait=15.0
+        )
         status = answer.split(b" ", 2)[1].decode() if answer.startswith(b"HTTP/") else "none"
         notes[f"huge_prompt_status_{status}"] += 1
     elif fault == "slow_body":
-        answer = await asyncio.to_thread(raw_request, server.port, post_head("/v1/generate", 1000), b'{"prompt":',
-                                         read=True, wait=30.0)
+        answer = await asyncio.to_thread(
+            raw_request, server.port, post_head("/v1/generate", 1000), b'{"prompt":', read=True, wait=30.0
+        )
         status = answer.split(b" ", 2)[1].decode() if answer.startswith(b"HTTP/") else "none"
         notes[f"slow_body_status_{status}"] += 1
     notes[fault] += 1
 
 
-async def fault_loop(server: InProcessServer, run_dir: RunDir, stop_at: float, every: float, seed: int,
-                     notes: Counter) -> None:
+async def fault_loop(
+    server: InProcessServer, run_dir: RunDir, stop_at: float, every: float, seed: int, notes: Counter
+) -> None:
     rng = random.Random(seed)
     order: list[str] = []
     running: list[asyncio.Task] = []
@@ -359,9 +378,18 @@ def chaos(args: argparse.Namespace) -> dict:
         run_dir = RunDir(Path(tmp) / "run")
         run_dir.root.mkdir()
         run_dir.write_good(seed=0)
-        settings = Settings(checkpoint=str(run_dir.root), dtype="float32", device="cpu", max_batch_size=8,
-                            max_context=TINY.block_size, max_queue=64, reload_interval=0.3, threads=1,
-                            request_timeout=REQUEST_TIMEOUT, pack_weights=False)
+        settings = Settings(
+            checkpoint=str(run_dir.root),
+            dtype="float32",
+            device="cpu",
+            max_batch_size=8,
+            max_context=TINY.block_size,
+            max_queue=64,
+            reload_interval=0.3,
+            threads=1,
+            request_timeout=REQUEST_TIMEOUT,
+            pack_weights=False,
+        )
         with NanWatch() as nan_watch, InProcessServer(settings) as server:
             start = time.monotonic()
             found = asyncio.run(run_load(server, run_dir, args))

@@ -14,8 +14,21 @@ from tests.reliability.harness import REPO
 def test_chaos_run_has_no_hang_no_nan_no_leak(tmp_path):
     out = tmp_path / "chaos.json"
     # 7 faults at one every 1.5 s: each is injected at least once in 15 s.
-    cmd = [sys.executable, "-m", "tests.reliability.chaos", "--minutes", "0.3", "--clients", "4",
-           "--fault-every", "1.5", "--seed", "1", "--json", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "tests.reliability.chaos",
+        "--minutes",
+        "0.3",
+        "--clients",
+        "4",
+        "--fault-every",
+        "1.5",
+        "--seed",
+        "1",
+        "--json",
+        str(out),
+    ]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     figures = json.loads(out.read_text())
