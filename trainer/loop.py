@@ -31,6 +31,7 @@ from trainer.distributed import DistInfo
 from trainer.init_source import ModelSource, build_model, resolve_model_source
 from trainer.mfu import MfuMeter, device_peak, flops_per_token
 from trainer.optim import build_optimizer, lr_at, set_lr
+from trainer.out_lock import OutputLock
 from trainer.preemption import StopRequest
 from trainer.progress import Progress
 from trainer.state import Evaluation, TrainState, restore_or_init
@@ -164,11 +165,15 @@ class RunSummary:
 
 def run(prep: Prepared, out_dir: Path) -> RunSummary:
     """Train until `max_steps`, resuming from the newest complete checkpoint in `out_dir` if there is one."""
-    info = distributed.setup(prep.cfg.device)
-    try:
-        return _run(prep, out_dir, info)
-    finally:
-        distributed.teardown(info)
+    # Rank 0 holds the lock for the job (the other ranks are the same job); it is taken before joining the
+    # process group, so a second job fails at once instead of waiting at a collective.
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    with OutputLock(out_dir) if main_process else contextlib.nullcontext():
+        info = distributed.setup(prep.cfg.device)
+        try:
+            return _run(prep, out_dir, info)
+        finally:
+            distributed.teardown(info)
 
 
 def _run(prep: Prepared, out_dir: Path, info: DistInfo) -> RunSummary:
