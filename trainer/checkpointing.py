@@ -29,13 +29,15 @@ from model.run_dir import (
     read_latest,
     step_dir_name,
     write_latest,
+    write_summary,
 )
 from trainer import distributed
+from trainer.nonfinite import DivergedError, first_nonfinite_parameter
 
 if TYPE_CHECKING:
     from trainer.config import TrainConfig
     from trainer.distributed import DistInfo
-    from trainer.state import TrainState
+    from trainer.state import Evaluation, TrainState
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +75,7 @@ def save(
 
     def add_trainer_state(tmp: Path) -> None:
         torch.save(state, tmp / STATE_FILE)
+        write_summary(tmp, {key: state.get(key) for key in ("step", "val_loss", "val_loss_step")})
         (tmp / CONFIG_FILE).write_text(yaml.safe_dump(state["config"], sort_keys=False))
         pause = _pause_seconds(os.environ.get(PAUSE_ENV, ""), step)
         if pause > 0:
@@ -161,8 +164,15 @@ class Checkpointer:
     def due(self, step: int, stopping: bool) -> bool:
         return step % self.cfg.checkpoint_every == 0 or step == self.cfg.max_steps or stopping
 
-    def save(self, state: TrainState, lr: float) -> None:
+    def save(self, state: TrainState, lr: float, evaluation: Evaluation | None) -> None:
+        """Write the checkpoint of `state` recording `evaluation` (the current validation loss); weights that
+        are not finite are never written (every rank holds the same weights, so every rank raises)."""
+        bad = first_nonfinite_parameter(state.model)
+        if bad is not None:
+            latest = read_latest(self.out_dir)
+            raise DivergedError(f"step {state.step}: parameter {bad} is not finite; no checkpoint written, "
+                                f"latest still names {latest or 'nothing'}")
         if self.info.is_main:
-            save(self.out_dir, state.step, state.model, self.tokenizer, state.to_checkpoint(lr, self.cfg, self.info),
-                 self.cfg.keep_last)
+            trainer_state = state.to_checkpoint(lr, self.cfg, self.info, evaluation)
+            save(self.out_dir, state.step, state.model, self.tokenizer, trainer_state, self.cfg.keep_last)
         distributed.barrier(self.info)

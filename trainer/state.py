@@ -43,8 +43,11 @@ class TrainState:
     last_eval: Evaluation | None = None
     saved: dict[str, Any] = field(default_factory=dict)  # the loaded trainer state (empty on a fresh start)
 
-    def to_checkpoint(self, lr: float, cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
-        """The trainer state written next to the weights (`model.run_dir.STATE_FILE`)."""
+    def to_checkpoint(
+        self, lr: float, cfg: TrainConfig, info: DistInfo, evaluation: Evaluation | None = None
+    ) -> dict[str, Any]:
+        """The trainer state written next to the weights (`model.run_dir.STATE_FILE`). `val_loss` is the
+        validation loss of these weights (None without a validation split), for a server's promotion gate."""
         return {
             "step": self.step,
             "optimizer": self.optimizer.state_dict(),
@@ -54,6 +57,8 @@ class TrainState:
             "rng": checkpointing.capture_rng_state(),
             "config": cfg.model_dump(mode="json"),
             "world_size": info.world_size,
+            "val_loss": None if evaluation is None else evaluation.loss,
+            "val_loss_step": None if evaluation is None else evaluation.step,
         }
 
 
