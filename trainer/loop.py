@@ -56,6 +56,10 @@ def prepare(cfg: TrainConfig) -> Prepared:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if cfg.batch_size % world_size:
         raise ConfigError(f"batch_size={cfg.batch_size} must be divisible by the number of processes ({world_size})")
+    try:
+        pick_device(cfg.device)  # `device: cuda` without CUDA is a config error, found before any work
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     source = resolve_model_source(cfg)
     tokenizer = load_tokenizer(source.tokenizer_path)
     if len(tokenizer) > source.config.vocab_size:
