@@ -42,9 +42,14 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "smollm"
 
 
+def default_checkpoint_dir() -> Path:
+    """Where `default_checkpoint()` keeps the converted model (it may not be there yet)."""
+    return cache_dir() / DEFAULT_NAME
+
+
 def default_checkpoint(directory: str | os.PathLike[str] | None = None) -> Path:
     """The converted embedded model's checkpoint directory, converting it on first use."""
-    target = Path(directory) if directory is not None else cache_dir() / DEFAULT_NAME
+    target = Path(directory) if directory is not None else default_checkpoint_dir()
     if not is_complete_checkpoint(target):
         log.info("converting the embedded %s into %s (once)", BUNDLED_FILE, target)
         convert_gguf(bundled_gguf_path(), target)

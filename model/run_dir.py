@@ -10,7 +10,9 @@ Hidden entries (a leading `.`) are in-flight writes or debris and are never read
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import os
 import re
 from pathlib import Path
@@ -22,6 +24,7 @@ log = logging.getLogger(__name__)
 LATEST_FILE = "latest"
 # The trainer's own files inside a checkpoint directory.
 STATE_FILE = "trainer_state.pt"  # torch pickle: optimizer, data position, RNG states (to resume)
+SUMMARY_FILE = "trainer_summary.json"  # what a reader may trust without unpickling: step, val_loss
 
 _STEP_RE = re.compile(r"step-(\d+)")
 
@@ -98,3 +101,34 @@ def newest_complete(out_dir: Path) -> Path | None:
         if is_complete_checkpoint(path):
             return path
     return None
+
+
+def write_summary(checkpoint_dir: Path, summary: dict[str, object]) -> None:
+    """Write `SUMMARY_FILE` into a (temporary, not yet visible) checkpoint directory. A non-finite float is
+    written as the string "nan" / "inf", which JSON can hold, so a reader still sees that it was bad."""
+
+    def encode(v: object) -> object:
+        return repr(v) if isinstance(v, float) and not math.isfinite(v) else v
+
+    (checkpoint_dir / SUMMARY_FILE).write_text(json.dumps({k: encode(v) for k, v in summary.items()}) + "\n")
+
+
+def recorded_val_loss(checkpoint_dir: Path) -> float | None:
+    """The validation loss the trainer recorded for this checkpoint (`trainer_summary.json`, key `val_loss`):
+    a float (possibly nan or inf), or None when the checkpoint has no summary or the run no validation split.
+    Reads a small JSON file: no unpickling of the trainer state, safe on a directory the server only watches."""
+    path = checkpoint_dir / SUMMARY_FILE
+    try:
+        value = json.loads(path.read_text()).get("val_loss")
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, AttributeError) as e:
+        log.warning("%s: unreadable (%s)", path, e)
+        return None
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        log.warning("%s: val_loss %r is not a number", path, value)
+        return None

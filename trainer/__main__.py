@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     from trainer.checkpointing import CheckpointWriteError
     from trainer.data import DataError
     from trainer.loop import prepare, run
+    from trainer.nonfinite import DivergedError
 
     out = args.out or Path("runs") / (args.config.stem if args.config else "default")
     try:
@@ -53,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     except PermissionError as e:
         print(f"error: --out {out}: {e}", file=sys.stderr)
         return 2
-    except CheckpointWriteError as e:
+    except (CheckpointWriteError, DivergedError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     if summary.stopped_early:

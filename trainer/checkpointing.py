@@ -23,19 +23,22 @@ import yaml
 from model.checkpoint import CheckpointError, is_complete_checkpoint, load_model, save_checkpoint
 from model.llama import Transformer
 from model.run_dir import (
+    LATEST_FILE,
     STATE_FILE,
     checkpoint_dirs,
     is_latest_temp,
     read_latest,
     step_dir_name,
     write_latest,
+    write_summary,
 )
 from trainer import distributed
+from trainer.nonfinite import DivergedError, first_nonfinite_parameter
 
 if TYPE_CHECKING:
     from trainer.config import TrainConfig
     from trainer.distributed import DistInfo
-    from trainer.state import TrainState
+    from trainer.state import Evaluation, TrainState
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +62,14 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        # A run resumed on a node with fewer (or more) GPUs than the one that saved: restore the devices both
+        # have; set_rng_state_all would index past the end.
+        saved, present = state["cuda"], torch.cuda.device_count()
+        if len(saved) != present:
+            log.warning("the checkpoint holds CUDA RNG states of %d devices, this node has %d: restoring %d",
+                        len(saved), present, min(len(saved), present))
+        for device, rng in enumerate(saved[:present]):
+            torch.cuda.set_rng_state(rng, device)
 
 
 class CheckpointWriteError(RuntimeError):
@@ -73,6 +83,7 @@ def save(
 
     def add_trainer_state(tmp: Path) -> None:
         torch.save(state, tmp / STATE_FILE)
+        write_summary(tmp, {key: state.get(key) for key in ("step", "val_loss", "val_loss_step")})
         (tmp / CONFIG_FILE).write_text(yaml.safe_dump(state["config"], sort_keys=False))
         pause = _pause_seconds(os.environ.get(PAUSE_ENV, ""), step)
         if pause > 0:
@@ -86,9 +97,18 @@ def save(
         path = save_checkpoint(target, model, tokenizer=tokenizer, extra=add_trainer_state)
     except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
         raise CheckpointWriteError(_write_failure(out_dir, target, e)) from e
-    write_latest(out_dir, path.name)
+    previous = read_latest(out_dir)
+    try:
+        write_latest(out_dir, path.name)
+    except OSError as e:
+        raise CheckpointWriteError(f"wrote checkpoint {path} but could not update {out_dir / LATEST_FILE}: {e}; "
+                                   f"it still names {previous or 'nothing'}") from e
     log.info("saved checkpoint %s in %.1fs", path, time.perf_counter() - t0)
-    apply_retention(out_dir, keep_last)
+    try:
+        apply_retention(out_dir, keep_last)
+    except OSError as e:
+        raise CheckpointWriteError(f"wrote checkpoint {path} (latest names it) but could not delete older ones "
+                                   f"(keep_last={keep_last}): {e}") from e
     return path
 
 
@@ -135,18 +155,27 @@ def remove_debris(out_dir: Path) -> None:
                 p.unlink(missing_ok=True)
 
 
+def load_resumable(path: Path) -> tuple[Transformer, dict[str, Any]]:
+    """A checkpoint's fp32 weights and trainer state; CheckpointError names what is wrong."""
+    if not is_complete_checkpoint(path) or not (path / STATE_FILE).is_file():
+        raise CheckpointError(f"{path}: incomplete checkpoint")
+    try:
+        # Our own file: it holds numpy and python RNG states besides tensors, hence weights_only=False.
+        state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
+        return load_model(path, dtype=torch.float32), state
+    except CheckpointError:
+        raise
+    except (OSError, RuntimeError, EOFError, KeyError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot load it: {e}") from e
+
+
 def find_resumable(out_dir: Path) -> tuple[Path, Transformer, dict[str, Any]] | None:
     """The newest checkpoint that loads completely (weights and trainer state), falling back to older ones."""
     for _, path in checkpoint_dirs(out_dir):
-        if not is_complete_checkpoint(path) or not (path / STATE_FILE).is_file():
-            log.warning("skipping %s: incomplete checkpoint", path)
-            continue
         try:
-            # Our own file: it holds numpy and python RNG states besides tensors, hence weights_only=False.
-            state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
-            model = load_model(path, dtype=torch.float32)
-        except (CheckpointError, OSError, RuntimeError, EOFError, KeyError, ValueError) as e:
-            log.warning("skipping %s: cannot load it: %s", path, e)
+            model, state = load_resumable(path)
+        except CheckpointError as e:
+            log.warning("skipping %s", e)
             continue
         return path, model, state
     return None
@@ -161,8 +190,15 @@ class Checkpointer:
     def due(self, step: int, stopping: bool) -> bool:
         return step % self.cfg.checkpoint_every == 0 or step == self.cfg.max_steps or stopping
 
-    def save(self, state: TrainState, lr: float) -> None:
+    def save(self, state: TrainState, lr: float, evaluation: Evaluation | None) -> None:
+        """Write the checkpoint of `state` recording `evaluation` (the current validation loss); weights that
+        are not finite are never written (every rank holds the same weights, so every rank raises)."""
+        bad = first_nonfinite_parameter(state.model)
+        if bad is not None:
+            latest = read_latest(self.out_dir)
+            raise DivergedError(f"step {state.step}: parameter {bad} is not finite; no checkpoint written, "
+                                f"latest still names {latest or 'nothing'}")
         if self.info.is_main:
-            save(self.out_dir, state.step, state.model, self.tokenizer, state.to_checkpoint(lr, self.cfg, self.info),
-                 self.cfg.keep_last)
+            trainer_state = state.to_checkpoint(lr, self.cfg, self.info, evaluation)
+            save(self.out_dir, state.step, state.model, self.tokenizer, trainer_state, self.cfg.keep_last)
         distributed.barrier(self.info)

@@ -76,6 +76,8 @@ class TrainConfig(_Strict):
     max_steps: int = Field(1000, gt=0)
     grad_clip: float = Field(1.0, ge=0)
     """Clip the global gradient norm to this; 0 disables clipping."""
+    max_nonfinite_steps: int = Field(5, gt=0)
+    """A step whose loss or gradient norm is NaN or infinite updates nothing; this many in a row stop the job."""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """Compute precision: weights and optimizer state stay fp32, `bfloat16` runs the forward under autocast.
     `auto` is bf16 where the hardware computes it natively (CUDA with bf16, a CPU with AVX512-BF16 or AMX) and

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from model.checkpoint import CheckpointError, load_model, read_config
+from model import bundled
+from model.checkpoint import CheckpointError, is_complete_checkpoint, load_model, read_config
 from model.config import ModelConfig
 from model.llama import Transformer
 from trainer.config import ConfigError, TrainConfig
@@ -20,13 +23,30 @@ class ModelSource:
     tokenizer_path: Path
 
 
-def _bundled() -> Path:
-    from model.bundled import default_checkpoint
+# How long the other ranks of a job wait for rank 0 to convert the embedded model (about a minute on a CPU).
+BUNDLED_WAIT_S = 900.0
 
+
+def _bundled() -> Path:
+    """The embedded model's checkpoint. Under torchrun only rank 0 converts it on a fresh cache: every rank
+    converting into the one directory would replace it under the others' feet. The others wait for the
+    directory to appear (it appears complete: the conversion renames it into place)."""
     try:
-        return default_checkpoint()
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and int(os.environ.get("RANK", "0")) != 0:
+            return _wait_for(bundled.default_checkpoint_dir(), BUNDLED_WAIT_S)
+        return bundled.default_checkpoint()
     except (FileNotFoundError, OSError, ValueError) as e:
         raise ConfigError(f"the embedded model is unavailable: {e}") from None
+
+
+def _wait_for(path: Path, timeout_s: float) -> Path:
+    bundled.bundled_gguf_path()  # not installed: fail now, not after the timeout
+    deadline = time.monotonic() + timeout_s
+    while not is_complete_checkpoint(path):
+        if time.monotonic() > deadline:
+            raise ConfigError(f"the embedded model: rank 0 did not convert it into {path} within {timeout_s:.0f}s")
+        time.sleep(0.5)
+    return path
 
 
 def resolve_model_source(cfg: TrainConfig) -> ModelSource:

@@ -30,7 +30,9 @@ from trainer.data import WindowSampler, load_tokens, split_tokens
 from trainer.distributed import DistInfo
 from trainer.init_source import ModelSource, build_model, resolve_model_source
 from trainer.mfu import MfuMeter, device_peak, flops_per_token
+from trainer.nonfinite import NonFiniteGuard
 from trainer.optim import build_optimizer, lr_at, set_lr
+from trainer.out_lock import OutputLock
 from trainer.preemption import StopRequest
 from trainer.progress import Progress
 from trainer.state import Evaluation, TrainState, restore_or_init
@@ -54,6 +56,10 @@ def prepare(cfg: TrainConfig) -> Prepared:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if cfg.batch_size % world_size:
         raise ConfigError(f"batch_size={cfg.batch_size} must be divisible by the number of processes ({world_size})")
+    try:
+        pick_device(cfg.device)  # `device: cuda` without CUDA is a config error, found before any work
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     source = resolve_model_source(cfg)
     tokenizer = load_tokenizer(source.tokenizer_path)
     if len(tokenizer) > source.config.vocab_size:
@@ -91,9 +97,11 @@ def train_step(
     grad_clip: float,
     device: torch.device,
     autocast: Any,
+    info: DistInfo | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimizer step over `grad_accum` micro-batches; returns (mean loss, grad norm) as 0-d tensors
-    (no host sync here: the caller reads them only when it logs)."""
+    """One optimizer step over `grad_accum` micro-batches; returns (mean loss, grad norm) as 0-d tensors.
+    When the loss (on any rank) or the gradient norm is not finite, the update is skipped: weights and
+    optimizer state stay as they were, and the returned values show why."""
     loss_sum = torch.zeros((), device=device)
     for micro in range(grad_accum):
         x, y = sampler.next_batch()  # (B, T) each
@@ -107,9 +115,18 @@ def train_step(
             loss.backward()
         loss_sum += loss.detach()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
-    optimizer.step()
+    if _finite_everywhere(loss_sum, grad_norm, info):
+        optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return loss_sum, grad_norm
+
+
+def _finite_everywhere(loss: torch.Tensor, grad_norm: torch.Tensor, info: DistInfo | None) -> bool:
+    """Whether every rank's loss and the (already global) gradient norm are finite, so all ranks agree."""
+    bad = (~(loss.isfinite() & grad_norm.isfinite())).float()
+    if info is not None and info.enabled:
+        bad = distributed.all_reduce_mean(bad, info)
+    return bool(bad.item() == 0)  # host sync, once per step: whether to update at all
 
 
 @torch.no_grad()
@@ -151,6 +168,15 @@ class Validator:
         state.last_eval = Evaluation(state.step, loss)
         return loss
 
+    def current(self, state: TrainState) -> Evaluation | None:
+        """The validation loss of the weights as they are now: the last evaluation if it was at this step,
+        else one run now; None without a validation split. What a checkpoint records."""
+        if self.val_tokens is None:
+            return None
+        if state.last_eval is None or state.last_eval.step != state.step:
+            self.validate(state)
+        return state.last_eval
+
 
 @dataclass
 class RunSummary:
@@ -164,11 +190,15 @@ class RunSummary:
 
 def run(prep: Prepared, out_dir: Path) -> RunSummary:
     """Train until `max_steps`, resuming from the newest complete checkpoint in `out_dir` if there is one."""
-    info = distributed.setup(prep.cfg.device)
-    try:
-        return _run(prep, out_dir, info)
-    finally:
-        distributed.teardown(info)
+    # Rank 0 holds the lock for the job (the other ranks are the same job); it is taken before joining the
+    # process group, so a second job fails at once instead of waiting at a collective.
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    with OutputLock(out_dir) if main_process else contextlib.nullcontext():
+        info = distributed.setup(prep.cfg.device)
+        try:
+            return _run(prep, out_dir, info)
+        finally:
+            distributed.teardown(info)
 
 
 def _run(prep: Prepared, out_dir: Path, info: DistInfo) -> RunSummary:
@@ -180,6 +210,7 @@ def _run(prep: Prepared, out_dir: Path, info: DistInfo) -> RunSummary:
     validator = Validator(prep.val_tokens, cfg, info, autocast)
     checkpointer = Checkpointer(out_dir, cfg, prep.tokenizer, info)
     progress = _build_progress(prep, out_dir, info, state)
+    guard = NonFiniteGuard(cfg.max_nonfinite_steps)
     summary = RunSummary(state.step, max(state.step, cfg.max_steps), state.resumed_from, None, None)
     with StopRequest() as stop, contextlib.closing(progress):
         while state.step < cfg.max_steps:
@@ -187,22 +218,22 @@ def _run(prep: Prepared, out_dir: Path, info: DistInfo) -> RunSummary:
             set_lr(state.optimizer, lr)
             t0 = time.perf_counter()
             loss, grad_norm = train_step(model, state.optimizer, state.sampler, cfg.grad_accum, cfg.grad_clip,
-                                         info.device, autocast)
+                                         info.device, autocast, info)
             state.step += 1
-            evaluate_now = validator.due(state.step)
-            log_now = state.step % cfg.log_every == 0 or state.step == cfg.max_steps or evaluate_now
-            if log_now:
-                summary.last_loss = distributed.all_reduce_mean(loss, info).item()  # host sync: logging only
-                grad_norm_value = grad_norm.item()
+            # train_step synced already to decide on the update; reading the values costs no extra wait.
+            step_loss, step_grad_norm = distributed.all_reduce_mean(loss, info).item(), grad_norm.item()
             progress.step_timed(time.perf_counter() - t0)
-            if log_now:
+            guard.observe(state.step, step_loss, step_grad_norm)
+            evaluate_now = validator.due(state.step)
+            if state.step % cfg.log_every == 0 or state.step == cfg.max_steps or evaluate_now:
+                summary.last_loss = step_loss
                 val_loss = validator.validate(state) if evaluate_now else None
-                summary.tokens_per_s = progress.log_step(state.step, summary.last_loss, lr, grad_norm_value, val_loss)
+                summary.tokens_per_s = progress.log_step(state.step, step_loss, lr, step_grad_norm, val_loss)
             if cfg.sample_every and state.step % cfg.sample_every == 0 and info.is_main:
                 progress.log_samples(state.step, generate_samples(state.model, prep.tokenizer, cfg))
             stopping = state.step < cfg.max_steps and stop.requested(info)
             if checkpointer.due(state.step, stopping):
-                checkpointer.save(state, lr)
+                checkpointer.save(state, lr, validator.current(state))
             if stopping:
                 log.warning("stopped by SIGTERM at step %d; rerun the same command to resume", state.step)
                 summary.final_step, summary.stopped_early = state.step, True

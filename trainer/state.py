@@ -4,6 +4,7 @@ fresh or resumed from the newest checkpoint that loads."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,8 +44,11 @@ class TrainState:
     last_eval: Evaluation | None = None
     saved: dict[str, Any] = field(default_factory=dict)  # the loaded trainer state (empty on a fresh start)
 
-    def to_checkpoint(self, lr: float, cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
-        """The trainer state written next to the weights (`model.run_dir.STATE_FILE`)."""
+    def to_checkpoint(
+        self, lr: float, cfg: TrainConfig, info: DistInfo, evaluation: Evaluation | None = None
+    ) -> dict[str, Any]:
+        """The trainer state written next to the weights (`model.run_dir.STATE_FILE`). `val_loss` is the
+        validation loss of these weights (None without a validation split), for a server's promotion gate."""
         return {
             "step": self.step,
             "optimizer": self.optimizer.state_dict(),
@@ -54,6 +58,8 @@ class TrainState:
             "rng": checkpointing.capture_rng_state(),
             "config": cfg.model_dump(mode="json"),
             "world_size": info.world_size,
+            "val_loss": None if evaluation is None else evaluation.loss,
+            "val_loss_step": None if evaluation is None else evaluation.step,
         }
 
 
@@ -67,7 +73,7 @@ def restore_or_init(
     """
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed % 2**32)
-    resumed = checkpointing.find_resumable(out_dir)
+    resumed = resume_point(out_dir, info)
     if resumed is not None:
         resumed_from, model, saved = resumed
         step = int(saved["step"])
@@ -89,6 +95,22 @@ def restore_or_init(
         checkpointing.restore_rng_state(saved["rng"])
     distributed.barrier(info)  # rank 0 may have rewritten `latest`
     return TrainState(step, model, optimizer, sampler, resumed_from, saved=saved)
+
+
+def resume_point(
+    out_dir: Path,
+    info: DistInfo,
+    broadcast: Callable[[Any, DistInfo], Any] = distributed.broadcast_object,
+) -> tuple[Path, Transformer, dict[str, Any]] | None:
+    """The checkpoint to resume from, the same on every rank: rank 0 picks the newest that loads and tells the
+    others, which load exactly that one (a rank that cannot read it fails instead of silently starting from
+    another step, which would hang the job at its first collective). `broadcast` is a seam for tests."""
+    found = checkpointing.find_resumable(out_dir) if info.is_main else None
+    name = broadcast(None if found is None else found[0].name, info)
+    if found is None and name is not None:
+        model, saved = checkpointing.load_resumable(out_dir / name)
+        found = (out_dir / name, model, saved)
+    return found
 
 
 def _warn_config_changes(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> None:

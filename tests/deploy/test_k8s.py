@@ -72,6 +72,10 @@ def test_expected_objects_exist():
     }
 
 
+def test_a_replacement_trainer_pod_starts_only_after_the_old_one_ended():
+    assert k8s_objects()[("Job", "smollm-trainer")]["spec"]["podReplacementPolicy"] == "Failed"
+
+
 def test_server_probes_port_and_scrape_annotations_agree():
     pod = _server_pod()
     (container,) = pod["spec"]["containers"]

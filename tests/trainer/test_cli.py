@@ -15,6 +15,7 @@ from model.run_dir import STATE_FILE, read_latest
 from trainer.__main__ import main
 from trainer.checkpointing import PAUSE_ENV
 from trainer.loop import prepare, run
+from trainer.out_lock import OutputLock
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -55,7 +56,7 @@ def test_cli_process_reports_one_line(run_cli, config_file, tmp_path):
     assert res.stderr.strip().splitlines() == ["error: data.seq_len=300 exceeds the model's block size 256"]
 
 
-def test_kill_9_mid_checkpoint_write_then_resume(config_file, make_config, tmp_path, losses):
+def test_kill_9_mid_checkpoint_write_then_resume(config_file, make_config, tmp_path, losses, capsys):
     overrides = ["max_steps=8", "checkpoint_every=2", "keep_last=5"]
     reference_dir = tmp_path / "reference"
     run(prepare(make_config(*overrides)), reference_dir)
@@ -71,6 +72,10 @@ def test_kill_9_mid_checkpoint_write_then_resume(config_file, make_config, tmp_p
             assert proc.poll() is None, "the trainer exited before the checkpoint write"
             assert time.monotonic() < deadline, "the checkpoint write never started"
             time.sleep(0.1)
+        # A second trainer on the same OUT meanwhile fails at once, naming the holder.
+        rc, err = _error_of(capsys, ["--config", str(config_file(*overrides)), "--out", str(out)])
+        assert rc == 2 and err == f"error: {out} is locked by another trainer (pid {proc.pid}); use another " \
+            "--out, or wait for that one to end", err
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
@@ -88,3 +93,14 @@ def test_kill_9_mid_checkpoint_write_then_resume(config_file, make_config, tmp_p
     assert losses(out) == reference  # bit-exact, including the steps the killed run had already logged
     assert read_latest(out) == "step-000008"
     assert not [p for p in out.iterdir() if p.name.startswith(".step-")]
+
+
+def test_a_second_trainer_on_a_locked_out_fails_at_once(config_file, make_config, tmp_path, capsys):
+    out = tmp_path / "out"
+    with OutputLock(out):
+        rc, err = _error_of(capsys, ["--config", str(config_file()), "--out", str(out)])
+        assert rc == 2 and err.startswith(f"error: {out} is locked by another trainer (pid {os.getpid()})"), err
+        assert not (out / "metrics.jsonl").exists() and not list(out.glob("step-*"))
+    # Released (as the kernel does when the holder exits): the job runs.
+    summary = run(prepare(make_config("max_steps=2", "checkpoint_every=2")), out)
+    assert summary.final_step == 2 and read_latest(out) == "step-000002"

@@ -99,4 +99,3 @@ def test_the_trainer_measures_its_peak_in_the_precision_it_computes(make_config,
     run(prepare(cfg), out)
     assert seen == [compute_dtype(cfg, torch.device("cpu"))]
     assert [r["mfu"] for r in read_metrics(out / METRICS_FILE)] == [1.0, 1.0]
-

@@ -10,6 +10,7 @@ from model.checkpoint import load_model
 from model.run_dir import LATEST_FILE, STATE_FILE, read_latest
 from trainer import distributed
 from trainer.loop import measure_throughput, prepare, run
+from trainer.out_lock import LOCK_FILE
 from trainer.plot import PLOT_FILE, plot_loss
 from trainer.progress import read_metrics
 from trainer.state import restore_or_init
@@ -85,7 +86,7 @@ def test_retention_keeps_the_newest(make_config, tmp_path, losses):
     out = tmp_path / "out"
     train(make_config("max_steps=8", "checkpoint_every=2", "keep_last=2"), out)
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["step-000006", "step-000008"]
-    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == [LOCK_FILE]  # no debris, only the lock
     assert read_latest(out) == "step-000008"
     # Rerunning a finished job changes nothing.
     summary = train(make_config("max_steps=8", "checkpoint_every=2", "keep_last=2"), out)
