@@ -10,7 +10,6 @@ after `retry_after` seconds; the checkpoint becomes `current` only once the engi
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import threading
@@ -22,6 +21,7 @@ from pathlib import Path
 import torch
 
 from model.llama import Transformer
+from model.run_dir import recorded_val_loss
 from service.checkpoints import newest_checkpoint, step_of
 from service.compute_threads import run_in_passing_thread
 from service.engine import Engine
@@ -30,11 +30,6 @@ from service.engine.loop import ModelInfo, Tokenizer
 log = logging.getLogger(__name__)
 
 Loader = Callable[[Path], tuple[Transformer, Tokenizer]]  # path -> (model, tokenizer)
-
-# Where the trainer records a checkpoint's state (trainer/checkpointing.py writes STATE_FILE = trainer_state.pt);
-# a JSON twin is read first when present, being cheap and safe to parse.
-TRAINER_STATE_FILES = ("trainer_state.json", "trainer_state.pt")
-
 
 class CheckpointRefused(ValueError):
     """A checkpoint that loaded but must not be served; `reason` is the metric label."""
@@ -58,42 +53,6 @@ def non_finite_weights(model: torch.nn.Module) -> list[str]:
             if not bool(torch.isfinite(dense).all()):
                 bad.append(name)
     return bad
-
-
-def recorded_val_loss(checkpoint: Path) -> float | None:
-    """The validation loss the trainer recorded in the checkpoint's trainer state (key `val_loss`), or None when
-    there is none or it cannot be read (no gate then)."""
-    for name in TRAINER_STATE_FILES:
-        path = checkpoint / name
-        if not path.is_file():
-            continue
-        try:
-            if name.endswith(".json"):
-                state = json.loads(path.read_text())
-            else:
-                state = _load_trainer_state(path)
-        except Exception as e:  # a state we cannot read never blocks a reload
-            log.warning("%s: unreadable trainer state (%s); no validation-loss gate", path, e)
-            continue
-        value = state.get("val_loss") if isinstance(state, dict) else None
-        if value is None:
-            continue
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            log.warning("%s: val_loss %r is not a number; no validation-loss gate", path, value)
-    return None
-
-
-def _load_trainer_state(path: Path) -> object:
-    import numpy as np
-
-    # weights_only: never run code from a file in a watched directory. The trainer state holds numpy RNG state,
-    # so numpy's array reconstruction is allowed too; mmap keeps the optimizer tensors on disk.
-    allowed = [np.ndarray, np.dtype, getattr(np, "_core", np).multiarray._reconstruct]
-    allowed += [type(np.dtype(t)) for t in ("uint32", "int64", "float64")]
-    with torch.serialization.safe_globals(allowed):
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
 
 
 class CheckpointWatcher:

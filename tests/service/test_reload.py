@@ -9,6 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from model.run_dir import write_summary
 from service.checkpoints import newest_checkpoint, resolve_checkpoint
 from tests.service.conftest import LiveServer, slow_down, tiny_settings, wait_until
 
@@ -201,25 +202,16 @@ def test_a_failed_swap_is_retried_and_the_checkpoint_becomes_current_only_when_s
     assert not watcher.poll_once() and watcher.current == second and engine.info.step == "2"
 
 
-def _write_state(ckpt: Path, val_loss, as_torch: bool = False) -> None:
-    import json
-
-    if as_torch:
-        import numpy as np
-        import torch
-
-        # Shaped like trainer/checkpointing.py's trainer_state.pt: numpy RNG state included.
-        state = {"step": 1, "val_loss": val_loss, "rng": {"numpy": np.random.get_state()}}
-        torch.save(state, ckpt / "trainer_state.pt")
-    else:
-        (ckpt / "trainer_state.json").write_text(json.dumps({"step": 1, "val_loss": val_loss}))
+def _write_state(ckpt: Path, val_loss) -> None:
+    """What the trainer records with each checkpoint (trainer/checkpointing.py through model.run_dir)."""
+    write_summary(ckpt, {"step": 1, "val_loss": val_loss, "val_loss_step": 1})
 
 
 def test_recorded_validation_loss_gates_a_reload(tmp_path, save_tiny, tokenizer):
     out, engine, watcher, _ = _watched(tmp_path, save_tiny, tokenizer, max_loss_increase=0.5)
     _write_state(out / "step-000001", 2.0)
     nan = save_tiny(out / "step-000002", seed=1)
-    _write_state(nan, float("nan"), as_torch=True)
+    _write_state(nan, float("nan"))
     assert not watcher.poll_once() and engine.reload_failures["val_loss"] == 1
     worse = save_tiny(out / "step-000003", seed=1)
     _write_state(worse, 2.6)
