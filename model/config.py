@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +25,7 @@ class ModelConfig:
     bos_token_id: int = 1
     eos_token_id: int = 2
     pad_token_id: int | None = 2
+    init_std: float = 0.02  # std of fresh weights (`Transformer.init_weights`); HF's `initializer_range`
 
     def __post_init__(self) -> None:
         if self.n_embd % self.n_head:
@@ -34,6 +36,9 @@ class ModelConfig:
             raise ValueError(f"head_dim ({self.head_dim}) must be even for rotary embeddings")
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_kv_head", "n_embd", "intermediate_size"):
             if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("rope_theta", "init_std"):
+            if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
 
     @property
@@ -86,7 +91,7 @@ class ModelConfig:
             "attention_bias": False,
             "attention_dropout": 0.0,
             "mlp_bias": False,
-            "initializer_range": 0.02,
+            "initializer_range": self.init_std,
             "bos_token_id": self.bos_token_id,
             "eos_token_id": self.eos_token_id,
             "pad_token_id": self.pad_token_id,
@@ -143,12 +148,24 @@ class ModelConfig:
             bos_token_id=hf.get("bos_token_id", 1),
             eos_token_id=eos,
             pad_token_id=hf.get("pad_token_id"),
+            init_std=float(hf.get("initializer_range", 0.02)),
         )
 
 
 PRESETS: dict[str, ModelConfig] = {
-    # The seed's values: SmolLM2-135M.
-    "smollm2-135m": ModelConfig(),
+    # SmolLM2-135M as it is pretrained from scratch: the `model_config` and `init_method` of the published
+    # nanotron config (huggingface/smollm, config_smollm2_135M.yaml). RoPE theta 10000 at 2048 tokens is the main
+    # stage; the released checkpoints' rope_theta 100000 and max_position_embeddings 8192 come from a later
+    # long-context stage (trainer/configs/smollm2-135m-long-context.yaml) and are read from their config.json.
+    # The base model separates documents with <|endoftext|> (id 0), which is its bos and eos; the Instruct
+    # checkpoint's 1 and 2 (<|im_start|>, <|im_end|>) come from its chat fine-tuning. init std 1/sqrt(576).
+    "smollm2-135m": ModelConfig(
+        rope_theta=10000.0,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=None,
+        init_std=1 / math.sqrt(576),
+    ),
     # A debug flavour for tests and smoke runs: same shape rules (GQA 4:2, tied embeddings), seconds to train.
     "tiny": ModelConfig(
         vocab_size=49152,

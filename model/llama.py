@@ -78,14 +78,18 @@ class Transformer(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
 
     def init_weights(self, seed: int | None = None) -> None:
-        """Training from scratch: normal(0, 0.02), residual projections scaled by 1/sqrt(2 * n_layer)."""
+        """Training from scratch: normal(0, config.init_std), the residual projections (attention output, MLP
+        down) scaled by 1/sqrt(2 * n_layer), norms 1. This is nanotron's `StandardParametrizator`, which SmolLM2
+        was pretrained with: its `init_method.std` (1/sqrt(576) for 135M) for embeddings and column-parallel
+        linears, std / sqrt(2 * num_layers) for the row-parallel ones (o_proj, down_proj)."""
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
-        residual_std = 0.02 / math.sqrt(2 * self.config.n_layer)
+        base_std = self.config.init_std
+        residual_std = base_std / math.sqrt(2 * self.config.n_layer)
         for name, p in self.named_parameters():
             if p.dim() == 1:
                 nn.init.ones_(p)
             else:
-                std = residual_std if name.endswith(("wo.weight", "w2.weight")) else 0.02
+                std = residual_std if name.endswith(("wo.weight", "w2.weight")) else base_std
                 with torch.no_grad():
                     p.copy_(torch.empty(p.shape, dtype=torch.float32).normal_(0.0, std, generator=gen).to(p.dtype))
 

@@ -7,9 +7,23 @@ from model.config import PRESETS, ModelConfig
 def test_seed_preset_values():
     c = ModelConfig.from_name("smollm2-135m")
     assert (c.block_size, c.vocab_size, c.n_layer, c.n_head, c.n_embd) == (2048, 49152, 30, 9, 576)
-    assert (c.intermediate_size, c.n_kv_head, c.norm_eps, c.rope_theta) == (1536, 3, 1e-5, 100000.0)
+    # The pretraining stage's theta (the released 100000 comes from the later long-context stage).
+    assert (c.intermediate_size, c.n_kv_head, c.norm_eps, c.rope_theta) == (1536, 3, 1e-5, 10000.0)
     assert c.tie_embeddings and c.head_dim == 64 and c.n_rep == 3
+    assert (c.bos_token_id, c.eos_token_id, c.pad_token_id, c.init_std) == (0, 0, None, 1 / 24)
     assert 134e6 < c.num_params() < 135e6  # SmolLM2-135M has 134.5M parameters
+
+
+def test_init_std_is_hf_initializer_range():
+    c = ModelConfig(init_std=0.05)
+    assert c.to_hf_dict()["initializer_range"] == 0.05
+    assert ModelConfig.from_hf_dict(c.to_hf_dict()).init_std == 0.05
+    # A checkpoint that predates the field, or a config.json without it: HF's default.
+    hf = {k: v for k, v in c.to_hf_dict().items() if k != "initializer_range"}
+    assert ModelConfig.from_hf_dict(hf).init_std == 0.02
+    for bad in (0.0, -0.01):
+        with pytest.raises(ValueError, match="init_std"):
+            ModelConfig(init_std=bad)
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
