@@ -25,8 +25,13 @@ class _Strict(BaseModel):
 class DataConfig(_Strict):
     sources: list[str] = Field(default_factory=lambda: ["stdlib"], min_length=1)
     """`.txt`, `.jsonl` or `.parquet` files, directories or globs, or `stdlib` (the Python standard library)."""
+    require_real_data: bool = False
+    """Refuse `stdlib` among the sources: for recipes sized for a real corpus (billions of tokens)."""
     text_field: str = "text"
     """The text field of `.jsonl` records and the text column of `.parquet` files."""
+    doc_separator: int | str = "eos"
+    """The token appended to every document: `eos` (the model's eos_token_id), a token of the tokenizer
+    (`<|endoftext|>`) or a token id."""
     seq_len: int = Field(256, gt=0)
     """Tokens per training window; at most the model's block size."""
     val_fraction: float = Field(0.01, ge=0.0, lt=0.5)
@@ -61,6 +66,20 @@ class OptimConfig(_Strict):
         return self
 
 
+class ModelOverrides(_Strict):
+    """Model hyper-parameters that replace the preset's or the init checkpoint's; unset keeps theirs. A stage
+    that continues a checkpoint at a longer context sets `rope_theta` and `block_size` here."""
+
+    rope_theta: float | None = Field(None, gt=0)
+    block_size: int | None = Field(None, gt=0)
+    """Longest sequence (`max_position_embeddings`); no weight depends on it, the RoPE tables are recomputed."""
+    init_std: float | None = Field(None, gt=0)
+    """Std of fresh weights (HF `initializer_range`); `init_from: scratch` only."""
+
+    def changes(self) -> dict[str, Any]:
+        return self.model_dump(exclude_none=True)
+
+
 class TrainConfig(_Strict):
     model: str = "tiny"
     """Model preset (`model.config.PRESETS`) for `init_from: scratch`; ignored otherwise."""
@@ -68,6 +87,7 @@ class TrainConfig(_Strict):
     """`scratch`, `bundled` (the embedded SmolLM2-135M-Instruct) or a Hugging Face checkpoint directory."""
     tokenizer: str = "bundled"
     """For `scratch`: `bundled` or a directory with tokenizer files. Otherwise the init checkpoint's."""
+    model_overrides: ModelOverrides = Field(default_factory=ModelOverrides)
     data: DataConfig = Field(default_factory=DataConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     batch_size: int = Field(8, gt=0)
@@ -145,9 +165,17 @@ def build_config(raw: dict[str, Any], overrides: list[str] = ()) -> TrainConfig:
     for o in overrides:
         apply_override(raw, o)
     try:
-        return TrainConfig.model_validate(raw)
+        cfg = TrainConfig.model_validate(raw)
     except ValidationError as e:
         raise ConfigError(_format_validation_error(e)) from None
+    if cfg.data.require_real_data and "stdlib" in cfg.data.sources:
+        recipe = f"the {cfg.model} recipe" if cfg.init_from == "scratch" else "this recipe"
+        raise ConfigError(
+            f"data.sources: {recipe} needs real pretraining data (data.require_real_data is set): point "
+            "data.sources at your corpus (.jsonl or .parquet shards with a `text` field, or directories or globs "
+            "of them); `stdlib` is a demo corpus of a few million tokens that it would loop over"
+        )
+    return cfg
 
 
 def load_config(path: str | os.PathLike[str] | None, overrides: list[str] = ()) -> TrainConfig:

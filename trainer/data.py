@@ -3,8 +3,9 @@
 Sources are `.txt` files (one document each), `.jsonl` files (one document per record's text field),
 `.parquet` files (one document per row of the text column), directories and globs of those, or `stdlib`:
 the Python standard library's own source files, a sizeable corpus present on every machine and in every
-container. Documents are joined with the EOS token. The token file is cached under a key made of the files
-(paths, sizes, modification times), the tokenizer and the tokenizing options, so later runs reuse it.
+container. Every document ends with `data.doc_separator` (the model's EOS token unless set). The token file
+is cached under a key made of the files (paths, sizes, modification times), the tokenizer and the tokenizing
+options, so later runs reuse it.
 """
 
 from __future__ import annotations
@@ -191,10 +192,27 @@ class TokenFile:
     n_docs: int
 
 
+def separator_id(cfg: DataConfig, tokenizer: Any, eos_id: int) -> int:
+    """The token id `cfg.doc_separator` names: `eos` is `eos_id`, a string a token of `tokenizer`'s vocabulary
+    (`<|endoftext|>`), an int that id; raises DataError naming the field for anything else."""
+    sep = cfg.doc_separator
+    if sep == "eos":
+        return eos_id
+    token_id = sep if isinstance(sep, int) else tokenizer.get_vocab().get(sep)
+    if token_id is None:
+        raise DataError(f"data.doc_separator: {sep!r} is not a token of the tokenizer (use `eos`, a special token "
+                        "such as <|endoftext|>, or a token id)")
+    if not 0 <= token_id < len(tokenizer):
+        raise DataError(f"data.doc_separator: token id {token_id} is outside the tokenizer's 0..{len(tokenizer) - 1}")
+    return token_id
+
+
 def load_tokens(cfg: DataConfig, tokenizer: Any, eos_id: int) -> TokenFile:
-    """Tokenize `cfg.sources` with `tokenizer` (once: a cached file is reused) and memory-map the result."""
+    """Tokenize `cfg.sources` with `tokenizer` (once: a cached file is reused) and memory-map the result; every
+    document ends with `cfg.doc_separator` (`eos` is `eos_id`)."""
     if len(tokenizer) > np.iinfo(np.uint16).max + 1:
         raise DataError(f"the tokenizer has {len(tokenizer)} tokens; uint16 token files hold at most 65536")
+    eos_id = separator_id(cfg, tokenizer, eos_id)
     files = resolve_sources(cfg.sources, cfg.max_files)
     cache = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
     cache.mkdir(parents=True, exist_ok=True)

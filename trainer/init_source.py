@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from model import bundled
-from model.checkpoint import CheckpointError, is_complete_checkpoint, load_model, read_config
+from model.checkpoint import CheckpointError, from_hf_state_dict, is_complete_checkpoint, read_config, read_hf_tensors
 from model.config import ModelConfig
 from model.llama import Transformer
 from trainer.config import ConfigError, TrainConfig
@@ -71,6 +71,14 @@ def resolve_model_source(cfg: TrainConfig) -> ModelSource:
         tok = init_path
         if not (tok / "tokenizer.json").is_file():
             raise ConfigError(f"init_from: {tok / 'tokenizer.json'}: missing (the checkpoint has no tokenizer)")
+    overrides = cfg.model_overrides.changes()
+    if "init_std" in overrides and init_path is not None:
+        raise ConfigError("model_overrides.init_std: only applies to init_from: scratch (the weights come from "
+                          f"{init_path})")
+    try:
+        config = config.replace(**overrides)
+    except ValueError as e:
+        raise ConfigError(f"model_overrides: {e}") from None
     if cfg.data.seq_len > config.block_size:
         raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds the model's block size {config.block_size}")
     if cfg.sample_every and cfg.sample_tokens >= config.block_size:
@@ -85,6 +93,8 @@ def build_model(source: ModelSource, seed: int) -> Transformer:
         model.init_weights(seed)
         return model
     try:
-        return load_model(source.init_path, dtype=torch.float32)
+        # `source.config`, not the checkpoint's own: `model_overrides` (RoPE theta, block size) apply.
+        tensors = read_hf_tensors(source.init_path)
+        return from_hf_state_dict(source.config, tensors, torch.float32, source=str(source.init_path)).eval()
     except CheckpointError as e:
         raise ConfigError(f"init_from: {e}") from None
