@@ -14,14 +14,14 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from model.config import ModelConfig
-from model.llama import Transformer
+from model.llama import Transformer, TransformerBlock
 from model.rope import precompute_rope
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,8 @@ def to_hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
     c = model.config
     q_size, kv_size = c.n_head * c.head_dim, c.n_kv_head * c.head_dim
     sd: dict[str, torch.Tensor] = {"model.embed_tokens.weight": model.tok_embeddings.weight}
-    for i, layer in enumerate(model.layers):
+    for i, block in enumerate(model.layers):
+        layer = cast(TransformerBlock, block)
         p = f"model.layers.{i}."
         q, k, v = layer.attention.wqkv.weight.split([q_size, kv_size, kv_size], dim=0)
         gate, up = layer.feed_forward.w13.weight.chunk(2, dim=0)

@@ -58,6 +58,8 @@ def config_from_gguf(reader, path: str = "") -> ModelConfig:
     n_head = int(_field(reader, "llama.attention.head_count"))
     tokens = reader.fields.get("tokenizer.ggml.tokens")
     vocab = _field(reader, "llama.vocab_size") or (len(tokens.data) if tokens else None)
+    if vocab is None:
+        raise ValueError("GGUF file has neither llama.vocab_size nor a token list")
     names = {t.name for t in reader.tensors}
     return ModelConfig(
         vocab_size=int(vocab),

@@ -21,6 +21,10 @@ PACK_ROWS_HINT = 16
 
 
 class PackedLinear(nn.Module):
+    packed: torch.Tensor  # oneDNN's opaque blocked layout
+    in_features: int
+    out_features: int
+
     def __init__(self, linear: nn.Linear, rows_hint: int = PACK_ROWS_HINT) -> None:
         super().__init__()
         if linear.bias is not None:

@@ -43,6 +43,9 @@ def kernel_dtype(compute_dtype: torch.dtype) -> torch.dtype:
 class Int8Linear(nn.Module):
     """y = x @ (q * scale).T with q int8 (out, in) and one scale per output row (symmetric, max-abs / 127)."""
 
+    qweight: torch.Tensor
+    scales: torch.Tensor
+
     def __init__(self, weight: torch.Tensor, act_dtype: torch.dtype) -> None:
         super().__init__()
         w = weight.detach().float()

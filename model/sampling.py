@@ -132,21 +132,22 @@ class TokenHistory:
         self.seen: torch.Tensor | None = None  # (V,) bool: in the prompt or generated
 
     def _tensors(self, vocab: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.counts is None:
-            self.counts = torch.zeros(vocab, dtype=torch.float32, device=device)
-            self.seen = torch.zeros(vocab, dtype=torch.bool, device=device)
+        if self.counts is None or self.seen is None:
+            counts = torch.zeros(vocab, dtype=torch.float32, device=device)
+            seen = torch.zeros(vocab, dtype=torch.bool, device=device)
             ids = [t for t in self._prompt_ids + self._output_ids if 0 <= t < vocab]
             if ids:
-                self.seen[torch.tensor(ids, device=device)] = True
+                seen[torch.tensor(ids, device=device)] = True
             out = torch.tensor([t for t in self._output_ids if 0 <= t < vocab], dtype=torch.long, device=device)
-            self.counts.index_add_(0, out, torch.ones(len(out), device=device))
+            counts.index_add_(0, out, torch.ones(len(out), device=device))
+            self.counts, self.seen = counts, seen
             self._prompt_ids, self._output_ids = [], []
         return self.counts, self.seen
 
     def record(self, token: int | torch.Tensor) -> None:
         """Count `token` as generated; `sample` calls this for the token it picks (O(1))."""
         self.num_generated += 1
-        if self.counts is not None:
+        if self.counts is not None and self.seen is not None:
             self.counts[token] += 1
             self.seen[token] = True
         elif self.penalised:
@@ -174,7 +175,7 @@ class SampleOutput:
 
     def rows(self) -> list[TokenLogprobs | None]:
         """Per-row log-probabilities as Python values (None for rows that did not ask); one host sync."""
-        if self.logprobs is None:
+        if self.logprobs is None or self.top_ids is None or self.top_logprobs is None:
             return [None] * len(self.tokens)
         tokens, chosen = self.tokens.tolist(), self.logprobs.tolist()  # host sync
         ids, lps = self.top_ids.tolist(), self.top_logprobs.tolist()
@@ -268,7 +269,9 @@ def _shape_logits(
         if rows:
             mask = torch.zeros(len(rows), V, dtype=torch.bool, device=device)  # (R, V)
             for i, b in enumerate(rows):
-                m = allowed[b][:V]
+                row_mask = allowed[b]
+                assert row_mask is not None
+                m = row_mask[:V]
                 mask[i, : m.shape[0]] = m
             idx = _rows_tensor(rows, device)
             logits[idx] = logits[idx].masked_fill(~mask, _NEG_INF)
@@ -276,7 +279,7 @@ def _shape_logits(
     if histories is not None:
         r_idx, t_idx = [], []
         for b, (p, h) in enumerate(zip(params, histories, strict=True)):
-            if p.min_tokens > 0 and h.num_generated < p.min_tokens:
+            if p.min_tokens > 0 and h is not None and h.num_generated < p.min_tokens:
                 ids = [t for t in h.end_ids if t < V]
                 r_idx += [b] * len(ids)
                 t_idx += ids
@@ -291,16 +294,22 @@ def _shape_logits(
 
     bias_rows = [b for b, p in enumerate(params) if p.logit_bias]
     if bias_rows:
-        r_idx = torch.cat([torch.full((len(params[b]._bias_ids),), b, dtype=torch.long) for b in bias_rows])
-        t_idx = torch.cat([params[b]._bias_ids for b in bias_rows])
-        values = torch.cat([params[b]._bias_values for b in bias_rows])
-        keep = t_idx < V  # ids past the vocabulary cannot be picked; their bias is moot
-        logits.index_put_((r_idx[keep].to(device), t_idx[keep].to(device)), values[keep].to(device), accumulate=True)
+        bias_ids = [_bias_tensor(params[b]._bias_ids) for b in bias_rows]
+        bias_row = torch.cat([torch.full((len(ids),), b, dtype=torch.long) for b, ids in zip(bias_rows, bias_ids)])
+        bias_tok = torch.cat(bias_ids)
+        values = torch.cat([_bias_tensor(params[b]._bias_values) for b in bias_rows])
+        keep = bias_tok < V  # ids past the vocabulary cannot be picked; their bias is moot
+        logits.index_put_(
+            (bias_row[keep].to(device), bias_tok[keep].to(device)), values[keep].to(device), accumulate=True
+        )
 
     pen_rows = [b for b, p in enumerate(params) if p.penalised]
     if pen_rows:
-        counts, seen = zip(*(histories[b]._tensors(V, device) for b in pen_rows), strict=True)
-        counts, seen = torch.stack(counts), torch.stack(seen)  # (R, V) each
+        if histories is None:
+            raise ValueError("penalties need each row's TokenHistory")
+        states = [_history(histories[b])._tensors(V, device) for b in pen_rows]
+        counts = torch.stack([c for c, _ in states])  # (R, V)
+        seen = torch.stack([s for _, s in states])  # (R, V)
         rep = torch.tensor([params[b].repetition_penalty for b in pen_rows], device=device).unsqueeze(1)
         freq = torch.tensor([params[b].frequency_penalty for b in pen_rows], device=device).unsqueeze(1)
         pres = torch.tensor([params[b].presence_penalty for b in pen_rows], device=device).unsqueeze(1)
@@ -377,6 +386,18 @@ def _invert_cdf(scaled: torch.Tensor, params: list[SamplingParams], u: torch.Ten
     return col_index.gather(1, choice.unsqueeze(1)).squeeze(1) if col_index is not None else choice
 
 
+def _bias_tensor(t: torch.Tensor | None) -> torch.Tensor:
+    if t is None:
+        raise ValueError("logit_bias rows carry their ids and values")
+    return t
+
+
+def _history(h: TokenHistory | None) -> TokenHistory:
+    if h is None:
+        raise ValueError("a penalised row needs its TokenHistory")
+    return h
+
+
 def _fill_logprobs(out: SampleOutput, scaled: torch.Tensor, params: Sequence[SamplingParams], want: list[bool]) -> None:
     """Step 6, on the rows that asked only."""
     B = scaled.shape[0]
@@ -384,7 +405,7 @@ def _fill_logprobs(out: SampleOutput, scaled: torch.Tensor, params: Sequence[Sam
     rows = [b for b in range(B) if want[b]]
     idx = _rows_tensor(rows, device)
     logp = torch.log_softmax(scaled[idx], dim=-1)  # (R, V)
-    n = max(params[b].logprobs for b in rows)
+    n = max(params[b].logprobs or 0 for b in rows)
     top_lp, top_ids = logp.topk(n, dim=-1) if n else (logp[:, :0], torch.zeros(len(rows), 0, dtype=torch.long))
     chosen = logp.gather(1, out.tokens[idx].unsqueeze(1)).squeeze(1)
     out.logprobs = torch.full((B,), float("nan"), device=device)
