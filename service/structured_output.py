@@ -26,14 +26,17 @@ import json
 import threading
 import weakref
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import llguidance
 import llguidance.hf
 import llguidance.torch
 import torch
 
-_JSON_OPTIONS = {"whitespace_flexible": False}
+if TYPE_CHECKING:
+    from llguidance._lib import JsonCompileOptions
+
+_JSON_OPTIONS: JsonCompileOptions = {"whitespace_flexible": False}
 _BIT_SHIFTS = torch.arange(32, dtype=torch.int32)
 
 _tokenizers: weakref.WeakKeyDictionary[Any, dict[int | None, llguidance.LLTokenizer]] = weakref.WeakKeyDictionary()
