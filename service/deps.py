@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request
 
-from service.engine import Engine
+from service.engine import Engine, EngineDeadError
 from service.settings import Settings
 
 
@@ -21,8 +21,10 @@ def get_engine(request: Request) -> Engine:
     engine = getattr(state, "engine", None)
     if engine is None or getattr(state, "draining", False):
         raise HTTPException(503, "not ready (starting up or shutting down)", headers={"Retry-After": "5"})
-    if not engine.alive:
-        raise HTTPException(503, "the engine has stopped; the server needs a restart", headers={"Retry-After": "5"})
+    try:
+        engine.check_alive()
+    except EngineDeadError as e:
+        raise HTTPException(503, f"{e}; the server needs a restart", headers={"Retry-After": "5"}) from e
     return engine
 
 

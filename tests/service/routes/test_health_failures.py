@@ -1,4 +1,5 @@
-"""/healthz follows the engine: 503 with a reason when its thread died or it stalls with work pending."""
+"""/healthz follows the engine (service/routes/health.py): 503 with a reason when its thread died or it stalls with
+work pending; generation answers 503 then."""
 
 from __future__ import annotations
 
