@@ -126,7 +126,7 @@ async def validation_handler(request: Request, exc: RequestValidationError) -> J
     detail = json_safe(jsonable_encoder(errors))
     param = params[0] if params else None
     if is_openai(request.url.path):
-        kind = errors[0].get("type") if errors else None
+        kind = str(errors[0].get("type")) if errors else ""
         code = {"missing": "missing_required_parameter", "json_invalid": "invalid_json"}.get(kind, "invalid_value")
         return error_response(400, "; ".join(messages), param, detail=detail, openai=True, code=code)
     return error_response(422, "; ".join(messages), param, detail=detail)
@@ -145,7 +145,8 @@ async def api_error_handler(request: Request, exc: ApiError) -> JSONResponse:
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    app.add_exception_handler(ApiError, api_error_handler)
-    app.add_exception_handler(RequestValidationError, validation_handler)
-    app.add_exception_handler(HTTPException, http_handler)
-    app.add_exception_handler(StarletteHTTPException, http_handler)
+    # Starlette types a handler as taking any Exception; each of these is only ever called with its own class.
+    app.add_exception_handler(ApiError, api_error_handler)  # type: ignore[arg-type]
+    app.add_exception_handler(RequestValidationError, validation_handler)  # type: ignore[arg-type]
+    app.add_exception_handler(HTTPException, http_handler)  # type: ignore[arg-type]
+    app.add_exception_handler(StarletteHTTPException, http_handler)  # type: ignore[arg-type]

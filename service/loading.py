@@ -15,15 +15,15 @@ import torch
 from model import device as devices
 from model.device import dtype_name, pick_device, resolve_dtype
 from model.kv_cache import KVCache
+from model.llama import Transformer
 from service.checkpoints import resolve_checkpoint, step_of
 from service.engine import Engine
-from service.engine.loop import ModelInfo
-from service.reload import CheckpointWatcher
+from service.engine.loop import ModelInfo, Tokenizer
+from service.reload import CheckpointWatcher, Loader
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
-Loader = Callable[[Path], tuple[torch.nn.Module, object]]
 
 
 @dataclass(frozen=True)
@@ -53,9 +53,10 @@ def resolve_precision(settings: Settings) -> Precision:
         # Looked up at call time, so tests can fake the other kind of CPU by patching model.device.
         capability = devices.cpu_capability()
         isa, native = capability.isa, capability.native_bf16
+        dtype = resolve_dtype(settings.dtype, device, capability=lambda: capability)
     else:
-        capability, isa, native = None, "", None
-    dtype = resolve_dtype(settings.dtype, device, capability=lambda: capability)
+        isa, native = "", None
+        dtype = resolve_dtype(settings.dtype, device)
     return Precision(device=device, dtype=dtype, quant=settings.quant, cpu_isa=isa, native_bf16=native)
 
 
@@ -79,7 +80,7 @@ def make_loader(settings: Settings, precision: Precision | None = None) -> Loade
     precision = precision or resolve_precision(settings)
     quantize = _quantizer(precision.quant)
 
-    def load(path: Path):
+    def load(path: Path) -> tuple[Transformer, Tokenizer]:
         model = load_model(path, dtype=precision.dtype, device=precision.device)
         if quantize is not None:
             quantize(model, precision.quant)
@@ -95,7 +96,7 @@ def make_loader(settings: Settings, precision: Precision | None = None) -> Loade
     return load
 
 
-def kv_slots(settings: Settings, model) -> int:
+def kv_slots(settings: Settings, model: Transformer) -> int:
     """KV cache slots: max_batch_size, or fewer when `kv_cache_memory` GiB cannot hold that many."""
     if settings.kv_cache_memory is None:
         return settings.max_batch_size

@@ -19,13 +19,12 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) ->
     params = [p for p in model.parameters() if p.requires_grad]  # a tied embedding is listed once
     groups = [{"params": [p for p in params if p.dim() >= 2]}, {"params": [p for p in params if p.dim() < 2]}]
     _set_hyperparameters(groups, cfg)
-    kwargs = {"lr": cfg.lr}
     # The fused kernel (CUDA, and CPU since torch 2.4) does the whole update in one pass per tensor.
     try:
-        return torch.optim.AdamW(groups, fused=device.type in ("cuda", "cpu"), **kwargs)
+        return torch.optim.AdamW(groups, lr=cfg.lr, fused=device.type in ("cuda", "cpu"))
     except (RuntimeError, TypeError) as e:
         log.info("fused AdamW unavailable (%s); using the foreach implementation", e)
-        return torch.optim.AdamW(groups, foreach=True, **kwargs)
+        return torch.optim.AdamW(groups, lr=cfg.lr, foreach=True)
 
 
 def apply_hyperparameters(optimizer: torch.optim.Optimizer, cfg: OptimConfig) -> None:

@@ -7,7 +7,9 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+from collections.abc import Callable
 from types import FrameType
+from typing import Any
 
 import torch
 
@@ -24,7 +26,7 @@ class StopRequest:
 
     def __init__(self) -> None:
         self._flag = threading.Event()
-        self._previous = None
+        self._previous: Callable[[int, FrameType | None], Any] | int | None = None
 
     def __enter__(self) -> StopRequest:
         if threading.current_thread() is threading.main_thread():
