@@ -1,7 +1,7 @@
 """Prefix reuse on the embedded model: TTFT of a conversation's second turn (whose prompt extends the first turn's
 prompt and answer, ~1,500 tokens) against the first turn's. Not a test (it takes the real model and a minute):
 
-    .venv/bin/python -m tests.service.engine.measure_prefix_reuse [--threads 2] [--prefill-chunk 512]
+    .venv/bin/python -m bench.prefix_reuse [--threads 2] [--prefill-chunk 512]
 """
 
 from __future__ import annotations
