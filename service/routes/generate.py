@@ -17,6 +17,7 @@ from service.generation import (
     GenerationError,
     encode_prompt_async,
     finish_error,
+    sampling_params,
     start_generation,
 )
 from service.schemas import GenerateRequest, GenerateResponse
@@ -39,10 +40,11 @@ def finish_name(reason: FinishReason) -> str:
 })
 async def generate(body: GenerateRequest, request: Request, engine: EngineDep, settings: SettingsDep):
     prompt_ids = await encode_prompt_async(engine, body.prompt, body.chat)
+    params = sampling_params(body, engine.vocab_size)
     gen = start_generation(
-        engine, prompt_ids, max_tokens=body.max_tokens, max_tokens_explicit="max_tokens" in body.model_fields_set,
-        temperature=body.temperature, top_k=body.top_k, top_p=body.top_p, seed=body.seed, stop=body.stop,
-        timeout=settings.request_timeout, ignore_eos=body.ignore_eos,
+        engine, prompt_ids, params, max_tokens=body.max_tokens,
+        max_tokens_explicit="max_tokens" in body.model_fields_set, stop=body.stop, timeout=settings.request_timeout,
+        ignore_eos=body.ignore_eos,
     )
     if body.stream:
         return EventStream(sse_events(gen), send_timeout=settings.sse_send_timeout)

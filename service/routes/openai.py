@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from pathlib import Path
@@ -17,10 +18,14 @@ from service.generation import (
     EventStream,
     Generation,
     GenerationError,
+    build_sequence,
     chat_ids_async,
     encode_prompt_async,
     finish_error,
-    start_generation,
+    gather_results,
+    merged_events,
+    sampling_params,
+    submit,
 )
 from service.schemas import (
     ChatCompletionRequest,
@@ -55,22 +60,30 @@ def served_names(engine) -> set[str]:
     return names
 
 
-def check_request(body, engine) -> None:
-    """404 for a model this server does not serve; 400 naming the first field that asks for a feature this
-    server does not implement (see schemas.UNSUPPORTED_FIELDS)."""
+def check_model(body, engine) -> None:
+    """404 `model_not_found` for a `model` this server does not serve."""
     if body.model is not None and body.model not in served_names(engine):
         raise ApiError(
             404, f"model {body.model!r} does not exist here; this server serves {engine.info.name!r} (or use "
             f"{SERVED_NAME!r})", param="model", code="model_not_found",
         )
+
+
+def check_request(body, engine) -> None:
+    """404 for a model this server does not serve; 400 naming the first field that asks for a feature this
+    server does not implement (see schemas.UNSUPPORTED_FIELDS)."""
+    check_model(body, engine)
     field = body.unsupported_field()
     if field is not None:
         raise ApiError(400, f"{field}: not supported by this server; leave it out (or at its default)",
                        param=field, code="unsupported_parameter")
 
 
-def _usage(gen: Generation) -> dict:
-    p, c = gen.prompt_tokens, gen.completion_tokens
+def _usage(gens: list[Generation]) -> dict:
+    """Prompt tokens counted once per distinct prompt sequence (the n choices of one prompt share it), completion
+    tokens over every choice."""
+    p = sum(g.prompt_tokens for g in gens if g.counts_prompt)
+    c = sum(g.completion_tokens for g in gens)
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
 
@@ -88,28 +101,51 @@ async def models(engine: EngineDep, request: Request) -> dict:
 @router.post("/v1/completions", response_model=CompletionResponse, responses=_STREAM)
 async def completions(body: CompletionRequest, request: Request, engine: EngineDep, settings: SettingsDep):
     check_request(body, engine)
-    if isinstance(body.prompt, str):
-        prompt_ids = await encode_prompt_async(engine, body.prompt, chat=False)
-    else:
-        prompt_ids = list(body.prompt)
-    gen = _start(engine, settings, body, prompt_ids, body.max_tokens, "max_tokens")
+    prompts = body.prompts()
+    many = len(prompts) > 1
+    texts, seqs = [], []
+    params = sampling_params(body, engine.vocab_size)
+    for i, prompt in enumerate(prompts):
+        field = f"prompt.{i}" if many else "prompt"
+        if isinstance(prompt, str):
+            ids = await encode_prompt_async(engine, prompt, chat=False, field=field)
+            text = prompt
+        else:
+            ids = list(prompt)
+            text = None
+        seq = build_sequence(
+            engine, ids, params, max_tokens=body.max_tokens, max_tokens_explicit=body.max_tokens is not None,
+            stop=body.stop, timeout=settings.request_timeout, prompt_field=field, ignore_eos=body.ignore_eos,
+        )
+        if body.echo and text is None:
+            text = await asyncio.to_thread(engine.tokenizer.decode, ids)
+        texts.append(text or "")
+        seqs.append(seq)
+    gens = submit(engine, seqs)
     created, model = int(time.time()), engine.info.name
-    rid = f"cmpl-{gen.id}"
+    rid = f"cmpl-{gens[0].id}"
+    echo = texts if body.echo else [""] * len(gens)
 
-    def chunk(text: str, finish: str | None) -> dict:
+    def chunk(index: int, text: str, finish: str | None) -> dict:
         return {"id": rid, "object": "text_completion", "created": created, "model": model,
-                "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]}
+                "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": finish}]}
 
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return EventStream(_openai_stream(gen, chunk, include_usage, rid, created, model, "text_completion"),
-                           send_timeout=settings.sse_send_timeout)
-    r = await _result(gen, request)
-    if r is None:
+        first = [chunk(i, e, None) for i, e in enumerate(echo) if e]
+        return EventStream(
+            _openai_stream(gens, chunk, include_usage, rid, created, model, "text_completion", first=first),
+            send_timeout=settings.sse_send_timeout,
+        )
+    results = await _results(gens, request)
+    if results is None:
         return Response(status_code=CLIENT_CLOSED)
-    out = chunk(r.text, _finish(r.finish_reason))
-    out["usage"] = _usage(gen)
-    return out
+    choices = [
+        {"index": i, "text": echo[i] + r.text, "logprobs": None, "finish_reason": _finish(r.finish_reason)}
+        for i, r in enumerate(results)
+    ]
+    return {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": choices,
+            "usage": _usage(gens)}
 
 
 @router.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=_STREAM)
@@ -121,70 +157,69 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, engine
         max_tokens, field = body.max_completion_tokens, "max_completion_tokens"
     else:
         max_tokens, field = body.max_tokens, "max_tokens"
-    gen = _start(engine, settings, body, prompt_ids, max_tokens, field, prompt_field="messages")
+    params = sampling_params(body, engine.vocab_size)
+    seq = build_sequence(
+        engine, prompt_ids, params, max_tokens=max_tokens, max_tokens_explicit=max_tokens is not None, stop=body.stop,
+        timeout=settings.request_timeout, max_tokens_field=field, prompt_field="messages", ignore_eos=body.ignore_eos,
+    )
+    gens = submit(engine, [seq])
     created, model = int(time.time()), engine.info.name
-    rid = f"chatcmpl-{gen.id}"
-    first = True
+    rid = f"chatcmpl-{gens[0].id}"
+    started: set[int] = set()
 
-    def chunk(text: str, finish: str | None) -> dict:
-        nonlocal first
+    def chunk(index: int, text: str, finish: str | None) -> dict:
         delta: dict = {}
-        if first:
+        if index not in started:
             delta["role"] = "assistant"
-            first = False
+            started.add(index)
         if text or finish is None:
             delta["content"] = text
         return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+                "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}]}
 
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return EventStream(_openai_stream(gen, chunk, include_usage, rid, created, model, "chat.completion.chunk"),
+        return EventStream(_openai_stream(gens, chunk, include_usage, rid, created, model, "chat.completion.chunk"),
                            send_timeout=settings.sse_send_timeout)
-    r = await _result(gen, request)
-    if r is None:
+    results = await _results(gens, request)
+    if results is None:
         return Response(status_code=CLIENT_CLOSED)
     return {
         "id": rid, "object": "chat.completion", "created": created, "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": r.text}, "logprobs": None,
-                     "finish_reason": _finish(r.finish_reason)}],
-        "usage": _usage(gen),
+        "choices": [{"index": i, "message": {"role": "assistant", "content": r.text}, "logprobs": None,
+                     "finish_reason": _finish(r.finish_reason)} for i, r in enumerate(results)],
+        "usage": _usage(gens),
     }
 
 
-def _start(engine, settings, body, prompt_ids: list[int], max_tokens: int | None, field: str,
-           prompt_field: str = "prompt") -> Generation:
-    return start_generation(
-        engine, prompt_ids, max_tokens=max_tokens, max_tokens_explicit=max_tokens is not None,
-        temperature=body.temperature, top_k=body.top_k, top_p=body.top_p, seed=body.seed, stop=body.stop,
-        timeout=settings.request_timeout, max_tokens_field=field, prompt_field=prompt_field,
-        ignore_eos=body.ignore_eos,
-    )
-
-
-async def _result(gen: Generation, request: Request):
+async def _results(gens: list[Generation], request: Request):
     try:
-        return await gen.result(request)
+        return await gather_results(gens, request)
     except GenerationError as e:
         raise ApiError(e.status, str(e)) from e
 
 
-async def _openai_stream(gen: Generation, chunk, include_usage: bool, rid: str, created: int, model: str,
-                         obj: str):
-    """`data: {chunk}` lines, a final chunk with finish_reason, the usage chunk if asked, then `data: [DONE]`."""
+async def _openai_stream(gens: list[Generation], chunk, include_usage: bool, rid: str, created: int, model: str,
+                         obj: str, first: list[dict] = ()):
+    """`data: {chunk}` lines (`first` ones, then each choice's deltas as they come, tagged with its index), a
+    chunk with finish_reason per choice, the usage chunk if asked, then `data: [DONE]`. An error in any choice
+    ends the stream with an error chunk."""
     try:
-        async for event in gen.events():
+        for c in first:
+            yield ServerSentEvent(data=json.dumps(c))
+        async for i, event in merged_events(gens):
             if event.finish_reason is None:
-                yield ServerSentEvent(data=json.dumps(chunk(event.text, None)))
+                yield ServerSentEvent(data=json.dumps(chunk(i, event.text, None)))
                 continue
-            error = finish_error(gen, event)
+            error = finish_error(gens[i], event)
             if error is not None:
                 yield ServerSentEvent(data=json.dumps(error_body(error.status, str(error), openai=True)))
-            else:
-                yield ServerSentEvent(data=json.dumps(chunk("", _finish(event.finish_reason))))
-                if include_usage:
-                    yield ServerSentEvent(data=json.dumps({"id": rid, "object": obj, "created": created,
-                                                           "model": model, "choices": [], "usage": _usage(gen)}))
+                break
+            yield ServerSentEvent(data=json.dumps(chunk(i, "", _finish(event.finish_reason))))
+        else:
+            if include_usage:
+                yield ServerSentEvent(data=json.dumps({"id": rid, "object": obj, "created": created, "model": model,
+                                                       "choices": [], "usage": _usage(gens)}))
     except Exception as e:  # never cut a stream silently
         yield ServerSentEvent(data=json.dumps(error_body(500, f"{type(e).__name__}: {e}", openai=True)))
     yield ServerSentEvent(data="[DONE]")

@@ -167,15 +167,8 @@ REFUSED = [
     ("audio", {"voice": "alloy", "format": "wav"}),
     ("modalities", ["text", "audio"]),
     ("prediction", {"type": "content", "content": "x"}),
-    ("presence_penalty", 0.5),
-    ("frequency_penalty", -1.0),
-    ("logit_bias", {"50256": -100}),
-    ("min_p", 0.1),
-    ("repetition_penalty", 1.2),
-    ("min_tokens", 4),
-    ("stop_token_ids", [2]),
 ]
-COMPLETION_ONLY = [("suffix", "the end"), ("best_of", 2), ("echo", True), ("logprobs", 1)]
+COMPLETION_ONLY = [("suffix", "the end"), ("best_of", 2), ("logprobs", 1)]
 NO_OPS = {
     "n": 1,
     "presence_penalty": 0,
