@@ -50,6 +50,22 @@ class KVCache(nn.Module):
         """Memory one cached position costs, for sizing a cache from a byte budget."""
         return 2 * n_layer * n_kv_head * head_dim * torch.empty((), dtype=dtype).element_size()
 
+    def copy_positions(self, src_slot: int, dst_slots: Sequence[int], length: int) -> None:
+        """Copy the keys and values at positions 0..length-1 of `src_slot` into each of `dst_slots`, every layer at
+        once (a prompt prefilled once and shared by several sequences)."""
+        slots = [src_slot, *dst_slots]
+        if any(not 0 <= s < self.max_slots for s in slots):
+            raise ValueError(f"slots {slots} outside the KV cache's {self.max_slots} slots")
+        if not 0 <= length <= self.max_len:
+            raise ValueError(f"length {length} outside the KV cache's max_len {self.max_len}")
+        if not dst_slots or length == 0:
+            return
+        dst = torch.tensor(list(dst_slots), dtype=torch.long, device=self.k.device)
+        for cache in (self.k, self.v):
+            # (n_layer, n_dst, n_kv_head, length, head_dim) in one indexed write, no loop over layers.
+            src = cache[:, src_slot : src_slot + 1, :, :length]
+            cache[:, dst, :, :length] = src.expand(-1, len(dst_slots), -1, -1, -1)
+
     def update(
         self, layer: int, batch: CacheBatch, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -24,6 +24,14 @@ class Metrics:
         )
         self.prompt_tokens = Counter("smollm_prompt_tokens", "Prompt tokens processed", registry=r)
         self.generation_tokens = Counter("smollm_generation_tokens", "Tokens generated", registry=r)
+        # hit / query is the prefix cache's hit rate (vLLM's prefix_cache_hits / prefix_cache_queries).
+        self.prefix_hit_tokens = Counter(
+            "smollm_prefix_cache_hit_tokens", "Prompt tokens whose KV was reused from a free slot", registry=r
+        )
+        self.prefix_query_tokens = Counter(
+            "smollm_prefix_cache_query_tokens", "Prompt tokens of admitted requests (looked up in the prefix cache)",
+            registry=r,
+        )
         self.cancelled = Counter("smollm_requests_cancelled", "Requests cancelled by the client", registry=r)
         self.finished = Counter(
             "smollm_request_finish", "Requests ended, by finish reason (stop, length, timeout, cancelled, error, ...)",
@@ -87,6 +95,9 @@ class Metrics:
             self.prompt_tokens.inc(s.prompt_tokens)
         if s.generation_tokens:
             self.generation_tokens.inc(s.generation_tokens)
+        if s.prefix_query_tokens:
+            self.prefix_query_tokens.inc(s.prefix_query_tokens)
+            self.prefix_hit_tokens.inc(s.prefix_hit_tokens)
         for v in s.queue_waits:
             self.queue_wait.observe(v)
         for v in s.ttfts:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from model.llama import Transformer
+from model.sampling import TokenHistory
 from model.tokenizer import IncrementalDecoder
 from service.engine.cache_manager import CacheManager, CacheUsage
 from service.engine.runner import ModelRunner
@@ -160,14 +161,35 @@ class Engine:
 
     def submit(self, seq: Sequence) -> None:
         """Queue a sequence; raises QueueFullError when MAX_QUEUE requests already wait, EngineDeadError when
-        the loop thread is not running. A sequence without a timeout gets the backstop one."""
+        the loop thread is not running. A sequence without a timeout gets the backstop one. It stops (reason stop)
+        on the model's end-of-sequence ids and its params' `stop_token_ids`, unless `ignore_eos`."""
         self.check_alive()
-        if not seq.stop_ids and not seq.ignore_eos:
-            seq.stop_ids = self.stop_ids
-        if seq.timeout is None:
-            seq.timeout = self.backstop_timeout
+        self._prepare(seq)
         self.scheduler.add(seq)
         self.wake()
+
+    def submit_group(self, seqs: list[Sequence]) -> None:
+        """Queue `n` sequences sharing one prompt (OpenAI's `n`), each with its own params (seed, seed + 1, ... for
+        a seeded request). They are admitted together when `n` cache slots are free, the prompt is prefilled once
+        and its KV copied to the others, and each samples its own first token from the shared logits with its own
+        generator; then they decode (and may be cancelled) independently. Raises ValueError when the prompts
+        differ or `n` exceeds the cache's slots, and as `submit` otherwise."""
+        if not seqs:
+            raise ValueError("submit_group: no sequences")
+        self.check_alive()
+        for seq in seqs:
+            self._prepare(seq)
+        if len(seqs) == 1:
+            self.scheduler.add(seqs[0])
+        else:
+            self.scheduler.add_group(seqs)
+        self.wake()
+
+    def _prepare(self, seq: Sequence) -> None:
+        if not seq.ignore_eos:
+            seq.stop_ids = (seq.stop_ids or self.stop_ids) | frozenset(seq.params.stop_token_ids)
+        if seq.timeout is None:
+            seq.timeout = self.backstop_timeout
 
     def cancel(self, seq: Sequence) -> None:
         seq.cancel()
@@ -300,11 +322,13 @@ class Engine:
             for seq in self.scheduler.admit(now, stats):
                 seq.model_version = self.model_version
                 seq.decoder = IncrementalDecoder(self.tokenizer)
+                if seq.params.needs_history and seq.history is None:
+                    seq.history = TokenHistory(seq.params, seq.prompt_ids, end_ids=seq.stop_ids)
             batch = self.scheduler.schedule()
             if batch is not None:
-                tokens = self.runner.run(batch)
+                out = self.runner.run(batch)
                 now = time.monotonic()
-                for seq in self.scheduler.postprocess(batch, tokens, now, stats):
+                for seq in self.scheduler.postprocess(batch, out.tokens, now, stats, out.logprobs):
                     self._emit_token(seq, now, stats, events)
             self.steps += 1
             self.last_progress = time.monotonic()
@@ -337,7 +361,7 @@ class Engine:
                 self.scheduler.finish(seq, FinishReason.STOP, now, stats)
         if seq.finished:
             text += seq.flush_text()
-        events.append((seq, StreamEvent(text=text, index=len(seq.output_ids) - 1)))
+        events.append((seq, StreamEvent(text=text, index=len(seq.output_ids) - 1, logprobs=seq.last_logprobs)))
         if seq.finished:
             self._finish_events([seq], events)
 
@@ -391,6 +415,7 @@ class Engine:
         stop_ids = self._stop_ids(model, tokenizer)
         old_context = self.runner.context
         self.runner.set_model(model)  # all or nothing; clears the KV cache
+        self.cache_manager.forget()  # so no free slot's remembered prefix is valid any more
         moved = self._move_running(events, stats)
         if self.runner.context != old_context:
             self.cache_manager = CacheManager(self.cache_manager.max_slots, self.runner.context)

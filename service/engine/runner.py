@@ -3,12 +3,15 @@ then sampling. The runner makes no scheduling decisions."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from model.kv_cache import CacheBatch, KVCache
 from model.llama import Transformer
-from model.sampling import sample
+from model.sampling import TokenLogprobs, sample, sample_with_logprobs
 from service.engine.scheduler import Batch
+from service.engine.sequence import Sequence
 
 KV_ALIGN = 64  # a multiple of every CPU kernel's key block size (16 for bf16 here)
 # Prompt chunks are padded to a multiple of this many tokens. oneDNN builds and caches kernels per tensor shape,
@@ -20,6 +23,31 @@ PREFILL_ALIGN = 16
 
 def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
+
+
+@dataclass
+class RunOutput:
+    """A step's sampled tokens, one per batch row (prefill item or decode sequence; None for a prompt chunk that
+    does not end its prompt), and when some row asked for them, each row's log-probabilities (else None)."""
+
+    tokens: list[int | None]
+    logprobs: list[TokenLogprobs | None] | None = None
+
+
+def sample_rows(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[TokenLogprobs | None] | None]:
+    """Sample one token per row of `logits` (R, vocab) for `seqs`, with their histories and grammar masks.
+
+    Plain rows (no logprobs, no grammar) take `sample`'s path, which for greedy rows without penalties or bias is
+    a bare argmax; only a batch where some row asks for logprobs or has a grammar builds the extra tensors."""
+    params = [s.params for s in seqs]
+    generators = [s.generator for s in seqs]
+    histories = [s.history for s in seqs] if any(s.history is not None for s in seqs) else None
+    if not any(s.structured is not None or s.params.logprobs is not None for s in seqs):
+        return sample(logits, params, generators, histories).tolist(), None  # the one host sync
+    allowed = [None if s.structured is None else s.structured.allowed_tokens() for s in seqs]
+    out = sample_with_logprobs(logits, params, generators, histories, allowed)
+    rows = out.rows() if out.logprobs is not None else None
+    return out.tokens.tolist(), rows
 
 
 class ModelRunner:
@@ -73,15 +101,16 @@ class ModelRunner:
         return min(_round_up(max_pos + 1, KV_ALIGN), self.max_len)
 
     @torch.inference_mode()
-    def run(self, batch: Batch) -> list[int | None]:
+    def run(self, batch: Batch) -> RunOutput:
         """The sampled next token of every row (None for a prompt chunk that does not end its prompt)."""
         if batch.is_prefill:
             return self._prefill(batch)
         return self._decode(batch)
 
-    def _prefill(self, batch: Batch) -> list[int | None]:
+    def _prefill(self, batch: Batch) -> RunOutput:
         # The chunks go back to back in one row: no padding between prompts, so a prefill costs the tokens it has.
-        items = batch.prefill
+        # Items with a `source` (n > 1 siblings) are not computed: they get a copy of their source's KV below.
+        items = [it for it in batch.prefill if it.source is None]
         max_pos = self.max_len - 1
         row: list[int] = []
         positions: list[int] = []
@@ -105,21 +134,33 @@ class ModelRunner:
         cache_batch = CacheBatch.build_packed(self.cache, segments, positions, logits_index=last)
         logits = self.model(torch.tensor([row], dtype=torch.long, device=self.device), batch=cache_batch)
         # (len(items), vocab)
-        done = [i for i, it in enumerate(items) if it.completes_prompt]
-        out: list[int | None] = [None] * len(items)
-        if not done:
-            return out
-        if len(done) < len(items):
-            logits = logits[done]
-        seqs = [items[i].seq for i in done]
+        logits_row = {id(it.seq): i for i, it in enumerate(items) if it.completes_prompt}
         # Only rows that finish their prompt sample, so a seeded row draws the same numbers however its
-        # prompt was chunked.
-        tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs]).tolist()  # host sync
+        # prompt was chunked. A sibling samples its own first token from its source's last-position logits.
+        done = [i for i, it in enumerate(batch.prefill) if it.completes_prompt]
+        out: list[int | None] = [None] * len(batch.prefill)
+        if not done:
+            return RunOutput(out)
+        copies: dict[int, tuple[int, list[int]]] = {}  # source slot -> (length, sibling slots): one copy per source
+        for it in batch.prefill:
+            if it.source is not None:
+                copies.setdefault(it.source.slot, (it.end, []))[1].append(it.seq.slot)
+        for src, (length, dst) in copies.items():
+            self.cache.copy_positions(src, dst, length)
+        picks = [logits_row[id(batch.prefill[i].source or batch.prefill[i].seq)] for i in done]
+        if picks != list(range(len(items))):
+            logits = logits[torch.tensor(picks, device=logits.device)]
+        tokens, lps = sample_rows(logits, [batch.prefill[i].seq for i in done])
         for i, t in zip(done, tokens, strict=True):
             out[i] = t
-        return out
+        logprobs: list[TokenLogprobs | None] | None = None
+        if lps is not None:
+            logprobs = [None] * len(batch.prefill)
+            for i, lp in zip(done, lps, strict=True):
+                logprobs[i] = lp
+        return RunOutput(out, logprobs)
 
-    def _decode(self, batch: Batch) -> list[int | None]:
+    def _decode(self, batch: Batch) -> RunOutput:
         seqs = batch.decode
         last_pos = [s.total_len - 1 for s in seqs]
         idx = torch.tensor([s.output_ids[-1] for s in seqs], dtype=torch.long, device=self.device).view(-1, 1)
@@ -129,4 +170,5 @@ class ModelRunner:
         )
         logits = self.model(idx, batch=cache_batch)
         logits = logits[:, 0]  # (B, vocab)
-        return sample(logits, [s.params for s in seqs], [s.generator for s in seqs]).tolist()  # the one host sync
+        tokens, logprobs = sample_rows(logits, seqs)
+        return RunOutput([*tokens], logprobs)

@@ -13,6 +13,7 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from model.sampling import TokenLogprobs
 from service.engine.cache_manager import CacheManager
 from service.engine.sequence import FinishReason, Sequence, Status
 
@@ -26,6 +27,8 @@ class PrefillItem:
     seq: Sequence
     start: int  # first prompt position of the chunk
     end: int  # one past the last
+    # n > 1: not computed; positions start..end-1 are copied from this sequence's slot once its prompt is done.
+    source: Sequence | None = None
 
     @property
     def completes_prompt(self) -> bool:
@@ -61,6 +64,8 @@ class StepStats:
     ttfts: list[float] = field(default_factory=list)
     inter_token: list[float] = field(default_factory=list)
     finished: list[Sequence] = field(default_factory=list)
+    prefix_query_tokens: int = 0  # prompt tokens of the sequences admitted this step
+    prefix_hit_tokens: int = 0  # of those, positions reused from a free slot's previous owner (not computed)
 
 
 class Scheduler:
@@ -90,6 +95,23 @@ class Scheduler:
                 raise QueueFullError(f"{max(queued, 0)} requests already waiting (MAX_QUEUE={self.max_queue})")
             self.waiting.append(seq)
 
+    def add_group(self, seqs: list[Sequence]) -> None:
+        """Queue sequences sharing one prompt (n > 1): admitted together when len(seqs) slots are free, the prompt
+        prefilled once for the first and its KV copied to the others."""
+        if len(seqs) > self.cache.max_slots:
+            raise ValueError(f"n: {len(seqs)} choices need as many cache slots; this server has {self.cache.max_slots}")
+        lead, rest = seqs[0], seqs[1:]
+        if any(s.prompt_ids != lead.prompt_ids for s in rest):
+            raise ValueError("submit_group: the sequences of a group must share one prompt")
+        lead.siblings = list(rest)
+        for s in rest:
+            s.share_from = lead
+        with self._lock:
+            queued = len(self.waiting) - self.cache.num_free
+            if queued + len(seqs) - 1 >= self.max_queue:
+                raise QueueFullError(f"{max(queued, 0)} requests already waiting (MAX_QUEUE={self.max_queue})")
+            self.waiting.extend(seqs)
+
     @property
     def num_waiting(self) -> int:
         return len(self.waiting)
@@ -103,13 +125,29 @@ class Scheduler:
         if self.admit_paused:
             return admitted
         with self._lock:
-            while self.waiting and self.cache.num_free > 0:
-                seq = self.waiting.popleft()
-                seq.slot = self.cache.allocate()
-                seq.status = Status.RUNNING
-                seq.admitted_time = now
-                self.running.append(seq)
-                admitted.append(seq)
+            while self.waiting:
+                seq = self.waiting[0]
+                # A group is admitted whole or not at all: half of it would wait for slots its other half holds.
+                group = [seq, *(s for s in seq.siblings if s.status is Status.WAITING)]
+                if self.cache.num_free < len(group):
+                    break
+                for s in group:
+                    self.waiting.remove(s)
+                    if s.share_from is None:
+                        s.slot, hit = self.cache.allocate_for(s.prompt_ids)
+                        # At least one prompt token is computed: its logits give the first output token.
+                        s.prefix_hit = min(hit, s.num_prompt - 1)
+                        s.num_cached = s.prefix_hit
+                        self.cache.set_tokens(s.slot, s.num_cached)
+                        if stats is not None:
+                            stats.prefix_query_tokens += s.num_prompt
+                            stats.prefix_hit_tokens += s.prefix_hit
+                    else:
+                        s.slot = self.cache.allocate()
+                    s.status = Status.RUNNING
+                    s.admitted_time = now
+                    self.running.append(s)
+                    admitted.append(s)
         if stats is not None:
             stats.queue_waits.extend(now - s.arrival_time for s in admitted)
         return admitted
@@ -121,7 +159,10 @@ class Scheduler:
         at most `prefill_chunk` tokens) delays running streams by one chunk at a time, never by the whole
         prompt.
         """
-        pending = [s for s in self.running if not s.prefilled]
+        for s in self.running:
+            if s.share_from is not None and s.share_from.finished and not s.share_from.prefilled:
+                s.share_from = None  # its lead ended before prefilling the prompt: prefill it itself
+        pending = [s for s in self.running if not s.prefilled and s.share_from is None]
         ready = [s for s in self.running if s.prefilled]
         if pending and not (ready and self._last_was_prefill):
             self._last_was_prefill = True
@@ -145,14 +186,24 @@ class Scheduler:
             if budget == 0:
                 break
             n = min(seq.prefill_len - seq.num_cached, budget)
-            items.append(PrefillItem(seq, seq.num_cached, seq.num_cached + n))
+            item = PrefillItem(seq, seq.num_cached, seq.num_cached + n)
+            items.append(item)
             budget -= n
+            if item.completes_prompt:
+                # Siblings waiting for this prompt get its KV copied, at no prefill cost.
+                items += [PrefillItem(s, 0, item.end, source=seq) for s in seq.siblings
+                          if s.share_from is seq and not s.finished]
         return items
 
     # ---- state transitions after a step ----
 
     def postprocess(
-        self, batch: Batch, tokens: list[int | None], now: float, stats: StepStats | None = None
+        self,
+        batch: Batch,
+        tokens: list[int | None],
+        now: float,
+        stats: StepStats | None = None,
+        logprobs: list[TokenLogprobs | None] | None = None,
     ) -> list[Sequence]:
         """Apply a step's sampled tokens: record prompt progress, append each token, and finish the sequences
         that sampled a stop id or reached max_tokens or the context (releasing their slots). Returns the
@@ -161,24 +212,29 @@ class Scheduler:
         stats.batch_size = batch.size
         stats.is_prefill = batch.is_prefill
         appended: list[Sequence] = []
+        lps = logprobs if logprobs is not None else [None] * len(tokens)
         if batch.is_prefill:
-            for item, tok in zip(batch.prefill, tokens, strict=True):
+            for item, tok, lp in zip(batch.prefill, tokens, lps, strict=True):
                 seq = item.seq
                 seq.num_cached = item.end
-                stats.prompt_tokens += item.end - item.start
+                if item.source is None:
+                    stats.prompt_tokens += item.end - item.start
+                else:
+                    seq.share_from = None  # it holds the prompt now (a later recompute prefills it itself)
                 self.cache.set_tokens(seq.slot, seq.num_cached)
                 if tok is not None:
-                    self._append(seq, tok, now, stats)
+                    self._append(seq, tok, now, stats, lp)
                     appended.append(seq)
         else:
-            for seq, tok in zip(batch.decode, tokens, strict=True):
+            for seq, tok, lp in zip(batch.decode, tokens, lps, strict=True):
                 assert tok is not None  # every decode row samples
-                self._append(seq, tok, now, stats)
+                self._append(seq, tok, now, stats, lp)
                 appended.append(seq)
         return appended
 
-    def _append(self, seq: Sequence, tok: int, now: float, stats: StepStats) -> None:
+    def _append(self, seq: Sequence, tok: int, now: float, stats: StepStats, lp: TokenLogprobs | None) -> None:
         seq.output_ids.append(tok)
+        seq.last_logprobs = lp
         stats.generation_tokens += 1
         if seq.first_token_time is None:
             seq.first_token_time = now
@@ -189,7 +245,15 @@ class Scheduler:
         self.cache.set_tokens(seq.slot, seq.total_len)
         if tok in seq.stop_ids:
             self.finish(seq, FinishReason.STOP, now, stats)
-        elif len(seq.output_ids) >= seq.max_tokens or seq.total_len >= self.context:
+            return
+        if seq.structured is not None:
+            if not seq.structured.accept(tok):  # only if the token was not sampled under the grammar's mask
+                self.finish(seq, FinishReason.ERROR, now, stats, error=f"structured output: {seq.structured.error}")
+                return
+            if seq.structured.is_finished:  # nothing but the end can follow
+                self.finish(seq, FinishReason.STOP, now, stats)
+                return
+        if len(seq.output_ids) >= seq.max_tokens or seq.total_len >= self.context:
             self.finish(seq, FinishReason.LENGTH, now, stats)
 
     def finish(
@@ -207,7 +271,9 @@ class Scheduler:
             return
         if seq.status is Status.RUNNING:
             self.running.remove(seq)
-            self.cache.free(seq.slot)
+            # The slot keeps what this sequence wrote, for a later prompt that starts the same way; not after an
+            # error, when a failed step may have left it half written.
+            self.cache.free(seq.slot, None if reason is FinishReason.ERROR else _written(seq))
             seq.slot = -1
         elif seq.status is Status.WAITING:
             self.drop_waiting([seq])
@@ -251,6 +317,15 @@ class Scheduler:
         gone = {id(s) for s in finished}
         with self._lock:
             self.waiting = deque(s for s in self.waiting if id(s) not in gone)
+
+
+def _written(seq: Sequence) -> list[int]:
+    """Token ids whose KV the sequence's slot holds at positions 0..: the prefilled part, and once decoding, every
+    token but the last sampled one (which never went through the model)."""
+    n = seq.num_cached if not seq.prefilled else max(seq.total_len - 1, seq.num_cached)
+    if seq.share_from is not None:
+        n = 0  # a sibling whose copy never happened
+    return seq.prefill_ids(0, n)
 
 
 def _should_end(seq: Sequence, now: float) -> FinishReason | None:

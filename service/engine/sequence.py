@@ -11,11 +11,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from model.sampling import SamplingParams
+from model.sampling import SamplingParams, TokenHistory, TokenLogprobs
 from service.engine.stop_strings import StopStrings
 
 if TYPE_CHECKING:
     from model.tokenizer import IncrementalDecoder
+    from service.structured_output import StructuredOutput
 
 
 class FinishReason(enum.StrEnum):
@@ -41,6 +42,9 @@ class StreamEvent:
     index: int = 0  # index of the generated token that produced this delta
     finish_reason: FinishReason | None = None
     error: str | None = None
+    # On token events of a sequence whose params ask for logprobs: the token's log-probability and the top-N, from
+    # the distribution it was sampled from (after penalties and temperature, before top-k/top-p/min-p).
+    logprobs: TokenLogprobs | None = None
 
 
 _ids = itertools.count()
@@ -74,6 +78,16 @@ class Sequence:
     decoder: IncrementalDecoder | None = None  # set when the sequence is admitted
     model_version: int = -1
     error: str | None = None  # why it ended, with FinishReason.ERROR
+    # Penalty counts and min_tokens progress; created at admission when params.needs_history.
+    history: TokenHistory | None = None
+    # The grammar the output must follow (response_format); set by the HTTP layer before submit.
+    structured: StructuredOutput | None = None
+    last_logprobs: TokenLogprobs | None = None  # of the token appended last, when params.logprobs is set
+    # n > 1 (Engine.submit_group): the lead prefills the shared prompt, then its KV is copied to its siblings, which
+    # wait (`share_from` set) until then.
+    siblings: list[Sequence] = field(default_factory=list)
+    share_from: Sequence | None = None
+    prefix_hit: int = 0  # prompt positions reused from the previous owner of the slot (prefix cache)
 
     arrival_time: float = field(default_factory=time.monotonic)
     admitted_time: float | None = None

@@ -195,3 +195,20 @@ def test_packed_training_rows_keep_sequences_apart(tiny_model):
     # Positions 0..T-1 given explicitly match the fast causal path.
     torch.testing.assert_close(tiny_model(row, torch.arange(row.shape[1]).unsqueeze(0)), tiny_model(row),
                                atol=ATOL, rtol=0)
+
+
+def test_copy_positions_copies_a_prefix_into_other_slots_and_nothing_else():
+    cache = KVCache(n_layer=3, max_slots=4, max_len=8, n_kv_head=2, head_dim=4)
+    cache.k.normal_()
+    cache.v.normal_()
+    before_k, before_v = cache.k.clone(), cache.v.clone()
+    cache.copy_positions(1, [0, 3], 5)
+    for dst in (0, 3):
+        assert torch.equal(cache.k[:, dst, :, :5], before_k[:, 1, :, :5])
+        assert torch.equal(cache.v[:, dst, :, :5], before_v[:, 1, :, :5])
+        assert torch.equal(cache.k[:, dst, :, 5:], before_k[:, dst, :, 5:])  # past the prefix: untouched
+    assert torch.equal(cache.k[:, 1:3], before_k[:, 1:3]) and torch.equal(cache.v[:, 1:3], before_v[:, 1:3])
+    with pytest.raises(ValueError, match="outside"):
+        cache.copy_positions(0, [4], 2)
+    with pytest.raises(ValueError, match="max_len"):
+        cache.copy_positions(0, [1], 9)
