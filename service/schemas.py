@@ -102,6 +102,9 @@ class GenerateRequest(SamplingFields):
         f"{MAX_STOP_CHARS} characters"
     )
     stream: bool = Field(False, description="answer as server-sent events")
+    logprobs: int | None = Field(
+        None, ge=0, le=20, description="extension: each token's log-probability and the top `logprobs` tokens'"
+    )
     chat: bool = Field(False, description="wrap the prompt as one user message in the checkpoint's chat template")
 
     @field_validator("stop")
@@ -125,12 +128,23 @@ class Timing(BaseModel):
     total_ms: float
 
 
+class TopLogprob(BaseModel):
+    token_id: int
+    token: str
+    logprob: float
+
+
+class GenerateLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
 class GenerateResponse(BaseModel):
     id: str
     text: str
     finish_reason: Literal["stop", "length", "timeout", "abort"]
     usage: Usage
     timing: Timing
+    logprobs: list[GenerateLogprob] | None = None
 
 
 # ---- OpenAI-compatible ----
@@ -154,8 +168,6 @@ UNSUPPORTED_FIELDS: dict[str, Callable[[Any], bool]] = {
     "n": lambda v: v != 1,
     "best_of": lambda v: v not in (None, 1),
     "suffix": _given,
-    "logprobs": lambda v: v is not None and v is not False,  # completions: 0..5; chat: true
-    "top_logprobs": lambda v: v not in (None, 0),
     "response_format": lambda v: v is not None and not (isinstance(v, dict) and v.get("type") == "text"),
     "audio": _given,
     "modalities": lambda v: v not in (None, ["text"]),
@@ -213,7 +225,9 @@ class CompletionRequest(_OpenAIBase):
     )
     max_tokens: int | None = Field(16, ge=1)
     echo: bool = Field(False, description="prepend the prompt to each choice's text")
-    logprobs: int | None = Field(None, ge=0, le=5, description="not supported yet")
+    logprobs: int | None = Field(
+        None, ge=0, le=5, description="the chosen token's log-probability and the top `logprobs` tokens' per token"
+    )
 
     @field_validator("prompt")
     @classmethod
@@ -265,8 +279,8 @@ class ChatCompletionRequest(_OpenAIBase):
     messages: list[ChatMessage] = Field(..., min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    logprobs: bool | None = Field(None, description="not supported yet")
-    top_logprobs: int | None = Field(None, ge=0, le=20, description="not supported yet")
+    logprobs: bool | None = Field(None, description="each output token's log-probability in `choices[].logprobs`")
+    top_logprobs: int | None = Field(None, ge=0, le=20, description="with logprobs: the most likely tokens per step")
 
 
 class OpenAIUsage(BaseModel):
@@ -298,10 +312,17 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: Literal["stop", "length", "abort"] | None
 
 
@@ -319,10 +340,24 @@ class AssistantMessage(BaseModel):
     content: str
 
 
+class ChatTopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class ChatTokenLogprob(ChatTopLogprob):
+    top_logprobs: list[ChatTopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob] | None
+
+
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: Literal["stop", "length", "abort"]
 
 

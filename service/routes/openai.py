@@ -10,6 +10,7 @@ from pathlib import Path
 from fastapi import APIRouter, Request, Response
 from sse_starlette import ServerSentEvent
 
+from model.sampling import TokenLogprobs
 from service.deps import EngineDep, SettingsDep
 from service.engine import FinishReason
 from service.errors import ApiError, error_body
@@ -27,6 +28,7 @@ from service.generation import (
     sampling_params,
     submit,
 )
+from service.logprobs import chat_logprobs, completion_logprobs, token_text
 from service.schemas import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -101,10 +103,13 @@ async def models(engine: EngineDep, request: Request) -> dict:
 @router.post("/v1/completions", response_model=CompletionResponse, responses=_STREAM)
 async def completions(body: CompletionRequest, request: Request, engine: EngineDep, settings: SettingsDep):
     check_request(body, engine)
+    if body.echo and body.logprobs is not None:
+        raise ApiError(400, "echo: prompt log-probabilities are not computed by this server; use echo or logprobs, "
+                       "not both", param="echo", code="unsupported_parameter")
     prompts = body.prompts()
     many = len(prompts) > 1
     texts, seqs = [], []
-    params = sampling_params(body, engine.vocab_size)
+    params = sampling_params(body, engine.vocab_size, logprobs=body.logprobs)
     for i, prompt in enumerate(prompts):
         field = f"prompt.{i}" if many else "prompt"
         if isinstance(prompt, str):
@@ -125,10 +130,16 @@ async def completions(body: CompletionRequest, request: Request, engine: EngineD
     created, model = int(time.time()), engine.info.name
     rid = f"cmpl-{gens[0].id}"
     echo = texts if body.echo else [""] * len(gens)
+    token_texts = token_text(engine.tokenizer)
+    offsets = [len(e) for e in echo]  # where each choice's next token starts in its text (text_offset)
 
-    def chunk(index: int, text: str, finish: str | None) -> dict:
+    def chunk(index: int, text: str, finish: str | None, lp: TokenLogprobs | None = None) -> dict:
+        logprobs = None
+        if lp is not None:
+            logprobs = completion_logprobs([lp], token_texts, offsets[index])
+            offsets[index] += len(logprobs["tokens"][0])
         return {"id": rid, "object": "text_completion", "created": created, "model": model,
-                "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": finish}]}
+                "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}]}
 
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -141,7 +152,8 @@ async def completions(body: CompletionRequest, request: Request, engine: EngineD
     if results is None:
         return Response(status_code=CLIENT_CLOSED)
     choices = [
-        {"index": i, "text": echo[i] + r.text, "logprobs": None, "finish_reason": _finish(r.finish_reason)}
+        {"index": i, "text": echo[i] + r.text, "finish_reason": _finish(r.finish_reason),
+         "logprobs": None if body.logprobs is None else completion_logprobs(r.logprobs, token_texts, len(echo[i]))}
         for i, r in enumerate(results)
     ]
     return {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": choices,
@@ -157,7 +169,10 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, engine
         max_tokens, field = body.max_completion_tokens, "max_completion_tokens"
     else:
         max_tokens, field = body.max_tokens, "max_tokens"
-    params = sampling_params(body, engine.vocab_size)
+    if body.top_logprobs and not body.logprobs:
+        raise ApiError(400, "top_logprobs: needs logprobs set to true", param="top_logprobs")
+    params = sampling_params(body, engine.vocab_size, logprobs=(body.top_logprobs or 0) if body.logprobs else None)
+    token_texts = token_text(engine.tokenizer)
     seq = build_sequence(
         engine, prompt_ids, params, max_tokens=max_tokens, max_tokens_explicit=max_tokens is not None, stop=body.stop,
         timeout=settings.request_timeout, max_tokens_field=field, prompt_field="messages", ignore_eos=body.ignore_eos,
@@ -167,15 +182,16 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, engine
     rid = f"chatcmpl-{gens[0].id}"
     started: set[int] = set()
 
-    def chunk(index: int, text: str, finish: str | None) -> dict:
+    def chunk(index: int, text: str, finish: str | None, lp: TokenLogprobs | None = None) -> dict:
         delta: dict = {}
         if index not in started:
             delta["role"] = "assistant"
             started.add(index)
         if text or finish is None:
             delta["content"] = text
+        logprobs = None if lp is None else chat_logprobs([lp], token_texts)
         return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-                "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+                "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]}
 
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -186,7 +202,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, engine
         return Response(status_code=CLIENT_CLOSED)
     return {
         "id": rid, "object": "chat.completion", "created": created, "model": model,
-        "choices": [{"index": i, "message": {"role": "assistant", "content": r.text}, "logprobs": None,
+        "choices": [{"index": i, "message": {"role": "assistant", "content": r.text},
+                     "logprobs": chat_logprobs(r.logprobs, token_texts) if body.logprobs else None,
                      "finish_reason": _finish(r.finish_reason)} for i, r in enumerate(results)],
         "usage": _usage(gens),
     }
@@ -209,7 +226,7 @@ async def _openai_stream(gens: list[Generation], chunk, include_usage: bool, rid
             yield ServerSentEvent(data=json.dumps(c))
         async for i, event in merged_events(gens):
             if event.finish_reason is None:
-                yield ServerSentEvent(data=json.dumps(chunk(i, event.text, None)))
+                yield ServerSentEvent(data=json.dumps(chunk(i, event.text, None, event.logprobs)))
                 continue
             error = finish_error(gens[i], event)
             if error is not None:

@@ -161,14 +161,12 @@ REFUSED = [
     ("function_call", "auto"),
     ("parallel_tool_calls", True),
     ("n", 2),
-    ("logprobs", True),
-    ("top_logprobs", 3),
     ("response_format", {"type": "json_object"}),
     ("audio", {"voice": "alloy", "format": "wav"}),
     ("modalities", ["text", "audio"]),
     ("prediction", {"type": "content", "content": "x"}),
 ]
-COMPLETION_ONLY = [("suffix", "the end"), ("best_of", 2), ("logprobs", 1)]
+COMPLETION_ONLY = [("suffix", "the end"), ("best_of", 2)]
 NO_OPS = {
     "n": 1,
     "presence_penalty": 0,

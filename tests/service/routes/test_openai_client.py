@@ -4,10 +4,14 @@ token ids), sampling fields, log probabilities, structured output, n choices."""
 from __future__ import annotations
 
 import collections
+import json
+import math
 
 import httpx
 import openai
 import pytest
+
+from tests.service.conftest import parse_sse
 
 GREEDY = {"temperature": 0, "max_tokens": 6, "extra_body": {"ignore_eos": True}}
 
@@ -190,3 +194,115 @@ def test_generate_takes_the_same_sampling_fields(live, tokenizer):
     )
     assert r.status_code == 200, r.text
     assert r.json()["finish_reason"] == "stop" and r.json()["usage"]["completion_tokens"] == 3
+
+
+# ---- log probabilities (issue 13 item 1)
+
+
+def _check_greedy_completion_logprobs(lp, n: int, text: str, offset: int = 0) -> None:
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) > 0
+    for token, chosen, top, start in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs, lp.text_offset, strict=True):
+        assert chosen <= 0
+        assert len(top) == n
+        values = list(top.values())
+        assert values == sorted(values, reverse=True)
+        if n:  # greedy: the chosen token is the most likely one
+            assert next(iter(top)) == token and values[0] == pytest.approx(chosen)
+        assert text[start : start + len(token)] == token or "\ufffd" in token
+    assert lp.text_offset[0] == offset
+
+
+def test_completion_logprobs(oai):
+    out = oai.completions.create(model="smollm", prompt="The cat", logprobs=3, **GREEDY)
+    lp = out.choices[0].logprobs
+    _check_greedy_completion_logprobs(lp, 3, out.choices[0].text)
+    assert "".join(lp.tokens) == out.choices[0].text
+    zero = oai.completions.create(model="smollm", prompt="The cat", logprobs=0, **GREEDY).choices[0].logprobs
+    assert zero.token_logprobs == pytest.approx(lp.token_logprobs) and zero.top_logprobs == [{}] * 6
+    plain = oai.completions.create(model="smollm", prompt="The cat", **GREEDY)
+    assert plain.choices[0].logprobs is None and plain.choices[0].text == out.choices[0].text
+    # Streamed: one token's logprobs per chunk, the same numbers.
+    tokens, chosen = [], []
+    for chunk in oai.completions.create(model="smollm", prompt="The cat", logprobs=3, stream=True, **GREEDY):
+        c = chunk.choices[0]
+        if c.finish_reason is None:
+            assert len(c.logprobs.tokens) == 1 and len(c.logprobs.top_logprobs[0]) == 3
+            tokens += c.logprobs.tokens
+            chosen += c.logprobs.token_logprobs
+    assert tokens == lp.tokens and chosen == pytest.approx(lp.token_logprobs)
+
+
+def test_completion_logprobs_of_sampled_tokens_are_of_the_tempered_distribution(oai):
+    out = oai.completions.create(
+        model="smollm",
+        prompt="The cat",
+        logprobs=5,
+        temperature=1.3,
+        seed=7,
+        max_tokens=8,
+        extra_body={"ignore_eos": True},
+    )
+    lp = out.choices[0].logprobs
+    for chosen, top in zip(lp.token_logprobs, lp.top_logprobs, strict=True):
+        values = list(top.values())
+        assert chosen <= max(values) + 1e-6 and values == sorted(values, reverse=True) and len(values) == 5
+        assert math.fsum(math.exp(v) for v in values) <= 1 + 1e-5
+
+
+def test_chat_logprobs(oai):
+    req = {"model": "smollm", "messages": [{"role": "user", "content": "Hi"}], **GREEDY}
+    out = oai.chat.completions.create(**req, logprobs=True, top_logprobs=4)
+    content = out.choices[0].logprobs.content
+    assert len(content) == out.usage.completion_tokens == 6
+    for entry in content:
+        assert entry.logprob <= 0 and len(entry.top_logprobs) == 4
+        values = [t.logprob for t in entry.top_logprobs]
+        assert values == sorted(values, reverse=True)
+        assert entry.top_logprobs[0].token == entry.token and values[0] == pytest.approx(entry.logprob)
+        assert bytes(entry.bytes).decode("utf-8", errors="replace") == entry.token
+    assert "".join(e.token for e in content) == out.choices[0].message.content
+    bare = oai.chat.completions.create(**req, logprobs=True)
+    assert [e.top_logprobs for e in bare.choices[0].logprobs.content] == [[]] * 6
+    assert oai.chat.completions.create(**req).choices[0].logprobs is None
+    streamed = []
+    for chunk in oai.chat.completions.create(**req, logprobs=True, top_logprobs=2, stream=True):
+        c = chunk.choices[0]
+        if c.finish_reason is None:
+            assert len(c.logprobs.content) == 1 and len(c.logprobs.content[0].top_logprobs) == 2
+            streamed += c.logprobs.content
+    assert [e.token for e in streamed] == [e.token for e in content]
+    assert [e.logprob for e in streamed] == pytest.approx([e.logprob for e in content])
+
+
+@pytest.mark.parametrize(
+    ("route", "body", "param"),
+    [
+        ("completions", {"logprobs": 6}, "logprobs"),
+        ("completions", {"logprobs": 2, "echo": True}, "echo"),
+        ("chat", {"top_logprobs": 21, "logprobs": True}, "top_logprobs"),
+        ("chat", {"top_logprobs": 2}, "top_logprobs"),
+    ],
+)
+def test_bad_logprobs_are_400(oai, route, body, param):
+    with pytest.raises(openai.BadRequestError) as e:
+        if route == "chat":
+            oai.chat.completions.create(
+                model="smollm", messages=[{"role": "user", "content": "Hi"}], max_tokens=2, extra_body=body
+            )
+        else:
+            oai.completions.create(model="smollm", prompt="Hi", max_tokens=2, extra_body=body)
+    assert e.value.body["param"] == param
+
+
+def test_generate_logprobs_extension(live):
+    req = {"prompt": "The cat", "max_tokens": 5, "temperature": 0, "ignore_eos": True, "logprobs": 2}
+    body = httpx.post(live.url + "/v1/generate", json=req, timeout=30).json()
+    assert len(body["logprobs"]) == 5
+    for entry in body["logprobs"]:
+        assert entry["logprob"] <= 0 and len(entry["top_logprobs"]) == 2
+        assert entry["top_logprobs"][0]["token_id"] == entry["token_id"]
+    r = httpx.post(live.url + "/v1/generate", json={**req, "stream": True}, timeout=30)
+    tokens = [json.loads(d) for e, d in parse_sse(r.text) if e == "token"]
+    assert [t["logprobs"]["token_id"] for t in tokens] == [e["token_id"] for e in body["logprobs"]]
+    plain = httpx.post(live.url + "/v1/generate", json={**req, "logprobs": None}, timeout=30).json()
+    assert "logprobs" not in plain  # the documented shape when not asked
