@@ -19,6 +19,7 @@ from sse_starlette.sse import SendTimeoutError
 from model.sampling import SamplingParams, TokenLogprobs
 from service.engine import Engine, EngineDeadError, FinishReason, QueueFullError, Sequence, StreamEvent
 from service.errors import ApiError
+from service.structured_output import StructuredOutput
 
 log = logging.getLogger(__name__)
 
@@ -286,6 +287,20 @@ def sampling_params(body, vocab: int, *, logprobs: int | None = None, seed: int 
     )
 
 
+async def structured_output_async(engine: Engine, response_format: dict | None) -> StructuredOutput | None:
+    """The grammar matcher `response_format` asks for (None for none), compiled in a worker thread (ms; the
+    tokenizer's table, built once, takes seconds); 400 naming `response_format` when it is bad."""
+    if response_format is None:
+        return None
+    try:
+        return await asyncio.to_thread(
+            StructuredOutput.from_response_format, response_format, engine.tokenizer, engine.vocab_size
+        )
+    except ValueError as e:
+        message = str(e) if str(e).startswith("response_format") else f"response_format: {e}"
+        raise ApiError(400, message, param="response_format") from e
+
+
 def build_sequence(
     engine: Engine,
     prompt_ids: list[int],
@@ -298,6 +313,7 @@ def build_sequence(
     max_tokens_field: str = "max_tokens",
     prompt_field: str = "prompt",
     ignore_eos: bool = False,
+    structured: StructuredOutput | None = None,
 ) -> Sequence:
     """A sequence checked against the model and the context (not yet queued). Raises ApiError (400) or a 422
     naming the field."""
@@ -323,10 +339,12 @@ def build_sequence(
     vocab = engine.vocab_size
     if any(t < 0 or t >= vocab for t in prompt_ids):
         raise validation_error(prompt_field, f"token ids must be in [0, {vocab})")
-    return Sequence(
+    seq = Sequence(
         prompt_ids=list(prompt_ids), max_tokens=max_tokens, params=params, stop=tuple(stop or ()), timeout=timeout,
         ignore_eos=ignore_eos,
     )
+    seq.structured = structured
+    return seq
 
 
 def submit(engine: Engine, seqs: list[Sequence]) -> list[Generation]:

@@ -168,7 +168,6 @@ UNSUPPORTED_FIELDS: dict[str, Callable[[Any], bool]] = {
     "n": lambda v: v != 1,
     "best_of": lambda v: v not in (None, 1),
     "suffix": _given,
-    "response_format": lambda v: v is not None and not (isinstance(v, dict) and v.get("type") == "text"),
     "audio": _given,
     "modalities": lambda v: v not in (None, ["text"]),
     "prediction": _given,
@@ -201,6 +200,10 @@ class _OpenAIBase(SamplingFields):
     n: int = Field(1, ge=1, description="only 1 is supported")
     stream: bool = False
     stream_options: StreamOptions | None = None
+    response_format: dict[str, Any] | None = Field(
+        None, description='`{"type": "text"}`, `{"type": "json_object"}` or `{"type": "json_schema", "json_schema": '
+        '{"schema": {...}}}`: the output is constrained to it token by token (llguidance)'
+    )
     stop: str | list[str] | None = Field(
         None, description=f"at most {MAX_STOP} strings, each at most {MAX_STOP_CHARS} characters"
     )

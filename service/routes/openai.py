@@ -26,6 +26,7 @@ from service.generation import (
     gather_results,
     merged_events,
     sampling_params,
+    structured_output_async,
     submit,
 )
 from service.logprobs import chat_logprobs, completion_logprobs, token_text
@@ -110,6 +111,7 @@ async def completions(body: CompletionRequest, request: Request, engine: EngineD
     many = len(prompts) > 1
     texts, seqs = [], []
     params = sampling_params(body, engine.vocab_size, logprobs=body.logprobs)
+    structured = await structured_output_async(engine, body.response_format)
     for i, prompt in enumerate(prompts):
         field = f"prompt.{i}" if many else "prompt"
         if isinstance(prompt, str):
@@ -121,6 +123,7 @@ async def completions(body: CompletionRequest, request: Request, engine: EngineD
         seq = build_sequence(
             engine, ids, params, max_tokens=body.max_tokens, max_tokens_explicit=body.max_tokens is not None,
             stop=body.stop, timeout=settings.request_timeout, prompt_field=field, ignore_eos=body.ignore_eos,
+            structured=None if structured is None else structured.copy(),
         )
         if body.echo and text is None:
             text = await asyncio.to_thread(engine.tokenizer.decode, ids)
@@ -173,9 +176,11 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, engine
         raise ApiError(400, "top_logprobs: needs logprobs set to true", param="top_logprobs")
     params = sampling_params(body, engine.vocab_size, logprobs=(body.top_logprobs or 0) if body.logprobs else None)
     token_texts = token_text(engine.tokenizer)
+    structured = await structured_output_async(engine, body.response_format)
     seq = build_sequence(
         engine, prompt_ids, params, max_tokens=max_tokens, max_tokens_explicit=max_tokens is not None, stop=body.stop,
         timeout=settings.request_timeout, max_tokens_field=field, prompt_field="messages", ignore_eos=body.ignore_eos,
+        structured=structured,
     )
     gens = submit(engine, [seq])
     created, model = int(time.time()), engine.info.name

@@ -161,7 +161,6 @@ REFUSED = [
     ("function_call", "auto"),
     ("parallel_tool_calls", True),
     ("n", 2),
-    ("response_format", {"type": "json_object"}),
     ("audio", {"voice": "alloy", "format": "wav"}),
     ("modalities", ["text", "audio"]),
     ("prediction", {"type": "content", "content": "x"}),

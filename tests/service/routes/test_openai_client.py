@@ -306,3 +306,98 @@ def test_generate_logprobs_extension(live):
     assert [t["logprobs"]["token_id"] for t in tokens] == [e["token_id"] for e in body["logprobs"]]
     plain = httpx.post(live.url + "/v1/generate", json={**req, "logprobs": None}, timeout=30).json()
     assert "logprobs" not in plain  # the documented shape when not asked
+
+
+# ---- structured output (issue 13 item 7)
+
+CHOICE_SCHEMA = {
+    "type": "object",
+    "properties": {"answer": {"enum": ["yes", "no"]}, "n": {"type": "integer", "minimum": 0, "maximum": 9}},
+    "required": ["answer", "n"],
+    "additionalProperties": False,
+}
+
+
+def test_json_schema_output_parses_and_validates(oai):
+    fmt = {"type": "json_schema", "json_schema": {"name": "choice", "schema": CHOICE_SCHEMA}}
+    out = oai.chat.completions.create(
+        model="smollm",
+        messages=[{"role": "user", "content": "Yes or no?"}],
+        temperature=0,
+        max_tokens=40,
+        response_format=fmt,
+    )
+    assert out.choices[0].finish_reason == "stop", out.choices[0].message.content
+    value = json.loads(out.choices[0].message.content)
+    assert set(value) == {"answer", "n"} and value["answer"] in ("yes", "no") and 0 <= value["n"] <= 9
+    # Sampled, on completions and with several prompts: every choice follows the schema.
+    many = oai.completions.create(
+        model="smollm",
+        prompt=["A", "B", "C"],
+        temperature=1.0,
+        seed=1,
+        max_tokens=40,
+        extra_body={"response_format": fmt},
+    )
+    for choice in many.choices:
+        assert choice.finish_reason == "stop" and json.loads(choice.text)["answer"] in ("yes", "no")
+
+
+def test_json_object_output_is_json_so_far(oai):
+    out = oai.chat.completions.create(
+        model="smollm",
+        messages=[{"role": "user", "content": "Give me JSON"}],
+        temperature=0,
+        max_tokens=24,
+        response_format={"type": "json_object"},
+    )
+    text = out.choices[0].message.content
+    assert text.startswith("{"), text
+    if out.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(text), dict)
+    else:  # cut by max_tokens: a prefix of a JSON object, which closing what is open completes
+        assert _completes_as_json(text), text
+    plain = oai.chat.completions.create(
+        model="smollm",
+        messages=[{"role": "user", "content": "Give me JSON"}],
+        temperature=0,
+        max_tokens=24,
+        response_format={"type": "text"},
+    )
+    assert plain.choices[0].message.content != text
+
+
+def _completes_as_json(prefix: str) -> bool:
+    """Whether `prefix` is the start of a JSON document: some closing of its open strings and brackets parses."""
+    stack, in_string, escaped = [], False, False
+    for c in prefix:
+        if in_string:
+            escaped = not escaped and c == "\\"
+            if c == '"' and not escaped:
+                in_string = False
+        elif c == '"':
+            in_string = True
+        elif c in "{[":
+            stack.append("}" if c == "{" else "]")
+        elif c in "}]":
+            stack.pop()
+    base = prefix + ('"' if in_string else "")
+    for tail in ("", "null", ":null", '"":null', "0"):
+        try:
+            json.loads(base.rstrip(",") + tail + "".join(reversed(stack)))
+            return True
+        except json.JSONDecodeError:
+            continue
+    return False
+
+
+@pytest.mark.parametrize(
+    "fmt",
+    [{"type": "xml"}, {"type": "json_schema"}, {"type": "json_schema", "json_schema": {"schema": 3}}, "json"],
+)
+def test_bad_response_format_is_400(oai, fmt):
+    with pytest.raises(openai.BadRequestError) as e:
+        oai.chat.completions.create(
+            model="smollm", messages=[{"role": "user", "content": "Hi"}], max_tokens=2, response_format=fmt
+        )
+    assert e.value.body["param"].startswith("response_format")
