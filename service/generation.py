@@ -347,22 +347,40 @@ def build_sequence(
     return seq
 
 
-def submit(engine: Engine, seqs: list[Sequence]) -> list[Generation]:
-    """Queue `seqs` (all or none) and return their generations in order. Raises HTTPException 429 (queue full)
-    or 503 (engine not running); sequences queued before a refusal are cancelled."""
+def submit(engine: Engine, seqs: list[Sequence], group: int = 1) -> list[Generation]:
+    """Queue `seqs` (all or none) and return their generations in order. With `group` > 1, each run of `group`
+    consecutive sequences shares one prompt (OpenAI's `n`): it goes through `Engine.submit_group` (one prefill)
+    and only its first generation counts the prompt in usage. Raises HTTPException 429 (queue full) or 503
+    (engine not running); sequences queued before a refusal are cancelled."""
     gens = [Generation(engine, seq) for seq in seqs]
     done: list[Sequence] = []
     try:
-        for seq in seqs:
-            engine.submit(seq)
-            done.append(seq)
+        for start in range(0, len(seqs), group):
+            chunk = seqs[start : start + group]
+            for gen in gens[start + 1 : start + group]:
+                gen.counts_prompt = False
+            if group == 1:
+                engine.submit(chunk[0])
+            else:
+                engine.submit_group(chunk)
+            done += chunk
     except QueueFullError as e:
         for seq in done:
             engine.cancel(seq)
         raise HTTPException(429, f"server busy: {e}; retry later", headers={"Retry-After": "1"}) from e
     except EngineDeadError as e:
+        for seq in done:
+            engine.cancel(seq)
         raise HTTPException(503, f"{e}; retry later") from e
     return gens
+
+
+def choice_seeds(seed: int | None, n: int) -> list[int | None]:
+    """The seeds of a request's n choices: seed, seed + 1, ... (wrapping within torch's 63 bits), or all None
+    (each choice then draws from fresh entropy)."""
+    if seed is None:
+        return [None] * n
+    return [(seed + j) % (2**63) for j in range(n)]
 
 
 def start_generation(engine: Engine, prompt_ids: list[int], params: SamplingParams, **kwargs) -> Generation:

@@ -165,8 +165,6 @@ UNSUPPORTED_FIELDS: dict[str, Callable[[Any], bool]] = {
     "function_call": lambda v: v not in (None, "none"),
     "parallel_tool_calls": lambda v: v is True,
     # the shape of the answer
-    "n": lambda v: v != 1,
-    "best_of": lambda v: v not in (None, 1),
     "suffix": _given,
     "audio": _given,
     "modalities": lambda v: v not in (None, ["text"]),
@@ -197,7 +195,7 @@ class _OpenAIBase(SamplingFields):
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0, description="extension (as in vLLM): 0 = off")
-    n: int = Field(1, ge=1, description="only 1 is supported")
+    n: int = Field(1, ge=1, description="choices per prompt, at most the server's batch slots (SMOLLM_MAX_BATCH_SIZE)")
     stream: bool = False
     stream_options: StreamOptions | None = None
     response_format: dict[str, Any] | None = Field(
@@ -228,6 +226,9 @@ class CompletionRequest(_OpenAIBase):
     )
     max_tokens: int | None = Field(16, ge=1)
     echo: bool = Field(False, description="prepend the prompt to each choice's text")
+    best_of: int | None = Field(
+        None, ge=1, description="generate best_of >= n per prompt, return the n of highest cumulative logprob"
+    )
     logprobs: int | None = Field(
         None, ge=0, le=5, description="the chosen token's log-probability and the top `logprobs` tokens' per token"
     )

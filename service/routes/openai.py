@@ -21,6 +21,7 @@ from service.generation import (
     GenerationError,
     build_sequence,
     chat_ids_async,
+    choice_seeds,
     encode_prompt_async,
     finish_error,
     gather_results,
@@ -31,6 +32,7 @@ from service.generation import (
 )
 from service.logprobs import chat_logprobs, completion_logprobs, token_text
 from service.schemas import (
+    MAX_PROMPTS,
     ChatCompletionRequest,
     ChatCompletionResponse,
     CompletionRequest,
@@ -82,6 +84,18 @@ def check_request(body, engine) -> None:
                        param=field, code="unsupported_parameter")
 
 
+def check_choices(engine, k: int, field: str, prompts: int = 1) -> None:
+    """400 naming `field` when `k` sequences per prompt cannot run together (one cache slot each), or the request
+    asks for more than MAX_PROMPTS sequences in all."""
+    slots = engine.cache_manager.max_slots
+    if k > slots:
+        raise ApiError(400, f"{field}: {k} choices of one prompt run together and need as many batch slots; this "
+                       f"server has {slots} (SMOLLM_MAX_BATCH_SIZE)", param=field)
+    if k * prompts > MAX_PROMPTS:
+        raise ApiError(400, f"{field}: {prompts} prompt(s) x {k} choices is over {MAX_PROMPTS} sequences a request",
+                       param=field)
+
+
 def _usage(gens: list[Generation]) -> dict:
     """Prompt tokens counted once per distinct prompt sequence (the n choices of one prompt share it), completion
     tokens over every choice."""
@@ -109,9 +123,18 @@ async def completions(body: CompletionRequest, request: Request, engine: EngineD
                        "not both", param="echo", code="unsupported_parameter")
     prompts = body.prompts()
     many = len(prompts) > 1
-    texts, seqs = [], []
-    params = sampling_params(body, engine.vocab_size, logprobs=body.logprobs)
+    n = body.n
+    best_of = body.best_of or n
+    if best_of < n:
+        raise ApiError(400, f"best_of: must be >= n ({n}), got {best_of}", param="best_of")
+    if best_of > n and body.stream:
+        raise ApiError(400, "best_of: cannot stream when best_of > n (the best are known only at the end)",
+                       param="best_of")
+    check_choices(engine, best_of, "best_of" if body.best_of else "n", len(prompts))
+    # Ranking by cumulative logprob needs each token's logprob even when the client asked for none.
+    logprobs = body.logprobs if best_of == n or body.logprobs is not None else 0
     structured = await structured_output_async(engine, body.response_format)
+    texts, seqs = [], []
     for i, prompt in enumerate(prompts):
         field = f"prompt.{i}" if many else "prompt"
         if isinstance(prompt, str):
@@ -120,16 +143,17 @@ async def completions(body: CompletionRequest, request: Request, engine: EngineD
         else:
             ids = list(prompt)
             text = None
-        seq = build_sequence(
-            engine, ids, params, max_tokens=body.max_tokens, max_tokens_explicit=body.max_tokens is not None,
-            stop=body.stop, timeout=settings.request_timeout, prompt_field=field, ignore_eos=body.ignore_eos,
-            structured=None if structured is None else structured.copy(),
-        )
+        for seed in choice_seeds(body.seed, best_of):
+            seqs.append(build_sequence(
+                engine, ids, sampling_params(body, engine.vocab_size, logprobs=logprobs, seed=seed),
+                max_tokens=body.max_tokens, max_tokens_explicit=body.max_tokens is not None, stop=body.stop,
+                timeout=settings.request_timeout, prompt_field=field, ignore_eos=body.ignore_eos,
+                structured=None if structured is None else structured.copy(),
+            ))
         if body.echo and text is None:
             text = await asyncio.to_thread(engine.tokenizer.decode, ids)
-        texts.append(text or "")
-        seqs.append(seq)
-    gens = submit(engine, seqs)
+        texts += [text or ""] * n
+    gens = submit(engine, seqs, group=best_of)
     created, model = int(time.time()), engine.info.name
     rid = f"cmpl-{gens[0].id}"
     echo = texts if body.echo else [""] * len(gens)
@@ -154,6 +178,12 @@ async def completions(body: CompletionRequest, request: Request, engine: EngineD
     results = await _results(gens, request)
     if results is None:
         return Response(status_code=CLIENT_CLOSED)
+    if best_of > n:  # keep each prompt's n best, best first
+        results = [
+            r
+            for start in range(0, len(results), best_of)
+            for r in sorted(results[start : start + best_of], key=lambda r: -sum(lp.logprob for lp in r.logprobs))[:n]
+        ]
     choices = [
         {"index": i, "text": echo[i] + r.text, "finish_reason": _finish(r.finish_reason),
          "logprobs": None if body.logprobs is None else completion_logprobs(r.logprobs, token_texts, len(echo[i]))}
@@ -176,13 +206,18 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, engine
         raise ApiError(400, "top_logprobs: needs logprobs set to true", param="top_logprobs")
     params = sampling_params(body, engine.vocab_size, logprobs=(body.top_logprobs or 0) if body.logprobs else None)
     token_texts = token_text(engine.tokenizer)
+    check_choices(engine, body.n, "n")
     structured = await structured_output_async(engine, body.response_format)
-    seq = build_sequence(
-        engine, prompt_ids, params, max_tokens=max_tokens, max_tokens_explicit=max_tokens is not None, stop=body.stop,
-        timeout=settings.request_timeout, max_tokens_field=field, prompt_field="messages", ignore_eos=body.ignore_eos,
-        structured=structured,
-    )
-    gens = submit(engine, [seq])
+    seqs = [
+        build_sequence(
+            engine, prompt_ids, sampling_params(body, engine.vocab_size, logprobs=params.logprobs, seed=seed),
+            max_tokens=max_tokens, max_tokens_explicit=max_tokens is not None, stop=body.stop,
+            timeout=settings.request_timeout, max_tokens_field=field, prompt_field="messages",
+            ignore_eos=body.ignore_eos, structured=None if structured is None else structured.copy(),
+        )
+        for seed in choice_seeds(body.seed, body.n)
+    ]
+    gens = submit(engine, seqs, group=body.n)
     created, model = int(time.time()), engine.info.name
     rid = f"chatcmpl-{gens[0].id}"
     started: set[int] = set()

@@ -401,3 +401,75 @@ def test_bad_response_format_is_400(oai, fmt):
             model="smollm", messages=[{"role": "user", "content": "Hi"}], max_tokens=2, response_format=fmt
         )
     assert e.value.body["param"].startswith("response_format")
+
+
+# ---- n choices and best_of (issue 13 item 2)
+
+
+def test_n_choices_sampled_with_their_own_seed_streams(oai):
+    req = {
+        "model": "smollm",
+        "prompt": "The cat",
+        "temperature": 1.0,
+        "max_tokens": 8,
+        "extra_body": {"ignore_eos": True},
+    }
+    out = oai.completions.create(**req, n=3, seed=11)
+    assert [c.index for c in out.choices] == [0, 1, 2]
+    texts = [c.text for c in out.choices]
+    assert len(set(texts)) > 1  # three seed streams, not one answer thrice
+    # Choice j follows seed 11 + j: each equals a single request with that seed.
+    assert [oai.completions.create(**req, seed=11 + j).choices[0].text for j in range(3)] == texts
+    one = oai.completions.create(**req, seed=11)
+    assert out.usage.prompt_tokens == one.usage.prompt_tokens  # the prompt is counted once
+    assert out.usage.completion_tokens == 24
+    # Two prompts x two choices: indices prompt-major.
+    both = oai.completions.create(**{**req, "prompt": ["The cat", "A dog"]}, n=2, seed=11)
+    assert [c.text for c in both.choices[:2]] == texts[:2]
+
+
+def test_n_choices_streamed_with_logprobs(oai):
+    req = {"model": "smollm", "temperature": 1.0, "max_tokens": 6, "seed": 5, "extra_body": {"ignore_eos": True}}
+    full = oai.chat.completions.create(**req, messages=[{"role": "user", "content": "Hi"}], n=2, logprobs=True)
+    assert len(full.choices) == 2 and full.usage.completion_tokens == 12
+    stream = oai.chat.completions.create(
+        **req,
+        messages=[{"role": "user", "content": "Hi"}],
+        n=2,
+        logprobs=True,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    texts: dict[int, str] = collections.defaultdict(str)
+    lps: dict[int, list[float]] = collections.defaultdict(list)
+    usage = None
+    for chunk in stream:
+        usage = chunk.usage or usage
+        for c in chunk.choices:
+            texts[c.index] += c.delta.content or ""
+            if c.logprobs is not None:
+                lps[c.index] += [e.logprob for e in c.logprobs.content]
+    assert texts == {i: full.choices[i].message.content for i in range(2)}
+    for i in range(2):
+        assert lps[i] == pytest.approx([e.logprob for e in full.choices[i].logprobs.content])
+    assert usage == full.usage
+    completions = oai.completions.create(**req, prompt="The cat", n=2, logprobs=1, stream=True)
+    seen = collections.Counter(c.index for chunk in completions for c in chunk.choices if c.logprobs is not None)
+    assert seen == {0: 6, 1: 6}
+
+
+def test_best_of_returns_the_highest_cumulative_logprobs(oai):
+    req = {
+        "model": "smollm",
+        "prompt": "The cat",
+        "temperature": 1.0,
+        "max_tokens": 6,
+        "seed": 3,
+        "extra_body": {"ignore_eos": True},
+    }
+    every = oai.completions.create(**req, n=4, logprobs=0)
+    ranked = sorted(every.choices, key=lambda c: -sum(c.logprobs.token_logprobs))
+    best = oai.completions.create(**req, n=2, best_of=4)
+    assert [c.text for c in best.choices] == [c.text for c in ranked[:2]]
+    assert [c.index for c in best.choices] == [0, 1] and best.choices[0].logprobs is None
+    assert best.usage.completion_tokens == 24  # every candidate generated counts
