@@ -11,7 +11,7 @@ import httpx
 import openai
 import pytest
 
-from tests.service.conftest import parse_sse
+from tests.service.conftest import parse_sse, slow_down, wait_until
 
 GREEDY = {"temperature": 0, "max_tokens": 6, "extra_body": {"ignore_eos": True}}
 
@@ -473,3 +473,17 @@ def test_best_of_returns_the_highest_cumulative_logprobs(oai):
     assert [c.text for c in best.choices] == [c.text for c in ranked[:2]]
     assert [c.index for c in best.choices] == [0, 1] and best.choices[0].logprobs is None
     assert best.usage.completion_tokens == 24  # every candidate generated counts
+
+
+def test_leaving_a_stream_of_several_choices_cancels_them_all(live):
+    slow_down(live.engine, 0.02)  # 1500 steps take >= 30 s: only cancelling ends them within the wait below
+    try:
+        body = {"prompt": ["The cat", "A dog"], "n": 2, "max_tokens": 1500, "stream": True, "ignore_eos": True}
+        with httpx.stream("POST", live.url + "/v1/completions", json=body, timeout=30) as r:
+            for line in r.iter_lines():
+                if line.startswith("data:"):
+                    break
+            assert wait_until(lambda: len(live.engine.scheduler.running) == 4)
+        assert wait_until(live.engine.idle, timeout=10)  # all four sequences were cancelled, none ran to the end
+    finally:
+        del live.engine.runner.run  # slow_down's instance attribute: back to the class's method
