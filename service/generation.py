@@ -90,7 +90,6 @@ class GenerationResult:
     ttft_ms: float | None
     total_ms: float
     logprobs: list[TokenLogprobs] = field(default_factory=list)  # one per generated token, when asked
-    token_events: list[StreamEvent] = field(default_factory=list)
 
 
 class GenerationError(RuntimeError):
@@ -221,8 +220,7 @@ async def gather_results(gens: list[Generation], request: Request | None = None)
         if finish is None:
             return None
         result = gen.summary("".join(e.text for e in tokens), finish.finish_reason)
-        result.logprobs = [e.logprobs for e in tokens if getattr(e, "logprobs", None) is not None]
-        result.token_events = tokens
+        result.logprobs = [e.logprobs for e in tokens if e.logprobs is not None]
         out.append(result)
     return out
 
