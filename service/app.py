@@ -12,7 +12,7 @@ from service.errors import install_error_handlers
 from service.loading import build_engine, resolve_precision
 from service.metrics import Metrics
 from service.middleware import AuthMiddleware, BodyLimitMiddleware, InFlight, MetricsMiddleware
-from service.routes import generate, health, openai
+from service.routes import generate, health, openai, tokenize
 from service.settings import Settings
 
 
@@ -54,6 +54,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(generate.router)
     app.include_router(openai.router)
+    app.include_router(tokenize.router)
     # Added innermost first: the body limit, then auth, then counting around everything.
     app.add_middleware(
         BodyLimitMiddleware, max_bytes=settings.max_body_bytes, read_timeout=settings.body_read_timeout

@@ -13,7 +13,7 @@ from service.metrics import Metrics
 OPEN_PATHS = frozenset({"/", "/healthz", "/readyz", "/metrics", "/docs", "/docs/oauth2-redirect", "/openapi.json",
                         "/redoc", "/favicon.ico"})
 GENERATION_PATHS = frozenset({"/v1/generate", "/v1/completions", "/v1/chat/completions"})
-KNOWN_ENDPOINTS = GENERATION_PATHS | {"/v1/models"} | OPEN_PATHS
+KNOWN_ENDPOINTS = GENERATION_PATHS | {"/v1/models", "/tokenize", "/detokenize"} | OPEN_PATHS
 
 
 class InFlight:

@@ -17,8 +17,10 @@ from service.generation import (
     GenerationError,
     encode_prompt_async,
     finish_error,
+    sampling_params,
     start_generation,
 )
+from service.logprobs import TokenText, generate_logprobs, token_text
 from service.schemas import GenerateRequest, GenerateResponse
 
 router = APIRouter(tags=["generate"])
@@ -31,7 +33,8 @@ def finish_name(reason: FinishReason) -> str:
     return reason.value if reason in _NAMED else "abort"
 
 
-@router.post("/v1/generate", response_model=GenerateResponse, responses={
+# exclude_unset: `logprobs` appears only when asked for, so the documented answer keeps its shape.
+@router.post("/v1/generate", response_model=GenerateResponse, response_model_exclude_unset=True, responses={
     200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE with stream=true"},
     400: {"description": "prompt does not fit the context"}, 429: {"description": "queue full"},
     503: {"description": "starting, draining, or the engine failed"},
@@ -39,31 +42,37 @@ def finish_name(reason: FinishReason) -> str:
 })
 async def generate(body: GenerateRequest, request: Request, engine: EngineDep, settings: SettingsDep):
     prompt_ids = await encode_prompt_async(engine, body.prompt, body.chat)
+    params = sampling_params(body, engine.vocab_size, logprobs=body.logprobs)
+    texts = token_text(engine.tokenizer)
     gen = start_generation(
-        engine, prompt_ids, max_tokens=body.max_tokens, max_tokens_explicit="max_tokens" in body.model_fields_set,
-        temperature=body.temperature, top_k=body.top_k, top_p=body.top_p, seed=body.seed, stop=body.stop,
-        timeout=settings.request_timeout, ignore_eos=body.ignore_eos,
+        engine, prompt_ids, params, max_tokens=body.max_tokens,
+        max_tokens_explicit="max_tokens" in body.model_fields_set, stop=body.stop, timeout=settings.request_timeout,
+        ignore_eos=body.ignore_eos,
     )
     if body.stream:
-        return EventStream(sse_events(gen), send_timeout=settings.sse_send_timeout)
+        return EventStream(sse_events(gen, texts), send_timeout=settings.sse_send_timeout)
     try:
         r = await gen.result(request)
     except GenerationError as e:
         raise ApiError(e.status, str(e)) from e
     if r is None:
         return Response(status_code=CLIENT_CLOSED)
+    extra = {} if body.logprobs is None else {"logprobs": generate_logprobs(r.logprobs, texts)}
     return GenerateResponse(
         id=gen.id, text=r.text, finish_reason=finish_name(r.finish_reason),
         usage={"prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens},
-        timing={"ttft_ms": r.ttft_ms, "total_ms": r.total_ms},
+        timing={"ttft_ms": r.ttft_ms, "total_ms": r.total_ms}, **extra,
     )
 
 
-async def sse_events(gen: Generation):
+async def sse_events(gen: Generation, texts: TokenText | None = None):
     try:
         async for event in gen.events():
             if event.finish_reason is None:
-                yield ServerSentEvent(event="token", data=json.dumps({"text": event.text, "index": event.index}))
+                data = {"text": event.text, "index": event.index}
+                if event.logprobs is not None and texts is not None:
+                    data["logprobs"] = generate_logprobs([event.logprobs], texts)[0]
+                yield ServerSentEvent(event="token", data=json.dumps(data))
                 continue
             error = finish_error(gen, event)
             if error is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 from fastapi import APIRouter, Request, Response
 from sse_starlette import ServerSentEvent
 
+from model.sampling import TokenLogprobs
 from service.deps import EngineDep, SettingsDep
 from service.engine import FinishReason
 from service.errors import ApiError, error_body
@@ -17,12 +19,20 @@ from service.generation import (
     EventStream,
     Generation,
     GenerationError,
+    build_sequence,
     chat_ids_async,
+    choice_seeds,
     encode_prompt_async,
     finish_error,
-    start_generation,
+    gather_results,
+    merged_events,
+    sampling_params,
+    structured_output_async,
+    submit,
 )
+from service.logprobs import chat_logprobs, completion_logprobs, token_text
 from service.schemas import (
+    MAX_PROMPTS,
     ChatCompletionRequest,
     ChatCompletionResponse,
     CompletionRequest,
@@ -55,22 +65,42 @@ def served_names(engine) -> set[str]:
     return names
 
 
-def check_request(body, engine) -> None:
-    """404 for a model this server does not serve; 400 naming the first field that asks for a feature this
-    server does not implement (see schemas.UNSUPPORTED_FIELDS)."""
+def check_model(body, engine) -> None:
+    """404 `model_not_found` for a `model` this server does not serve."""
     if body.model is not None and body.model not in served_names(engine):
         raise ApiError(
             404, f"model {body.model!r} does not exist here; this server serves {engine.info.name!r} (or use "
             f"{SERVED_NAME!r})", param="model", code="model_not_found",
         )
+
+
+def check_request(body, engine) -> None:
+    """404 for a model this server does not serve; 400 naming the first field that asks for a feature this
+    server does not implement (see schemas.UNSUPPORTED_FIELDS)."""
+    check_model(body, engine)
     field = body.unsupported_field()
     if field is not None:
         raise ApiError(400, f"{field}: not supported by this server; leave it out (or at its default)",
                        param=field, code="unsupported_parameter")
 
 
-def _usage(gen: Generation) -> dict:
-    p, c = gen.prompt_tokens, gen.completion_tokens
+def check_choices(engine, k: int, field: str, prompts: int = 1) -> None:
+    """400 naming `field` when `k` sequences per prompt cannot run together (one cache slot each), or the request
+    asks for more than MAX_PROMPTS sequences in all."""
+    slots = engine.cache_manager.max_slots
+    if k > slots:
+        raise ApiError(400, f"{field}: {k} choices of one prompt run together and need as many batch slots; this "
+                       f"server has {slots} (SMOLLM_MAX_BATCH_SIZE)", param=field)
+    if k * prompts > MAX_PROMPTS:
+        raise ApiError(400, f"{field}: {prompts} prompt(s) x {k} choices is over {MAX_PROMPTS} sequences a request",
+                       param=field)
+
+
+def _usage(gens: list[Generation]) -> dict:
+    """Prompt tokens counted once per distinct prompt sequence (the n choices of one prompt share it), completion
+    tokens over every choice."""
+    p = sum(g.prompt_tokens for g in gens if g.counts_prompt)
+    c = sum(g.completion_tokens for g in gens)
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
 
@@ -88,28 +118,79 @@ async def models(engine: EngineDep, request: Request) -> dict:
 @router.post("/v1/completions", response_model=CompletionResponse, responses=_STREAM)
 async def completions(body: CompletionRequest, request: Request, engine: EngineDep, settings: SettingsDep):
     check_request(body, engine)
-    if isinstance(body.prompt, str):
-        prompt_ids = await encode_prompt_async(engine, body.prompt, chat=False)
-    else:
-        prompt_ids = list(body.prompt)
-    gen = _start(engine, settings, body, prompt_ids, body.max_tokens, "max_tokens")
+    if body.echo and body.logprobs is not None:
+        raise ApiError(400, "echo: prompt log-probabilities are not computed by this server; use echo or logprobs, "
+                       "not both", param="echo", code="unsupported_parameter")
+    prompts = body.prompts()
+    many = len(prompts) > 1
+    n = body.n
+    best_of = body.best_of or n
+    if best_of < n:
+        raise ApiError(400, f"best_of: must be >= n ({n}), got {best_of}", param="best_of")
+    if best_of > n and body.stream:
+        raise ApiError(400, "best_of: cannot stream when best_of > n (the best are known only at the end)",
+                       param="best_of")
+    check_choices(engine, best_of, "best_of" if body.best_of else "n", len(prompts))
+    # Ranking by cumulative logprob needs each token's logprob even when the client asked for none.
+    logprobs = body.logprobs if best_of == n or body.logprobs is not None else 0
+    structured = await structured_output_async(engine, body.response_format)
+    texts, seqs = [], []
+    for i, prompt in enumerate(prompts):
+        field = f"prompt.{i}" if many else "prompt"
+        if isinstance(prompt, str):
+            ids = await encode_prompt_async(engine, prompt, chat=False, field=field)
+            text = prompt
+        else:
+            ids = list(prompt)
+            text = None
+        for seed in choice_seeds(body.seed, best_of):
+            seqs.append(build_sequence(
+                engine, ids, sampling_params(body, engine.vocab_size, logprobs=logprobs, seed=seed),
+                max_tokens=body.max_tokens, max_tokens_explicit=body.max_tokens is not None, stop=body.stop,
+                timeout=settings.request_timeout, prompt_field=field, ignore_eos=body.ignore_eos,
+                structured=None if structured is None else structured.copy(),
+            ))
+        if body.echo and text is None:
+            text = await asyncio.to_thread(engine.tokenizer.decode, ids)
+        texts += [text or ""] * n
+    gens = submit(engine, seqs, group=best_of)
     created, model = int(time.time()), engine.info.name
-    rid = f"cmpl-{gen.id}"
+    rid = f"cmpl-{gens[0].id}"
+    echo = texts if body.echo else [""] * len(gens)
+    token_texts = token_text(engine.tokenizer)
+    offsets = [len(e) for e in echo]  # where each choice's next token starts in its text (text_offset)
 
-    def chunk(text: str, finish: str | None) -> dict:
+    def chunk(index: int, text: str, finish: str | None, lp: TokenLogprobs | None = None) -> dict:
+        logprobs = None
+        if lp is not None:
+            logprobs = completion_logprobs([lp], token_texts, offsets[index])
+            offsets[index] += len(logprobs["tokens"][0])
         return {"id": rid, "object": "text_completion", "created": created, "model": model,
-                "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]}
+                "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}]}
 
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return EventStream(_openai_stream(gen, chunk, include_usage, rid, created, model, "text_completion"),
-                           send_timeout=settings.sse_send_timeout)
-    r = await _result(gen, request)
-    if r is None:
+        first = [chunk(i, e, None) for i, e in enumerate(echo) if e]
+        return EventStream(
+            _openai_stream(gens, chunk, include_usage, rid, created, model, "text_completion", first=first),
+            send_timeout=settings.sse_send_timeout,
+        )
+    results = await _results(gens, request)
+    if results is None:
         return Response(status_code=CLIENT_CLOSED)
-    out = chunk(r.text, _finish(r.finish_reason))
-    out["usage"] = _usage(gen)
-    return out
+    if best_of > n:  # keep each prompt's n best, best first
+        results = [
+            r
+            for start in range(0, len(results), best_of)
+            for r in sorted(results[start : start + best_of], key=lambda r: -sum(lp.logprob for lp in r.logprobs))[:n]
+        ]
+    choices = [
+        {"index": i, "text": echo[i] + r.text, "finish_reason": _finish(r.finish_reason),
+         "logprobs": None if body.logprobs is None else completion_logprobs(r.logprobs, token_texts, len(echo[i]))}
+        for i, r in enumerate(results)
+    ]
+    return {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": choices,
+            "usage": _usage(gens)}
 
 
 @router.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=_STREAM)
@@ -121,70 +202,81 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, engine
         max_tokens, field = body.max_completion_tokens, "max_completion_tokens"
     else:
         max_tokens, field = body.max_tokens, "max_tokens"
-    gen = _start(engine, settings, body, prompt_ids, max_tokens, field, prompt_field="messages")
+    if body.top_logprobs and not body.logprobs:
+        raise ApiError(400, "top_logprobs: needs logprobs set to true", param="top_logprobs")
+    params = sampling_params(body, engine.vocab_size, logprobs=(body.top_logprobs or 0) if body.logprobs else None)
+    token_texts = token_text(engine.tokenizer)
+    check_choices(engine, body.n, "n")
+    structured = await structured_output_async(engine, body.response_format)
+    seqs = [
+        build_sequence(
+            engine, prompt_ids, sampling_params(body, engine.vocab_size, logprobs=params.logprobs, seed=seed),
+            max_tokens=max_tokens, max_tokens_explicit=max_tokens is not None, stop=body.stop,
+            timeout=settings.request_timeout, max_tokens_field=field, prompt_field="messages",
+            ignore_eos=body.ignore_eos, structured=None if structured is None else structured.copy(),
+        )
+        for seed in choice_seeds(body.seed, body.n)
+    ]
+    gens = submit(engine, seqs, group=body.n)
     created, model = int(time.time()), engine.info.name
-    rid = f"chatcmpl-{gen.id}"
-    first = True
+    rid = f"chatcmpl-{gens[0].id}"
+    started: set[int] = set()
 
-    def chunk(text: str, finish: str | None) -> dict:
-        nonlocal first
+    def chunk(index: int, text: str, finish: str | None, lp: TokenLogprobs | None = None) -> dict:
         delta: dict = {}
-        if first:
+        if index not in started:
             delta["role"] = "assistant"
-            first = False
+            started.add(index)
         if text or finish is None:
             delta["content"] = text
+        logprobs = None if lp is None else chat_logprobs([lp], token_texts)
         return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+                "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]}
 
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return EventStream(_openai_stream(gen, chunk, include_usage, rid, created, model, "chat.completion.chunk"),
+        return EventStream(_openai_stream(gens, chunk, include_usage, rid, created, model, "chat.completion.chunk"),
                            send_timeout=settings.sse_send_timeout)
-    r = await _result(gen, request)
-    if r is None:
+    results = await _results(gens, request)
+    if results is None:
         return Response(status_code=CLIENT_CLOSED)
     return {
         "id": rid, "object": "chat.completion", "created": created, "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": r.text}, "logprobs": None,
-                     "finish_reason": _finish(r.finish_reason)}],
-        "usage": _usage(gen),
+        "choices": [{"index": i, "message": {"role": "assistant", "content": r.text},
+                     "logprobs": chat_logprobs(r.logprobs, token_texts) if body.logprobs else None,
+                     "finish_reason": _finish(r.finish_reason)} for i, r in enumerate(results)],
+        "usage": _usage(gens),
     }
 
 
-def _start(engine, settings, body, prompt_ids: list[int], max_tokens: int | None, field: str,
-           prompt_field: str = "prompt") -> Generation:
-    return start_generation(
-        engine, prompt_ids, max_tokens=max_tokens, max_tokens_explicit=max_tokens is not None,
-        temperature=body.temperature, top_k=body.top_k, top_p=body.top_p, seed=body.seed, stop=body.stop,
-        timeout=settings.request_timeout, max_tokens_field=field, prompt_field=prompt_field,
-        ignore_eos=body.ignore_eos,
-    )
-
-
-async def _result(gen: Generation, request: Request):
+async def _results(gens: list[Generation], request: Request):
     try:
-        return await gen.result(request)
+        return await gather_results(gens, request)
     except GenerationError as e:
         raise ApiError(e.status, str(e)) from e
 
 
-async def _openai_stream(gen: Generation, chunk, include_usage: bool, rid: str, created: int, model: str,
-                         obj: str):
-    """`data: {chunk}` lines, a final chunk with finish_reason, the usage chunk if asked, then `data: [DONE]`."""
+async def _openai_stream(gens: list[Generation], chunk, include_usage: bool, rid: str, created: int, model: str,
+                         obj: str, first: list[dict] = ()):
+    """`data: {chunk}` lines (`first` ones, then each choice's deltas as they come, tagged with its index), a
+    chunk with finish_reason per choice, the usage chunk if asked, then `data: [DONE]`. An error in any choice
+    ends the stream with an error chunk."""
     try:
-        async for event in gen.events():
+        for c in first:
+            yield ServerSentEvent(data=json.dumps(c))
+        async for i, event in merged_events(gens):
             if event.finish_reason is None:
-                yield ServerSentEvent(data=json.dumps(chunk(event.text, None)))
+                yield ServerSentEvent(data=json.dumps(chunk(i, event.text, None, event.logprobs)))
                 continue
-            error = finish_error(gen, event)
+            error = finish_error(gens[i], event)
             if error is not None:
                 yield ServerSentEvent(data=json.dumps(error_body(error.status, str(error), openai=True)))
-            else:
-                yield ServerSentEvent(data=json.dumps(chunk("", _finish(event.finish_reason))))
-                if include_usage:
-                    yield ServerSentEvent(data=json.dumps({"id": rid, "object": obj, "created": created,
-                                                           "model": model, "choices": [], "usage": _usage(gen)}))
+                break
+            yield ServerSentEvent(data=json.dumps(chunk(i, "", _finish(event.finish_reason))))
+        else:
+            if include_usage:
+                yield ServerSentEvent(data=json.dumps({"id": rid, "object": obj, "created": created, "model": model,
+                                                       "choices": [], "usage": _usage(gens)}))
     except Exception as e:  # never cut a stream silently
         yield ServerSentEvent(data=json.dumps(error_body(500, f"{type(e).__name__}: {e}", openai=True)))
     yield ServerSentEvent(data="[DONE]")

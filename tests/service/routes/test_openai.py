@@ -65,7 +65,11 @@ def test_chat_completions(client):
     [
         ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role"),
         ("/v1/chat/completions", {"messages": []}, "messages"),
-        ("/v1/completions", {"prompt": "x", "n": 2}, "n"),
+        ("/v1/completions", {"prompt": "x", "n": 0}, "n"),
+        ("/v1/completions", {"prompt": "x", "n": 5}, "n"),
+        ("/v1/completions", {"prompt": "x", "n": 2, "best_of": 1}, "best_of"),
+        ("/v1/completions", {"prompt": "x", "best_of": 3, "stream": True}, "best_of"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "n": 9}, "n"),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "seed": 2**64}, "seed"),
         ("/v1/completions", {"prompt": "x", "stop": "y" * 257}, "stop"),
     ],
@@ -160,22 +164,11 @@ REFUSED = [
     ("functions", [{"name": "f", "parameters": {}}]),
     ("function_call", "auto"),
     ("parallel_tool_calls", True),
-    ("n", 2),
-    ("logprobs", True),
-    ("top_logprobs", 3),
-    ("response_format", {"type": "json_object"}),
     ("audio", {"voice": "alloy", "format": "wav"}),
     ("modalities", ["text", "audio"]),
     ("prediction", {"type": "content", "content": "x"}),
-    ("presence_penalty", 0.5),
-    ("frequency_penalty", -1.0),
-    ("logit_bias", {"50256": -100}),
-    ("min_p", 0.1),
-    ("repetition_penalty", 1.2),
-    ("min_tokens", 4),
-    ("stop_token_ids", [2]),
 ]
-COMPLETION_ONLY = [("suffix", "the end"), ("best_of", 2), ("echo", True), ("logprobs", 1)]
+COMPLETION_ONLY = [("suffix", "the end")]
 NO_OPS = {
     "n": 1,
     "presence_penalty": 0,
