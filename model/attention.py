@@ -43,8 +43,12 @@ class Attention(nn.Module):
         if batch is None:
             # Training / full-sequence pass over the input itself; the plain causal case keeps SDPA's fast path.
             y = F.scaled_dot_product_attention(
-                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                attn_mask=mask, is_causal=mask is None, enable_gqa=True,
+                q.transpose(1, 2),
+                k.transpose(1, 2),
+                v.transpose(1, 2),
+                attn_mask=mask,
+                is_causal=mask is None,
+                enable_gqa=True,
             )  # (B, n_head, T, head_dim)
             y = y.transpose(1, 2)
         elif batch.segments is None:
@@ -54,15 +58,18 @@ class Attention(nn.Module):
         else:
             # A packed row: each sequence attends to its own slot only.
             k_all, v_all = batch.cache.write(self.layer_idx, batch.flat_index, k, v)
-            y = torch.cat([
-                self._cached_attention(
-                    q[:, s.start : s.end],
-                    k_all[s.slot : s.slot + 1, :, : s.kv_len],
-                    v_all[s.slot : s.slot + 1, :, : s.kv_len],
-                    s.mask,
-                )
-                for s in batch.segments
-            ], dim=1)
+            y = torch.cat(
+                [
+                    self._cached_attention(
+                        q[:, s.start : s.end],
+                        k_all[s.slot : s.slot + 1, :, : s.kv_len],
+                        v_all[s.slot : s.slot + 1, :, : s.kv_len],
+                        s.mask,
+                    )
+                    for s in batch.segments
+                ],
+                dim=1,
+            )
         return self.wo(y.reshape(B, T, q_size))
 
     def _cached_attention(

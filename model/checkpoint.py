@@ -49,17 +49,19 @@ def to_hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
         p = f"model.layers.{i}."
         q, k, v = layer.attention.wqkv.weight.split([q_size, kv_size, kv_size], dim=0)
         gate, up = layer.feed_forward.w13.weight.chunk(2, dim=0)
-        sd.update({
-            p + "self_attn.q_proj.weight": q,
-            p + "self_attn.k_proj.weight": k,
-            p + "self_attn.v_proj.weight": v,
-            p + "self_attn.o_proj.weight": layer.attention.wo.weight,
-            p + "mlp.gate_proj.weight": gate,
-            p + "mlp.up_proj.weight": up,
-            p + "mlp.down_proj.weight": layer.feed_forward.w2.weight,
-            p + "input_layernorm.weight": layer.attention_norm.weight,
-            p + "post_attention_layernorm.weight": layer.ffn_norm.weight,
-        })
+        sd.update(
+            {
+                p + "self_attn.q_proj.weight": q,
+                p + "self_attn.k_proj.weight": k,
+                p + "self_attn.v_proj.weight": v,
+                p + "self_attn.o_proj.weight": layer.attention.wo.weight,
+                p + "mlp.gate_proj.weight": gate,
+                p + "mlp.up_proj.weight": up,
+                p + "mlp.down_proj.weight": layer.feed_forward.w2.weight,
+                p + "input_layernorm.weight": layer.attention_norm.weight,
+                p + "post_attention_layernorm.weight": layer.ffn_norm.weight,
+            }
+        )
     sd["model.norm.weight"] = model.norm.weight
     if not c.tie_embeddings:
         sd["lm_head.weight"] = model.output.weight
@@ -71,17 +73,19 @@ def expected_hf_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
     shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (c.vocab_size, d), "model.norm.weight": (d,)}
     for i in range(c.n_layer):
         p = f"model.layers.{i}."
-        shapes.update({
-            p + "self_attn.q_proj.weight": (c.n_head * hd, d),
-            p + "self_attn.k_proj.weight": (c.n_kv_head * hd, d),
-            p + "self_attn.v_proj.weight": (c.n_kv_head * hd, d),
-            p + "self_attn.o_proj.weight": (d, c.n_head * hd),
-            p + "mlp.gate_proj.weight": (c.intermediate_size, d),
-            p + "mlp.up_proj.weight": (c.intermediate_size, d),
-            p + "mlp.down_proj.weight": (d, c.intermediate_size),
-            p + "input_layernorm.weight": (d,),
-            p + "post_attention_layernorm.weight": (d,),
-        })
+        shapes.update(
+            {
+                p + "self_attn.q_proj.weight": (c.n_head * hd, d),
+                p + "self_attn.k_proj.weight": (c.n_kv_head * hd, d),
+                p + "self_attn.v_proj.weight": (c.n_kv_head * hd, d),
+                p + "self_attn.o_proj.weight": (d, c.n_head * hd),
+                p + "mlp.gate_proj.weight": (c.intermediate_size, d),
+                p + "mlp.up_proj.weight": (c.intermediate_size, d),
+                p + "mlp.down_proj.weight": (d, c.intermediate_size),
+                p + "input_layernorm.weight": (d,),
+                p + "post_attention_layernorm.weight": (d,),
+            }
+        )
     if not c.tie_embeddings:
         shapes["lm_head.weight"] = (c.vocab_size, d)
     return shapes
@@ -143,8 +147,11 @@ def from_hf_state_dict(
 
 
 def generation_config_dict(config: ModelConfig, **overrides: Any) -> dict[str, Any]:
-    gen = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
-           "pad_token_id": config.pad_token_id}
+    gen = {
+        "bos_token_id": config.bos_token_id,
+        "eos_token_id": config.eos_token_id,
+        "pad_token_id": config.pad_token_id,
+    }
     gen.update(overrides)
     return gen
 

@@ -117,8 +117,10 @@ class ModelConfig:
                 raise ValueError(f"config.json: {key} must be an object, got {rope!r}")
             rope_type = rope.get("rope_type", rope.get("type", "default"))
             if rope_type != "default":
-                raise ValueError(f"config.json: {key} with rope_type {rope_type!r} is not supported (only plain "
-                                 "RoPE, rope_type 'default')")
+                raise ValueError(
+                    f"config.json: {key} with rope_type {rope_type!r} is not supported (only plain "
+                    "RoPE, rope_type 'default')"
+                )
             extra = sorted(set(rope) - {"rope_type", "type", "rope_theta"})
             if extra:
                 raise ValueError(f"config.json: {key} keys {extra} are not supported (only plain RoPE)")

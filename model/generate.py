@@ -44,8 +44,10 @@ def generate_tokens(
         raise ValueError("the prompt must contain at least one token")
     total = len(prompt_ids) + max_new_tokens
     if total > model.config.block_size:
-        raise ValueError(f"prompt ({len(prompt_ids)}) + max_new_tokens ({max_new_tokens}) exceeds the "
-                         f"context length {model.config.block_size}")
+        raise ValueError(
+            f"prompt ({len(prompt_ids)}) + max_new_tokens ({max_new_tokens}) exceeds the "
+            f"context length {model.config.block_size}"
+        )
     cache = model.new_kv_cache(max_slots=1, max_len=total)
     generator = params.make_generator()
     logits = prefill(model, cache, 0, prompt_ids)

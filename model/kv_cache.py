@@ -184,8 +184,9 @@ class CacheBatch:
         if kv_len is None:
             kv_len = high + 1
         elif not high < kv_len <= cache.max_len:
-            raise ValueError(f"kv_len {kv_len} must cover position {high} and fit the KV cache's max_len "
-                             f"{cache.max_len}")
+            raise ValueError(
+                f"kv_len {kv_len} must cover position {high} and fit the KV cache's max_len {cache.max_len}"
+            )
         if isinstance(slots, torch.Tensor):
             slot_ids = slots.to(device=device, dtype=torch.long)
             slot_index: slice | torch.Tensor = slot_ids

@@ -295,7 +295,9 @@ def _shape_logits(
     bias_rows = [b for b, p in enumerate(params) if p.logit_bias]
     if bias_rows:
         bias_ids = [_bias_tensor(params[b]._bias_ids) for b in bias_rows]
-        bias_row = torch.cat([torch.full((len(ids),), b, dtype=torch.long) for b, ids in zip(bias_rows, bias_ids)])
+        bias_row = torch.cat(
+            [torch.full((len(ids),), b, dtype=torch.long) for b, ids in zip(bias_rows, bias_ids, strict=True)]
+        )
         bias_tok = torch.cat(bias_ids)
         values = torch.cat([_bias_tensor(params[b]._bias_values) for b in bias_rows])
         keep = bias_tok < V  # ids past the vocabulary cannot be picked; their bias is moot

@@ -85,8 +85,12 @@ class DrainingServer(uvicorn.Server):
 def uvicorn_config(app, settings: Settings) -> uvicorn.Config:
     """The server's uvicorn settings: where to listen and how much it accepts at once."""
     return uvicorn.Config(
-        app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
-        timeout_graceful_shutdown=5, limit_concurrency=settings.limit_concurrency,
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level.lower(),
+        timeout_graceful_shutdown=5,
+        limit_concurrency=settings.limit_concurrency,
     )
 
 

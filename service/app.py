@@ -56,9 +56,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(openai.router)
     app.include_router(tokenize.router)
     # Added innermost first: the body limit, then auth, then counting around everything.
-    app.add_middleware(
-        BodyLimitMiddleware, max_bytes=settings.max_body_bytes, read_timeout=settings.body_read_timeout
-    )
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, read_timeout=settings.body_read_timeout)
     if settings.api_key is not None and settings.api_key.get_secret_value():
         app.add_middleware(AuthMiddleware, api_key=settings.api_key.get_secret_value())
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics, in_flight=app.state.in_flight)

@@ -10,6 +10,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import cast
 
 from fastapi import HTTPException, Request
 from fastapi.exceptions import RequestValidationError
@@ -34,8 +35,10 @@ def check_prompt_chars(engine: Engine, chars: int, field: str) -> None:
     limit = engine.max_context * MAX_CHARS_PER_TOKEN
     if chars > limit:
         raise ApiError(
-            400, f"{field}: {chars} characters cannot fit the context of {engine.max_context} tokens (at most "
-            f"{limit} characters are accepted)", param=field,
+            400,
+            f"{field}: {chars} characters cannot fit the context of {engine.max_context} tokens (at most "
+            f"{limit} characters are accepted)",
+            param=field,
         )
 
 
@@ -76,9 +79,7 @@ def chat_ids(tokenizer, messages: list[dict], add_generation_prompt: bool = True
 
 def validation_error(field: str, message: str, value=None) -> RequestValidationError:
     """A 422 naming the field, shaped like FastAPI's own."""
-    return RequestValidationError(
-        [{"type": "value_error", "loc": ("body", field), "msg": message, "input": value}]
-    )
+    return RequestValidationError([{"type": "value_error", "loc": ("body", field), "msg": message, "input": value}])
 
 
 @dataclass
@@ -189,6 +190,9 @@ class Generation:
         )
 
 
+_Collected = asyncio.Task[tuple[list[StreamEvent], StreamEvent | None]]
+
+
 async def gather_results(gens: list[Generation], request: Request | None = None) -> list[GenerationResult] | None:
     """Wait for every generation's whole text, in order; None when the client disconnected first (all are then
     cancelled). Raises the first GenerationError among them (the others are cancelled)."""
@@ -203,8 +207,9 @@ async def gather_results(gens: list[Generation], request: Request | None = None)
                 return None
             pending -= done
             for task in done:
-                tokens, finish = task.result()
-                error = None if finish is None else finish_error(gens[consumers.index(task)], finish)
+                collected = cast(_Collected, task)  # the watcher was handled above
+                _, finish = collected.result()
+                error = None if finish is None else finish_error(gens[consumers.index(collected)], finish)
                 if error is not None:
                     raise error
     finally:
@@ -219,6 +224,7 @@ async def gather_results(gens: list[Generation], request: Request | None = None)
         tokens, finish = task.result()
         if finish is None:
             return None
+        assert finish.finish_reason is not None  # the final event always carries one
         result = gen.summary("".join(e.text for e in tokens), finish.finish_reason)
         result.logprobs = [e.logprobs for e in tokens if e.logprobs is not None]
         out.append(result)
@@ -270,18 +276,28 @@ def sampling_params(body, vocab: int, *, logprobs: int | None = None, seed: int 
         bias = {int(k): v for k, v in body.logit_bias.items()}
         bad = [t for t in bias if t >= vocab]
         if bad:
-            raise validation_error("logit_bias", f"token id {bad[0]} is not in the vocabulary [0, {vocab})",
-                                   body.logit_bias)
+            raise validation_error(
+                "logit_bias", f"token id {bad[0]} is not in the vocabulary [0, {vocab})", body.logit_bias
+            )
     stop_ids = tuple(body.stop_token_ids or ())
     bad = [t for t in stop_ids if t >= vocab]
     if bad:
-        raise validation_error("stop_token_ids", f"token id {bad[0]} is not in the vocabulary [0, {vocab})",
-                               body.stop_token_ids)
+        raise validation_error(
+            "stop_token_ids", f"token id {bad[0]} is not in the vocabulary [0, {vocab})", body.stop_token_ids
+        )
     return SamplingParams(
-        temperature=body.temperature, top_k=body.top_k, top_p=body.top_p,
-        seed=body.seed if seed is None else seed, min_p=body.min_p, presence_penalty=body.presence_penalty,
-        frequency_penalty=body.frequency_penalty, repetition_penalty=body.repetition_penalty, logit_bias=bias,
-        min_tokens=body.min_tokens, stop_token_ids=stop_ids, logprobs=logprobs,
+        temperature=body.temperature,
+        top_k=body.top_k,
+        top_p=body.top_p,
+        seed=body.seed if seed is None else seed,
+        min_p=body.min_p,
+        presence_penalty=body.presence_penalty,
+        frequency_penalty=body.frequency_penalty,
+        repetition_penalty=body.repetition_penalty,
+        logit_bias=bias,
+        min_tokens=body.min_tokens,
+        stop_token_ids=stop_ids,
+        logprobs=logprobs,
     )
 
 
@@ -306,7 +322,7 @@ def build_sequence(
     *,
     max_tokens: int | None,
     max_tokens_explicit: bool,
-    stop: list[str] | None,
+    stop: str | list[str] | None,
     timeout: float,
     max_tokens_field: str = "max_tokens",
     prompt_field: str = "prompt",
@@ -321,8 +337,10 @@ def build_sequence(
         raise validation_error(prompt_field, "the prompt encodes to no tokens")
     if n >= context:
         raise ApiError(
-            400, f"{prompt_field}: the prompt is {n} tokens; the context holds {context} (prompt + at least 1 new "
-            "token)", param=prompt_field, code="context_length_exceeded",
+            400,
+            f"{prompt_field}: the prompt is {n} tokens; the context holds {context} (prompt + at least 1 new token)",
+            param=prompt_field,
+            code="context_length_exceeded",
         )
     room = context - n
     if max_tokens is None:
@@ -330,15 +348,21 @@ def build_sequence(
     elif max_tokens > room:
         if max_tokens_explicit:
             raise validation_error(
-                max_tokens_field, f"max_tokens {max_tokens} exceeds the {room} tokens left after the {n}-token prompt "
-                f"(context {context})", max_tokens,
+                max_tokens_field,
+                f"max_tokens {max_tokens} exceeds the {room} tokens left after the {n}-token prompt "
+                f"(context {context})",
+                max_tokens,
             )
         max_tokens = room
     vocab = engine.vocab_size
     if any(t < 0 or t >= vocab for t in prompt_ids):
         raise validation_error(prompt_field, f"token ids must be in [0, {vocab})")
     seq = Sequence(
-        prompt_ids=list(prompt_ids), max_tokens=max_tokens, params=params, stop=tuple(stop or ()), timeout=timeout,
+        prompt_ids=list(prompt_ids),
+        max_tokens=max_tokens,
+        params=params,
+        stop=(stop,) if isinstance(stop, str) else tuple(stop or ()),
+        timeout=timeout,
         ignore_eos=ignore_eos,
     )
     seq.structured = structured

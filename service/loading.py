@@ -25,7 +25,6 @@ from service.settings import Settings
 log = logging.getLogger(__name__)
 
 
-
 @dataclass(frozen=True)
 class Precision:
     """Where and how the model computes, as resolved from the settings on this machine."""
@@ -148,8 +147,13 @@ def build_engine(settings: Settings) -> tuple[Engine, CheckpointWatcher | None]:
     watcher = None
     if resolved.watch_dir is not None and settings.reload_interval > 0:
         watcher = CheckpointWatcher(
-            resolved.watch_dir, engine, loader, settings.reload_interval, resolved.path,
-            max_loss_increase=settings.reload_max_loss_increase, retry_after=settings.reload_retry_after,
+            resolved.watch_dir,
+            engine,
+            loader,
+            settings.reload_interval,
+            resolved.path,
+            max_loss_increase=settings.reload_max_loss_increase,
+            retry_after=settings.reload_retry_after,
         )
     log.info(
         "serving %s (%s, %s); KV cache %d slots x %d tokens = %.1f MiB",

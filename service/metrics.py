@@ -29,31 +29,41 @@ class Metrics:
             "smollm_prefix_cache_hit_tokens", "Prompt tokens whose KV was reused from a free slot", registry=r
         )
         self.prefix_query_tokens = Counter(
-            "smollm_prefix_cache_query_tokens", "Prompt tokens of admitted requests (looked up in the prefix cache)",
+            "smollm_prefix_cache_query_tokens",
+            "Prompt tokens of admitted requests (looked up in the prefix cache)",
             registry=r,
         )
         self.cancelled = Counter("smollm_requests_cancelled", "Requests cancelled by the client", registry=r)
         self.finished = Counter(
-            "smollm_request_finish", "Requests ended, by finish reason (stop, length, timeout, cancelled, error, ...)",
-            ["reason"], registry=r,
+            "smollm_request_finish",
+            "Requests ended, by finish reason (stop, length, timeout, cancelled, error, ...)",
+            ["reason"],
+            registry=r,
         )
         self.latency = Histogram(
-            "smollm_request_latency_seconds", "Generation request latency, arrival to last token",
-            buckets=_LATENCY_BUCKETS, registry=r,
+            "smollm_request_latency_seconds",
+            "Generation request latency, arrival to last token",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
         self.ttft = Histogram(
-            "smollm_time_to_first_token_seconds", "Arrival to first generated token", buckets=_FAST_BUCKETS,
+            "smollm_time_to_first_token_seconds",
+            "Arrival to first generated token",
+            buckets=_FAST_BUCKETS,
             registry=r,
         )
         self.itl = Histogram(
-            "smollm_inter_token_latency_seconds", "Time between consecutive tokens of a sequence",
-            buckets=_FAST_BUCKETS, registry=r,
+            "smollm_inter_token_latency_seconds",
+            "Time between consecutive tokens of a sequence",
+            buckets=_FAST_BUCKETS,
+            registry=r,
         )
         self.queue_wait = Histogram(
             "smollm_queue_wait_seconds", "Time waiting for a KV cache slot", buckets=_FAST_BUCKETS, registry=r
         )
-        self.batch_size = Histogram("smollm_batch_size", "Sequences per engine step", buckets=_BATCH_BUCKETS,
-                                    registry=r)
+        self.batch_size = Histogram(
+            "smollm_batch_size", "Sequences per engine step", buckets=_BATCH_BUCKETS, registry=r
+        )
         self.running = Gauge("smollm_running_sequences", "Sequences holding a KV cache slot", registry=r)
         self.waiting = Gauge("smollm_waiting_requests", "Requests waiting for a slot", registry=r)
         self.slots_used = Gauge("smollm_kv_cache_slots_used", "KV cache slots in use", registry=r)
@@ -62,12 +72,15 @@ class Metrics:
         self.tokens_total = Gauge("smollm_kv_cache_tokens_total", "KV cache positions", registry=r)
         # The checkpoint label is the full path: metrics are for operators (the public /v1/models shows the name).
         self.model_info = Gauge(
-            "smollm_model_info", "The served checkpoint and how it computes",
-            ["checkpoint", "step", *_PRECISION_LABELS], registry=r,
+            "smollm_model_info",
+            "The served checkpoint and how it computes",
+            ["checkpoint", "step", *_PRECISION_LABELS],
+            registry=r,
         )
         self.precision: dict[str, str] = dict.fromkeys(_PRECISION_LABELS, "")
-        self.reload_failures = Counter("smollm_reload_failures", "Checkpoints not swapped in, by reason", ["reason"],
-                                       registry=r)
+        self.reload_failures = Counter(
+            "smollm_reload_failures", "Checkpoints not swapped in, by reason", ["reason"], registry=r
+        )
 
     def bind(self, engine: Engine, precision: dict[str, str] | None = None) -> None:
         """Follow `engine`: per-step observations, gauges read at scrape time, model info (with `precision`'s

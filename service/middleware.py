@@ -10,8 +10,19 @@ import time
 from service.errors import send_error
 from service.metrics import Metrics
 
-OPEN_PATHS = frozenset({"/", "/healthz", "/readyz", "/metrics", "/docs", "/docs/oauth2-redirect", "/openapi.json",
-                        "/redoc", "/favicon.ico"})
+OPEN_PATHS = frozenset(
+    {
+        "/",
+        "/healthz",
+        "/readyz",
+        "/metrics",
+        "/docs",
+        "/docs/oauth2-redirect",
+        "/openapi.json",
+        "/redoc",
+        "/favicon.ico",
+    }
+)
 GENERATION_PATHS = frozenset({"/v1/generate", "/v1/completions", "/v1/chat/completions"})
 KNOWN_ENDPOINTS = GENERATION_PATHS | {"/v1/models", "/tokenize", "/detokenize"} | OPEN_PATHS
 
@@ -80,8 +91,13 @@ class AuthMiddleware:
         scheme, _, given = dict(scope["headers"]).get(b"authorization", b"").strip().partition(b" ")
         # The scheme is case-insensitive (RFC 9110 11.1); the key is compared in constant time.
         if scheme.lower() != b"bearer" or not hmac.compare_digest(given.strip(), self.expected):
-            return await send_error(scope, send, 401, "missing or wrong API key (send 'Authorization: Bearer KEY')",
-                                    {"WWW-Authenticate": "Bearer"})
+            return await send_error(
+                scope,
+                send,
+                401,
+                "missing or wrong API key (send 'Authorization: Bearer KEY')",
+                {"WWW-Authenticate": "Bearer"},
+            )
         return await self.app(scope, receive, send)
 
 

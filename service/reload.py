@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 Loader = Callable[[Path], tuple[Transformer, Tokenizer]]  # path -> (model, tokenizer)
 
+
 class CheckpointRefused(ValueError):
     """A checkpoint that loaded but must not be served; `reason` is the metric label."""
 
@@ -155,6 +156,7 @@ class CheckpointWatcher:
         served = recorded_val_loss(self.current)
         if served is not None and math.isfinite(served) and loss > served + self.max_loss_increase:
             raise CheckpointRefused(
-                "val_loss", f"validation loss {loss:.4f} is worse than the served {served:.4f} by more than "
-                f"{self.max_loss_increase:g} (SMOLLM_RELOAD_MAX_LOSS_INCREASE)"
+                "val_loss",
+                f"validation loss {loss:.4f} is worse than the served {served:.4f} by more than "
+                f"{self.max_loss_increase:g} (SMOLLM_RELOAD_MAX_LOSS_INCREASE)",
             )

@@ -65,15 +65,21 @@ class SamplingFields(BaseModel):
         0.0, ge=-2.0, le=2.0, description="OpenAI: subtracted from a token's logit once per time it was generated"
     )
     repetition_penalty: float = Field(
-        1.0, gt=0.0, allow_inf_nan=False,
-        description="extension (vLLM/HF): a logit of a token in the prompt or output is divided by it (x if negative)"
+        1.0,
+        gt=0.0,
+        allow_inf_nan=False,
+        description="extension (vLLM/HF): a logit of a token in the prompt or output is divided by it (x if negative)",
     )
     min_p: float = Field(0.0, ge=0.0, le=1.0, description="extension (vLLM): drop tokens below min_p x the top one's")
     logit_bias: dict[str, float] | None = Field(
         None, description="token id (as a string) -> bias in [-100, 100] added to its logit"
     )
-    min_tokens: int = Field(0, ge=0, description="extension (vLLM): end-of-sequence and stop_token_ids are masked "
-                            "until this many tokens were generated")
+    min_tokens: int = Field(
+        0,
+        ge=0,
+        description="extension (vLLM): end-of-sequence and stop_token_ids are masked "
+        "until this many tokens were generated",
+    )
     stop_token_ids: list[int] | None = Field(
         None, max_length=MAX_STOP_TOKEN_IDS, description="extension (vLLM): token ids that end the text (kept)"
     )
@@ -98,8 +104,9 @@ class GenerateRequest(SamplingFields):
     top_k: int = Field(50, ge=0, description="0 turns it off; at most the vocabulary size")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     stop: list[str] | str | None = Field(
-        None, description=f"strings that end the text (not included): at most {MAX_STOP}, each at most "
-        f"{MAX_STOP_CHARS} characters"
+        None,
+        description=f"strings that end the text (not included): at most {MAX_STOP}, each at most "
+        f"{MAX_STOP_CHARS} characters",
     )
     stream: bool = Field(False, description="answer as server-sent events")
     logprobs: int | None = Field(
@@ -199,8 +206,9 @@ class _OpenAIBase(SamplingFields):
     stream: bool = False
     stream_options: StreamOptions | None = None
     response_format: dict[str, Any] | None = Field(
-        None, description='`{"type": "text"}`, `{"type": "json_object"}` or `{"type": "json_schema", "json_schema": '
-        '{"schema": {...}}}`: the output is constrained to it token by token (llguidance)'
+        None,
+        description='`{"type": "text"}`, `{"type": "json_object"}` or `{"type": "json_schema", "json_schema": '
+        '{"schema": {...}}}`: the output is constrained to it token by token (llguidance)',
     )
     stop: str | list[str] | None = Field(
         None, description=f"at most {MAX_STOP} strings, each at most {MAX_STOP_CHARS} characters"

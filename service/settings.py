@@ -52,7 +52,9 @@ class Settings(BaseSettings):
     )
     reload_interval: float = Field(5.0, ge=0, description="seconds between checkpoint polls; 0 disables")
     reload_max_loss_increase: float | None = Field(
-        None, ge=0, description="refuse a checkpoint whose recorded validation loss exceeds the served one's by more "
+        None,
+        ge=0,
+        description="refuse a checkpoint whose recorded validation loss exceeds the served one's by more "
         "than this (unset: no gate; a non-finite recorded loss is always refused)",
     )
     reload_retry_after: float = Field(

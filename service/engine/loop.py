@@ -42,6 +42,10 @@ class Tokenizer(Protocol):
     @property
     def backend_tokenizer(self) -> Any: ...
 
+    def encode(self, text: str, add_special_tokens: bool = ...) -> list[int]: ...
+
+    def decode(self, ids: Any, skip_special_tokens: bool = ...) -> str: ...
+
 
 @dataclass(frozen=True)
 class ModelInfo:
@@ -145,8 +149,10 @@ class Engine:
         """Raise EngineDeadError when the loop thread was started and is no longer running (it died, or the
         engine is stopping): the HTTP layer calls this before queueing a request and answers 503."""
         if self._started and (self._stopping or not self.alive):
-            raise EngineDeadError("the engine is not running" + (" (stopping)" if self._stopping else
-                                                                 ": its thread died; see the server log"))
+            raise EngineDeadError(
+                "the engine is not running"
+                + (" (stopping)" if self._stopping else ": its thread died; see the server log")
+            )
 
     def health(self) -> str | None:
         """None when healthy; otherwise why not: the loop thread died, or work is pending and no step has
@@ -369,8 +375,9 @@ class Engine:
     def _finish_events(seqs: list[Sequence], events: list) -> None:
         for seq in seqs:
             assert seq.finish_reason is not None
-            events.append((seq, StreamEvent(finish_reason=seq.finish_reason, index=len(seq.output_ids),
-                                            error=seq.error)))
+            events.append(
+                (seq, StreamEvent(finish_reason=seq.finish_reason, index=len(seq.output_ids), error=seq.error))
+            )
 
     def _fail_running(self, message: str, waiting: bool = False) -> None:
         """End every running sequence (and with `waiting`, every queued one) with an error event."""

@@ -74,8 +74,11 @@ class ModelRunner:
         max_len = min(_round_up(self.max_context, KV_ALIGN), c.block_size)  # room for the rounding in `_kv_len`
         shape = (c.n_layer, self.max_slots, c.n_kv_head, max_len, c.head_dim)
         if (
-            current is not None and tuple(current.k.shape) == shape and current.k.dtype == model.dtype
-            and current.k.device == model.device and current.n_rep == c.n_rep
+            current is not None
+            and tuple(current.k.shape) == shape
+            and current.k.dtype == model.dtype
+            and current.k.device == model.device
+            and current.n_rep == c.n_rep
         ):
             return current
         return model.new_kv_cache(max_slots=self.max_slots, max_len=max_len)

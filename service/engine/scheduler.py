@@ -191,8 +191,11 @@ class Scheduler:
             budget -= n
             if item.completes_prompt:
                 # Siblings waiting for this prompt get its KV copied, at no prefill cost.
-                items += [PrefillItem(s, 0, item.end, source=seq) for s in seq.siblings
-                          if s.share_from is seq and not s.finished]
+                items += [
+                    PrefillItem(s, 0, item.end, source=seq)
+                    for s in seq.siblings
+                    if s.share_from is seq and not s.finished
+                ]
         return items
 
     # ---- state transitions after a step ----

@@ -34,19 +34,30 @@ def finish_name(reason: FinishReason) -> str:
 
 
 # exclude_unset: `logprobs` appears only when asked for, so the documented answer keeps its shape.
-@router.post("/v1/generate", response_model=GenerateResponse, response_model_exclude_unset=True, responses={
-    200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE with stream=true"},
-    400: {"description": "prompt does not fit the context"}, 429: {"description": "queue full"},
-    503: {"description": "starting, draining, or the engine failed"},
-    504: {"description": "timed out in the queue before the first token"},
-})
+@router.post(
+    "/v1/generate",
+    response_model=GenerateResponse,
+    response_model_exclude_unset=True,
+    responses={
+        200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE with stream=true"},
+        400: {"description": "prompt does not fit the context"},
+        429: {"description": "queue full"},
+        503: {"description": "starting, draining, or the engine failed"},
+        504: {"description": "timed out in the queue before the first token"},
+    },
+)
 async def generate(body: GenerateRequest, request: Request, engine: EngineDep, settings: SettingsDep):
     prompt_ids = await encode_prompt_async(engine, body.prompt, body.chat)
     params = sampling_params(body, engine.vocab_size, logprobs=body.logprobs)
     texts = token_text(engine.tokenizer)
     gen = start_generation(
-        engine, prompt_ids, params, max_tokens=body.max_tokens,
-        max_tokens_explicit="max_tokens" in body.model_fields_set, stop=body.stop, timeout=settings.request_timeout,
+        engine,
+        prompt_ids,
+        params,
+        max_tokens=body.max_tokens,
+        max_tokens_explicit="max_tokens" in body.model_fields_set,
+        stop=body.stop,
+        timeout=settings.request_timeout,
         ignore_eos=body.ignore_eos,
     )
     if body.stream:
@@ -59,9 +70,12 @@ async def generate(body: GenerateRequest, request: Request, engine: EngineDep, s
         return Response(status_code=CLIENT_CLOSED)
     extra = {} if body.logprobs is None else {"logprobs": generate_logprobs(r.logprobs, texts)}
     return GenerateResponse(
-        id=gen.id, text=r.text, finish_reason=finish_name(r.finish_reason),
+        id=gen.id,
+        text=r.text,
+        finish_reason=finish_name(r.finish_reason),
         usage={"prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens},
-        timing={"ttft_ms": r.ttft_ms, "total_ms": r.total_ms}, **extra,
+        timing={"ttft_ms": r.ttft_ms, "total_ms": r.total_ms},
+        **extra,
     )
 
 
@@ -79,11 +93,16 @@ async def sse_events(gen: Generation, texts: TokenText | None = None):
                 yield ServerSentEvent(event="error", data=json.dumps({"message": str(error), "status": error.status}))
             else:
                 s = gen.summary("", event.finish_reason)
-                yield ServerSentEvent(event="done", data=json.dumps({
-                    "id": gen.id,
-                    "finish_reason": finish_name(event.finish_reason),
-                    "usage": {"prompt_tokens": s.prompt_tokens, "completion_tokens": s.completion_tokens},
-                    "timing": {"ttft_ms": s.ttft_ms, "total_ms": s.total_ms},
-                }))
+                yield ServerSentEvent(
+                    event="done",
+                    data=json.dumps(
+                        {
+                            "id": gen.id,
+                            "finish_reason": finish_name(event.finish_reason),
+                            "usage": {"prompt_tokens": s.prompt_tokens, "completion_tokens": s.completion_tokens},
+                            "timing": {"ttft_ms": s.ttft_ms, "total_ms": s.total_ms},
+                        }
+                    ),
+                )
     except Exception as e:  # never cut a stream silently
         yield ServerSentEvent(event="error", data=json.dumps({"message": f"{type(e).__name__}: {e}"}))

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from sse_starlette import ServerSentEvent
@@ -42,7 +44,9 @@ from service.schemas import (
 
 router = APIRouter(tags=["openai"])
 
-_STREAM = {200: {"content": {"text/event-stream": {}}, "description": "JSON, or `data:` chunks with stream=true"}}
+_STREAM: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"text/event-stream": {}}, "description": "JSON, or `data:` chunks with stream=true"}
+}
 
 
 def _finish(reason: FinishReason) -> str:
@@ -69,8 +73,11 @@ def check_model(body, engine) -> None:
     """404 `model_not_found` for a `model` this server does not serve."""
     if body.model is not None and body.model not in served_names(engine):
         raise ApiError(
-            404, f"model {body.model!r} does not exist here; this server serves {engine.info.name!r} (or use "
-            f"{SERVED_NAME!r})", param="model", code="model_not_found",
+            404,
+            f"model {body.model!r} does not exist here; this server serves {engine.info.name!r} (or use "
+            f"{SERVED_NAME!r})",
+            param="model",
+            code="model_not_found",
         )
 
 
@@ -80,8 +87,12 @@ def check_request(body, engine) -> None:
     check_model(body, engine)
     field = body.unsupported_field()
     if field is not None:
-        raise ApiError(400, f"{field}: not supported by this server; leave it out (or at its default)",
-                       param=field, code="unsupported_parameter")
+        raise ApiError(
+            400,
+            f"{field}: not supported by this server; leave it out (or at its default)",
+            param=field,
+            code="unsupported_parameter",
+        )
 
 
 def check_choices(engine, k: int, field: str, prompts: int = 1) -> None:
@@ -89,11 +100,16 @@ def check_choices(engine, k: int, field: str, prompts: int = 1) -> None:
     asks for more than MAX_PROMPTS sequences in all."""
     slots = engine.cache_manager.max_slots
     if k > slots:
-        raise ApiError(400, f"{field}: {k} choices of one prompt run together and need as many batch slots; this "
-                       f"server has {slots} (SMOLLM_MAX_BATCH_SIZE)", param=field)
+        raise ApiError(
+            400,
+            f"{field}: {k} choices of one prompt run together and need as many batch slots; this "
+            f"server has {slots} (SMOLLM_MAX_BATCH_SIZE)",
+            param=field,
+        )
     if k * prompts > MAX_PROMPTS:
-        raise ApiError(400, f"{field}: {prompts} prompt(s) x {k} choices is over {MAX_PROMPTS} sequences a request",
-                       param=field)
+        raise ApiError(
+            400, f"{field}: {prompts} prompt(s) x {k} choices is over {MAX_PROMPTS} sequences a request", param=field
+        )
 
 
 def _usage(gens: list[Generation]) -> dict:
@@ -110,8 +126,16 @@ async def models(engine: EngineDep, request: Request) -> dict:
     precision = getattr(request.app.state, "precision", None)
     return {
         "object": "list",
-        "data": [{"id": engine.info.name, "object": "model", "created": 0, "owned_by": "smollm",
-                  "root": engine.info.name, "smollm": precision.labels() if precision is not None else None}],
+        "data": [
+            {
+                "id": engine.info.name,
+                "object": "model",
+                "created": 0,
+                "owned_by": "smollm",
+                "root": engine.info.name,
+                "smollm": precision.labels() if precision is not None else None,
+            }
+        ],
     }
 
 
@@ -119,8 +143,12 @@ async def models(engine: EngineDep, request: Request) -> dict:
 async def completions(body: CompletionRequest, request: Request, engine: EngineDep, settings: SettingsDep):
     check_request(body, engine)
     if body.echo and body.logprobs is not None:
-        raise ApiError(400, "echo: prompt log-probabilities are not computed by this server; use echo or logprobs, "
-                       "not both", param="echo", code="unsupported_parameter")
+        raise ApiError(
+            400,
+            "echo: prompt log-probabilities are not computed by this server; use echo or logprobs, not both",
+            param="echo",
+            code="unsupported_parameter",
+        )
     prompts = body.prompts()
     many = len(prompts) > 1
     n = body.n
@@ -128,8 +156,9 @@ async def completions(body: CompletionRequest, request: Request, engine: EngineD
     if best_of < n:
         raise ApiError(400, f"best_of: must be >= n ({n}), got {best_of}", param="best_of")
     if best_of > n and body.stream:
-        raise ApiError(400, "best_of: cannot stream when best_of > n (the best are known only at the end)",
-                       param="best_of")
+        raise ApiError(
+            400, "best_of: cannot stream when best_of > n (the best are known only at the end)", param="best_of"
+        )
     check_choices(engine, best_of, "best_of" if body.best_of else "n", len(prompts))
     # Ranking by cumulative logprob needs each token's logprob even when the client asked for none.
     logprobs = body.logprobs if best_of == n or body.logprobs is not None else 0
@@ -144,12 +173,20 @@ async def completions(body: CompletionRequest, request: Request, engine: EngineD
             ids = list(prompt)
             text = None
         for seed in choice_seeds(body.seed, best_of):
-            seqs.append(build_sequence(
-                engine, ids, sampling_params(body, engine.vocab_size, logprobs=logprobs, seed=seed),
-                max_tokens=body.max_tokens, max_tokens_explicit=body.max_tokens is not None, stop=body.stop,
-                timeout=settings.request_timeout, prompt_field=field, ignore_eos=body.ignore_eos,
-                structured=None if structured is None else structured.copy(),
-            ))
+            seqs.append(
+                build_sequence(
+                    engine,
+                    ids,
+                    sampling_params(body, engine.vocab_size, logprobs=logprobs, seed=seed),
+                    max_tokens=body.max_tokens,
+                    max_tokens_explicit=body.max_tokens is not None,
+                    stop=body.stop,
+                    timeout=settings.request_timeout,
+                    prompt_field=field,
+                    ignore_eos=body.ignore_eos,
+                    structured=None if structured is None else structured.copy(),
+                )
+            )
         if body.echo and text is None:
             text = await asyncio.to_thread(engine.tokenizer.decode, ids)
         texts += [text or ""] * n
@@ -165,8 +202,13 @@ async def completions(body: CompletionRequest, request: Request, engine: EngineD
         if lp is not None:
             logprobs = completion_logprobs([lp], token_texts, offsets[index])
             offsets[index] += len(logprobs["tokens"][0])
-        return {"id": rid, "object": "text_completion", "created": created, "model": model,
-                "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}]}
+        return {
+            "id": rid,
+            "object": "text_completion",
+            "created": created,
+            "model": model,
+            "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}],
+        }
 
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -185,12 +227,22 @@ async def completions(body: CompletionRequest, request: Request, engine: EngineD
             for r in sorted(results[start : start + best_of], key=lambda r: -sum(lp.logprob for lp in r.logprobs))[:n]
         ]
     choices = [
-        {"index": i, "text": echo[i] + r.text, "finish_reason": _finish(r.finish_reason),
-         "logprobs": None if body.logprobs is None else completion_logprobs(r.logprobs, token_texts, len(echo[i]))}
+        {
+            "index": i,
+            "text": echo[i] + r.text,
+            "finish_reason": _finish(r.finish_reason),
+            "logprobs": None if body.logprobs is None else completion_logprobs(r.logprobs, token_texts, len(echo[i])),
+        }
         for i, r in enumerate(results)
     ]
-    return {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": choices,
-            "usage": _usage(gens)}
+    return {
+        "id": rid,
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "choices": choices,
+        "usage": _usage(gens),
+    }
 
 
 @router.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=_STREAM)
@@ -198,6 +250,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, engine
     check_request(body, engine)
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
     prompt_ids = await chat_ids_async(engine, messages)
+    max_tokens: int | None
     if body.max_completion_tokens is not None:
         max_tokens, field = body.max_completion_tokens, "max_completion_tokens"
     else:
@@ -210,10 +263,17 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, engine
     structured = await structured_output_async(engine, body.response_format)
     seqs = [
         build_sequence(
-            engine, prompt_ids, sampling_params(body, engine.vocab_size, logprobs=params.logprobs, seed=seed),
-            max_tokens=max_tokens, max_tokens_explicit=max_tokens is not None, stop=body.stop,
-            timeout=settings.request_timeout, max_tokens_field=field, prompt_field="messages",
-            ignore_eos=body.ignore_eos, structured=None if structured is None else structured.copy(),
+            engine,
+            prompt_ids,
+            sampling_params(body, engine.vocab_size, logprobs=params.logprobs, seed=seed),
+            max_tokens=max_tokens,
+            max_tokens_explicit=max_tokens is not None,
+            stop=body.stop,
+            timeout=settings.request_timeout,
+            max_tokens_field=field,
+            prompt_field="messages",
+            ignore_eos=body.ignore_eos,
+            structured=None if structured is None else structured.copy(),
         )
         for seed in choice_seeds(body.seed, body.n)
     ]
@@ -230,21 +290,37 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, engine
         if text or finish is None:
             delta["content"] = text
         logprobs = None if lp is None else chat_logprobs([lp], token_texts)
-        return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-                "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]}
+        return {
+            "id": rid,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+            "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}],
+        }
 
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return EventStream(_openai_stream(gens, chunk, include_usage, rid, created, model, "chat.completion.chunk"),
-                           send_timeout=settings.sse_send_timeout)
+        return EventStream(
+            _openai_stream(gens, chunk, include_usage, rid, created, model, "chat.completion.chunk"),
+            send_timeout=settings.sse_send_timeout,
+        )
     results = await _results(gens, request)
     if results is None:
         return Response(status_code=CLIENT_CLOSED)
     return {
-        "id": rid, "object": "chat.completion", "created": created, "model": model,
-        "choices": [{"index": i, "message": {"role": "assistant", "content": r.text},
-                     "logprobs": chat_logprobs(r.logprobs, token_texts) if body.logprobs else None,
-                     "finish_reason": _finish(r.finish_reason)} for i, r in enumerate(results)],
+        "id": rid,
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "choices": [
+            {
+                "index": i,
+                "message": {"role": "assistant", "content": r.text},
+                "logprobs": chat_logprobs(r.logprobs, token_texts) if body.logprobs else None,
+                "finish_reason": _finish(r.finish_reason),
+            }
+            for i, r in enumerate(results)
+        ],
         "usage": _usage(gens),
     }
 
@@ -256,8 +332,16 @@ async def _results(gens: list[Generation], request: Request):
         raise ApiError(e.status, str(e)) from e
 
 
-async def _openai_stream(gens: list[Generation], chunk, include_usage: bool, rid: str, created: int, model: str,
-                         obj: str, first: list[dict] = ()):
+async def _openai_stream(
+    gens: list[Generation],
+    chunk,
+    include_usage: bool,
+    rid: str,
+    created: int,
+    model: str,
+    obj: str,
+    first: Sequence[dict] = (),
+):
     """`data: {chunk}` lines (`first` ones, then each choice's deltas as they come, tagged with its index), a
     chunk with finish_reason per choice, the usage chunk if asked, then `data: [DONE]`. An error in any choice
     ends the stream with an error chunk."""
@@ -275,8 +359,18 @@ async def _openai_stream(gens: list[Generation], chunk, include_usage: bool, rid
             yield ServerSentEvent(data=json.dumps(chunk(i, "", _finish(event.finish_reason))))
         else:
             if include_usage:
-                yield ServerSentEvent(data=json.dumps({"id": rid, "object": obj, "created": created, "model": model,
-                                                       "choices": [], "usage": _usage(gens)}))
+                yield ServerSentEvent(
+                    data=json.dumps(
+                        {
+                            "id": rid,
+                            "object": obj,
+                            "created": created,
+                            "model": model,
+                            "choices": [],
+                            "usage": _usage(gens),
+                        }
+                    )
+                )
     except Exception as e:  # never cut a stream silently
         yield ServerSentEvent(data=json.dumps(error_body(500, f"{type(e).__name__}: {e}", openai=True)))
     yield ServerSentEvent(data="[DONE]")

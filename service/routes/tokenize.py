@@ -25,6 +25,7 @@ async def tokenize(body: TokenizeRequest, engine: EngineDep) -> dict:
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         ids = await chat_ids_async(engine, messages, body.add_generation_prompt)
     else:
+        assert body.prompt is not None  # exactly one of the two, checked above
         check_prompt_chars(engine, len(body.prompt), "prompt")
         ids = await asyncio.to_thread(engine.tokenizer.encode, body.prompt, add_special_tokens=body.add_special_tokens)
     return {"tokens": list(ids), "count": len(ids), "max_model_len": engine.max_context}

@@ -95,8 +95,7 @@ def k8s_documents() -> dict[str, list[dict[str, Any]]]:
     """Each manifest that kustomization.yaml lists, as its YAML documents."""
     kustomization = yaml.safe_load((K8S_DIR / "kustomization.yaml").read_text())
     return {
-        name: [d for d in yaml.safe_load_all((K8S_DIR / name).read_text()) if d]
-        for name in kustomization["resources"]
+        name: [d for d in yaml.safe_load_all((K8S_DIR / name).read_text()) if d] for name in kustomization["resources"]
     }
 
 

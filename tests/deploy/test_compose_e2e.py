@@ -75,15 +75,14 @@ def _native(value: str, mounts: dict[str, Path]) -> str:
     """A container path under a mount, as the host path the 'volume' lives at."""
     for target, host in mounts.items():
         if value == target or value.startswith(target + "/"):
-            return str(host) + value[len(target):]
+            return str(host) + value[len(target) :]
     return value
 
 
 @contextmanager
 def _process(argv: list[str], env: dict[str, str], log: Path) -> Iterator[subprocess.Popen]:
     with log.open("w") as out:
-        proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         yield proc
     finally:
@@ -112,8 +111,14 @@ def _host_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("SMOLLM_") or k == "SMOLLM_CACHE_DIR"}
 
 
-def _wait_until(predicate, timeout: float, what: str, procs: dict[str, subprocess.Popen], logs: dict[str, Path],
-                running: tuple[str, ...] = ("server",)):
+def _wait_until(
+    predicate,
+    timeout: float,
+    what: str,
+    procs: dict[str, subprocess.Popen],
+    logs: dict[str, Path],
+    running: tuple[str, ...] = ("server",),
+):
     """Poll `predicate` until it returns something truthy; fail early when a process in `running` exits
     (or any exits with an error)."""
     deadline = time.monotonic() + timeout
@@ -123,8 +128,9 @@ def _wait_until(predicate, timeout: float, what: str, procs: dict[str, subproces
             return value
         for name, proc in procs.items():
             if proc.poll() is not None and (name in running or proc.returncode != 0):
-                pytest.fail(f"the {name} exited ({proc.returncode}) while waiting for {what}:\n"
-                            f"{logs[name].read_text()[-4000:]}")
+                pytest.fail(
+                    f"the {name} exited ({proc.returncode}) while waiting for {what}:\n{logs[name].read_text()[-4000:]}"
+                )
         time.sleep(0.25)
     tails = "\n".join(f"--- {n}:\n{p.read_text()[-3000:]}" for n, p in logs.items())
     pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}\n{tails}")
@@ -181,8 +187,7 @@ def test_compose_up_trains_serves_and_hot_reloads(tmp_path):
     trainer = services["trainer"]
     trainer_mounts = _mounts(trainer, volumes)
     trainer_port = _free_port()
-    trainer_argv = [sys.executable if a == "python" else _native(a, trainer_mounts)
-                    for a in service_command(trainer)]
+    trainer_argv = [sys.executable if a == "python" else _native(a, trainer_mounts) for a in service_command(trainer)]
     trainer_argv = [f"metrics_port={trainer_port}" if a.startswith("metrics_port=") else a for a in trainer_argv]
     trainer_argv += TRAIN_OVERRIDES
     trainer_env = {**_host_env(), **service_environment(trainer)}
@@ -212,7 +217,11 @@ def test_compose_up_trains_serves_and_hot_reloads(tmp_path):
         procs.update(trainer=trainer_proc, server=server_proc)
         # The trainer's metrics endpoint, while it trains (Prometheus' `trainer` target); then hold it.
         trainer_metrics = _wait_until(
-            lambda: _scrape(f"http://127.0.0.1:{trainer_port}/metrics"), 120, "the trainer's /metrics", procs, logs,
+            lambda: _scrape(f"http://127.0.0.1:{trainer_port}/metrics"),
+            120,
+            "the trainer's /metrics",
+            procs,
+            logs,
             running=("server", "trainer"),
         )
         _signal(trainer_proc, signal.SIGSTOP)
@@ -226,8 +235,11 @@ def test_compose_up_trains_serves_and_hot_reloads(tmp_path):
         compose_check = server["healthcheck"]["test"]
         assert compose_check[0] == "CMD"
         _run_check([sys.executable if a == "python" else a.replace(":8000/", f":{port}/") for a in compose_check[1:]])
-        image_check = json.loads(next(a for op, a in dockerfile_instructions(ROOT / "Dockerfile.serve")
-                                      if op == "HEALTHCHECK").split("CMD", 1)[1])
+        image_check = json.loads(
+            next(a for op, a in dockerfile_instructions(ROOT / "Dockerfile.serve") if op == "HEALTHCHECK").split(
+                "CMD", 1
+            )[1]
+        )
         _run_check([sys.executable if a == "python" else a for a in image_check], {"SMOLLM_PORT": str(port)})
 
         r = client.post("/v1/generate", json={"prompt": "Once upon a time", "max_tokens": 8, "temperature": 0})
@@ -241,8 +253,13 @@ def test_compose_up_trains_serves_and_hot_reloads(tmp_path):
         assert events[-1][1]["usage"]["completion_tokens"] == len(kinds) - 1
 
         # A stream is counted once its response has ended, a moment after the client read its last event.
-        samples = _wait_until(lambda: _generate_requests(client) >= 2 and _samples(client.get("/metrics").text), 10,
-                              "/metrics to count both /v1/generate requests", procs, logs)
+        samples = _wait_until(
+            lambda: _generate_requests(client) >= 2 and _samples(client.get("/metrics").text),
+            10,
+            "/metrics to count both /v1/generate requests",
+            procs,
+            logs,
+        )
         assert samples["smollm_generation_tokens_total"][0].value >= answer["usage"]["completion_tokens"]
         assert samples["smollm_time_to_first_token_seconds_count"][0].value >= 2
 
@@ -254,7 +271,10 @@ def test_compose_up_trains_serves_and_hot_reloads(tmp_path):
         newest_step = str(int(newest.removeprefix("step-")))
         final = _wait_until(
             lambda: (s := _readyz(client)) and s["step"] == newest_step and s,
-            reload_interval * 4 + 60, f"the server to serve {newest}", procs, logs,
+            reload_interval * 4 + 60,
+            f"the server to serve {newest}",
+            procs,
+            logs,
         )
         # It changed model while running: it started on something older (the embedded model or an earlier
         # checkpoint) and reloaded.

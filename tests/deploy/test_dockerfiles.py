@@ -93,8 +93,9 @@ def test_dependency_layer_installs_pyprojects_list(name, tmp_path):
     python_c = shlex.split(run.split(">", 1)[0])
     assert python_c[:2] == ["python", "-c"]
     (tmp_path / "pyproject.toml").write_text((ROOT / "pyproject.toml").read_text())
-    out = subprocess.run([sys.executable, "-c", python_c[2]], cwd=tmp_path, capture_output=True, text=True,
-                         check=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-c", python_c[2]], cwd=tmp_path, capture_output=True, text=True, check=True, timeout=60
+    )
     assert out.stdout.split("\n")[:-1] == PYPROJECT["project"]["dependencies"]
 
 
@@ -138,8 +139,9 @@ def test_server_healthcheck_probes_healthz_on_the_service_port():
 
 
 def _cli_help(module: str) -> str:
-    out = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT, capture_output=True, text=True,
-                         timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", module, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0, f"python -m {module} --help failed: {out.stderr}"
     return out.stdout
 
@@ -188,16 +190,34 @@ def _dockerignored(path: str, patterns: list[str]) -> bool:
 
 def test_dockerignore_keeps_outputs_out_and_the_source_in():
     patterns = [
-        line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
+        line.strip()
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
         if line.strip() and not line.startswith("#")
     ]
-    for path in (".venv/bin/python", ".git/HEAD", "checkpoints/step-000100/model.safetensors", "runs/demo/latest",
-                 "bench/results/serve.json", ".pytest_cache/v", "model/__pycache__/llama.cpython-311.pyc",
-                 "tests/model/test_config.py"):
+    for path in (
+        ".venv/bin/python",
+        ".git/HEAD",
+        "checkpoints/step-000100/model.safetensors",
+        "runs/demo/latest",
+        "bench/results/serve.json",
+        ".pytest_cache/v",
+        "model/__pycache__/llama.cpython-311.pyc",
+        "tests/model/test_config.py",
+    ):
         assert _dockerignored(path, patterns), f"{path} would be sent to the Docker build"
-    tracked = subprocess.run(["git", "ls-files", "model", "service", "trainer", "pyproject.toml"], cwd=ROOT,
-                             capture_output=True, text=True, check=True).stdout.split()
-    on_disk = [str(p.relative_to(ROOT)) for d in ("model", "service", "trainer") if (ROOT / d).is_dir()
-               for p in (ROOT / d).rglob("*") if p.is_file() and "__pycache__" not in p.parts]
+    tracked = subprocess.run(
+        ["git", "ls-files", "model", "service", "trainer", "pyproject.toml"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    on_disk = [
+        str(p.relative_to(ROOT))
+        for d in ("model", "service", "trainer")
+        if (ROOT / d).is_dir()
+        for p in (ROOT / d).rglob("*")
+        if p.is_file() and "__pycache__" not in p.parts
+    ]
     for path in sorted(set(tracked + on_disk + ["pyproject.toml"])):
         assert not _dockerignored(path, patterns), f"{path} is needed in the image but .dockerignore drops it"

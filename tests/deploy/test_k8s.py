@@ -55,9 +55,9 @@ def test_manifest_is_valid_kubernetes(kubernetes_validate, name):
 def test_validation_rejects_an_unknown_field(kubernetes_validate):
     # strict=True must catch a misspelt field, or the check above proves little.
     doc = yaml.safe_load((K8S_DIR / "server-deployment.yaml").read_text())
-    doc["spec"]["template"]["spec"]["containers"][0]["readinesProbe"] = doc["spec"]["template"]["spec"][
-        "containers"
-    ][0]["readinessProbe"]
+    doc["spec"]["template"]["spec"]["containers"][0]["readinesProbe"] = doc["spec"]["template"]["spec"]["containers"][
+        0
+    ]["readinessProbe"]
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
 

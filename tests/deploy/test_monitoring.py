@@ -44,8 +44,9 @@ def _mounts(service: dict) -> dict[str, str]:
 
 
 def test_promtool_accepts_the_config(promtool):
-    result = subprocess.run([promtool, "check", "config", str(PROMETHEUS_CONFIG)], capture_output=True, text=True,
-                            timeout=60)
+    result = subprocess.run(
+        [promtool, "check", "config", str(PROMETHEUS_CONFIG)], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -106,10 +107,17 @@ def test_dashboard_is_well_formed():
 
 def test_dashboard_queries_are_valid_promql(promtool, tmp_path):
     """promtool parses each expression as a recording rule (Grafana's $__rate_interval made concrete)."""
-    rules = {"groups": [{"name": "dashboard", "rules": [
-        {"record": f"smollm:dashboard:{i}", "expr": e.replace("$__rate_interval", "1m")}
-        for i, e in enumerate(_exprs())
-    ]}]}
+    rules = {
+        "groups": [
+            {
+                "name": "dashboard",
+                "rules": [
+                    {"record": f"smollm:dashboard:{i}", "expr": e.replace("$__rate_interval", "1m")}
+                    for i, e in enumerate(_exprs())
+                ],
+            }
+        ]
+    }
     path = tmp_path / "rules.yml"
     path.write_text(yaml.safe_dump(rules))
     result = subprocess.run([promtool, "check", "rules", str(path)], capture_output=True, text=True, timeout=60)

@@ -69,8 +69,9 @@ def _runner(command: str) -> str | None:
 
 def _run(command: str, timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
     env = {**os.environ, **kwargs.pop("env", {})}
-    proc = subprocess.run(["bash", "-c", command], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                          env=env, **kwargs)
+    proc = subprocess.run(
+        ["bash", "-c", command], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env, **kwargs
+    )
     assert proc.returncode == 0, f"{command}\n--- stdout\n{proc.stdout[-2000:]}\n--- stderr\n{proc.stderr[-3000:]}"
     return proc
 
@@ -101,8 +102,9 @@ def _free_port() -> int:
 def tiny_checkpoint(tmp_path_factory) -> Path:
     model = Transformer(ModelConfig.from_name("tiny"))
     model.init_weights(seed=0)
-    return save_checkpoint(tmp_path_factory.mktemp("readme") / "tiny", model,
-                           tokenizer=load_tokenizer(default_checkpoint()))
+    return save_checkpoint(
+        tmp_path_factory.mktemp("readme") / "tiny", model, tokenizer=load_tokenizer(default_checkpoint())
+    )
 
 
 def test_server_commands(tiny_checkpoint):
@@ -110,8 +112,15 @@ def test_server_commands(tiny_checkpoint):
     port = _free_port()
     env = {**os.environ, "SMOLLM_CHECKPOINT": str(tiny_checkpoint), "SMOLLM_DTYPE": "float32"}
     serve = next(c for c in COMMANDS if c.startswith("make serve"))
-    server = subprocess.Popen(["bash", "-c", f"{serve} PORT={port}"], cwd=ROOT, env=env, start_new_session=True,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    server = subprocess.Popen(
+        ["bash", "-c", f"{serve} PORT={port}"],
+        cwd=ROOT,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 180
         while True:
@@ -176,13 +185,13 @@ def test_training_commands(tmp_path):
     for command in COMMANDS:
         if command.startswith(".venv/bin/python -m trainer ") and "demo.yaml" in command:
             out = tmp_path / "demo"
-            _run(_venv(command.replace("runs/demo", str(out))) + f" max_steps=2 checkpoint_every=2 {SHORT}",
-                 timeout=600)
+            _run(
+                _venv(command.replace("runs/demo", str(out))) + f" max_steps=2 checkpoint_every=2 {SHORT}", timeout=600
+            )
             assert (out / "step-000002" / "model.safetensors").is_file()
         elif command.startswith(".venv/bin/torchrun"):
             out = tmp_path / "ddp"
-            _run(_venv(command.replace("runs/ddp", str(out))) + f" max_steps=4 checkpoint_every=4 {SHORT}",
-                 timeout=600)
+            _run(_venv(command.replace("runs/ddp", str(out))) + f" max_steps=4 checkpoint_every=4 {SHORT}", timeout=600)
             assert (out / "step-000004").is_dir()
         elif command.startswith(".venv/bin/python -m trainer.plot"):
             (tmp_path / "tiny" / "loss.png").unlink(missing_ok=True)

@@ -16,8 +16,18 @@ def _run(*args, timeout=120):
 
 
 def test_generate_streams_greedy_continuation(tiny_checkpoint):
-    proc = _run("-m", "model.generate", "--checkpoint", str(tiny_checkpoint), "--prompt", "Once upon a time",
-                "--max-tokens", "12", "--dtype", "float32")
+    proc = _run(
+        "-m",
+        "model.generate",
+        "--checkpoint",
+        str(tiny_checkpoint),
+        "--prompt",
+        "Once upon a time",
+        "--max-tokens",
+        "12",
+        "--dtype",
+        "float32",
+    )
     assert proc.returncode == 0, proc.stderr
     model, tok = load_model(tiny_checkpoint), load_tokenizer(tiny_checkpoint)
     ids = tok.encode("Once upon a time", add_special_tokens=False)

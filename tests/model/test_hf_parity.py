@@ -29,9 +29,17 @@ def test_checkpoint_directory_is_a_hugging_face_directory(tiny_checkpoint):
 
 def test_any_local_hf_llama_directory_loads(tmp_path):
     """The reverse direction: a directory written by transformers itself (untied head, other shapes)."""
-    hf_cfg = LlamaConfig(vocab_size=300, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-                         num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=64,
-                         tie_word_embeddings=False, rope_theta=5000.0)
+    hf_cfg = LlamaConfig(
+        vocab_size=300,
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+        rope_theta=5000.0,
+    )
     torch.manual_seed(3)
     theirs = LlamaForCausalLM(hf_cfg).eval()
     theirs.save_pretrained(tmp_path)

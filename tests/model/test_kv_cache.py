@@ -43,8 +43,14 @@ def test_staggered_batch_matches_full_forward(tiny_model, seqs, slots):
         for b in range(3):
             if join_step[b] == step:
                 n = prompt_len[b]
-                logits = cached(tiny_model, tokens[b : b + 1, :n], cache, [slots[b]], torch.arange(n).unsqueeze(0),
-                                logits_index=torch.tensor([n - 1]))
+                logits = cached(
+                    tiny_model,
+                    tokens[b : b + 1, :n],
+                    cache,
+                    [slots[b]],
+                    torch.arange(n).unsqueeze(0),
+                    logits_index=torch.tensor([n - 1]),
+                )
                 torch.testing.assert_close(logits[0], full[b, n - 1], atol=ATOL, rtol=0)
                 pos[b] = n
                 active.append(b)
@@ -77,8 +83,13 @@ def test_padded_batched_prefill_and_slot_reuse(tiny_model, seqs):
     # Decoding continues correctly for both, overwriting the padded positions of slot 1.
     for t in range(6):
         p = [lens[0] + t, lens[1] + t]
-        out = cached(tiny_model, torch.stack([tokens[0, p[0] : p[0] + 1], tokens[1, p[1] : p[1] + 1]]), cache,
-                     [0, 1], [[p[0]], [p[1]]])
+        out = cached(
+            tiny_model,
+            torch.stack([tokens[0, p[0] : p[0] + 1], tokens[1, p[1] : p[1] + 1]]),
+            cache,
+            [0, 1],
+            [[p[0]], [p[1]]],
+        )
         torch.testing.assert_close(out[0, 0], full[0, p[0]], atol=ATOL, rtol=0)
         torch.testing.assert_close(out[1, 0], full[1, p[1]], atol=ATOL, rtol=0)
 
@@ -193,8 +204,9 @@ def test_packed_training_rows_keep_sequences_apart(tiny_model):
     torch.testing.assert_close(plain[:7], alone[0], atol=ATOL, rtol=0)
     assert (plain[7:19] - alone[1]).abs().max() > 1e-3
     # Positions 0..T-1 given explicitly match the fast causal path.
-    torch.testing.assert_close(tiny_model(row, torch.arange(row.shape[1]).unsqueeze(0)), tiny_model(row),
-                               atol=ATOL, rtol=0)
+    torch.testing.assert_close(
+        tiny_model(row, torch.arange(row.shape[1]).unsqueeze(0)), tiny_model(row), atol=ATOL, rtol=0
+    )
 
 
 def test_copy_positions_copies_a_prefix_into_other_slots_and_nothing_else():

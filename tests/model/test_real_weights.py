@@ -28,7 +28,7 @@ def theirs(bundled_checkpoint):
 def _hf_greedy(model, ids, n):
     """transformers' greedy continuation, ending at <|im_end|> (id 2) like ours with stop_ids=(2,)."""
     out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, pad_token_id=2, eos_token_id=2)
-    return out[0, len(ids):].tolist()
+    return out[0, len(ids) :].tolist()
 
 
 def test_logits_match(ours, theirs, tokenizer):
@@ -57,7 +57,11 @@ def test_transformers_loading_the_gguf_agrees(ours, tokenizer):
 
 
 def test_instruct_model_answers(ours, tokenizer):
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
-                                        add_generation_prompt=True, tokenize=True, return_dict=False)
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}],
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=False,
+    )
     text = tokenizer.decode(list(generate_tokens(ours, ids, 20, stop_ids=(2,))), skip_special_tokens=True)
     assert "Paris" in text

@@ -74,8 +74,14 @@ def test_top_p_never_leaves_the_nucleus(logits):
 
 
 def test_mixed_settings_per_row(logits):
-    params = [SamplingParams(0.0), SamplingParams(1.0, top_k=2, seed=1), SamplingParams(1.0, top_p=0.5, seed=2),
-              SamplingParams(0.8, seed=3), SamplingParams(0.0), SamplingParams(1.0, top_k=4, top_p=0.9, seed=4)]
+    params = [
+        SamplingParams(0.0),
+        SamplingParams(1.0, top_k=2, seed=1),
+        SamplingParams(1.0, top_p=0.5, seed=2),
+        SamplingParams(0.8, seed=3),
+        SamplingParams(0.0),
+        SamplingParams(1.0, top_k=4, top_p=0.9, seed=4),
+    ]
     gens = _gens(params)
     for _ in range(50):
         tok = sample(logits, params, gens)
@@ -91,8 +97,9 @@ def test_temperature_sampling_follows_the_distribution():
     assert torch.allclose(counts / 3000, torch.tensor([0.7, 0.2, 0.1]), atol=0.04)
 
 
-@pytest.mark.parametrize("kwargs", [{"temperature": -1}, {"top_k": -2}, {"top_p": 0.0}, {"top_p": 1.5},
-                                    {"temperature": float("nan")}])
+@pytest.mark.parametrize(
+    "kwargs", [{"temperature": -1}, {"top_k": -2}, {"top_p": 0.0}, {"top_p": 1.5}, {"temperature": float("nan")}]
+)
 def test_invalid_params_rejected(kwargs):
     with pytest.raises(ValueError, match=next(iter(kwargs))):
         SamplingParams(**kwargs)
@@ -100,8 +107,9 @@ def test_invalid_params_rejected(kwargs):
 
 def test_penalties_match_a_hand_computed_example():
     logits = torch.tensor([[2.0, -1.0, 0.5, 1.0, 0.0]])
-    p = SamplingParams(temperature=0.0, repetition_penalty=2.0, presence_penalty=0.5, frequency_penalty=0.25,
-                       logprobs=5)
+    p = SamplingParams(
+        temperature=0.0, repetition_penalty=2.0, presence_penalty=0.5, frequency_penalty=0.25, logprobs=5
+    )
     h = TokenHistory(p, prompt_ids=[1])
     for t in (2, 2, 3):
         h.record(t)
@@ -145,9 +153,12 @@ def test_min_p_drops_unlikely_tokens():
 def test_logit_bias_forces_and_bans_tokens(logits):
     force = {7: 100.0}
     ban = {int(logits[1].argmax()): -100.0}
-    params = [SamplingParams(0.0, logit_bias=force), SamplingParams(0.0, logit_bias=ban),
-              SamplingParams(1.5, seed=3, logit_bias=force), SamplingParams(1.0, top_k=5, top_p=0.9, seed=4,
-                                                                              logit_bias=force)]
+    params = [
+        SamplingParams(0.0, logit_bias=force),
+        SamplingParams(0.0, logit_bias=ban),
+        SamplingParams(1.5, seed=3, logit_bias=force),
+        SamplingParams(1.0, top_k=5, top_p=0.9, seed=4, logit_bias=force),
+    ]
     gens = _gens(params)
     for _ in range(30):
         tok = sample(logits[:4], params, gens).tolist()
@@ -188,8 +199,11 @@ def test_allowed_mask_restricts_greedy_and_sampled_rows(logits):
 
 def test_logprobs_cover_the_distribution_before_filtering():
     logits = torch.randn(3, 20, generator=torch.Generator().manual_seed(1)) * 2
-    params = [SamplingParams(0.7, top_k=3, seed=1, logprobs=20), SamplingParams(0.0, logprobs=20),
-              SamplingParams(1.3, top_p=0.5, min_p=0.1, seed=2, logprobs=20)]
+    params = [
+        SamplingParams(0.7, top_k=3, seed=1, logprobs=20),
+        SamplingParams(0.0, logprobs=20),
+        SamplingParams(1.3, top_p=0.5, min_p=0.1, seed=2, logprobs=20),
+    ]
     out = sample_with_logprobs(logits, params, _gens(params))
     assert torch.allclose(out.top_logprobs.exp().sum(-1), torch.ones(3), atol=1e-5)
     for b, temp in enumerate((0.7, 1.0, 1.3)):  # greedy rows report the temperature-1 distribution
@@ -198,8 +212,12 @@ def test_logprobs_cover_the_distribution_before_filtering():
 
 
 def test_top_logprobs_sorted_and_consistent_with_the_chosen_token(logits):
-    params = [SamplingParams(0.0, logprobs=5), SamplingParams(1.0, seed=1, logprobs=20), SamplingParams(0.0),
-              SamplingParams(1.0, top_k=10, seed=2, logprobs=0)]
+    params = [
+        SamplingParams(0.0, logprobs=5),
+        SamplingParams(1.0, seed=1, logprobs=20),
+        SamplingParams(0.0),
+        SamplingParams(1.0, top_k=10, seed=2, logprobs=0),
+    ]
     gens = _gens(params)
     for _ in range(20):
         out = sample_with_logprobs(logits[:4], params, gens)
@@ -273,9 +291,20 @@ def test_tiny_temperature_is_greedy(logits, temperature):
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"min_p": -0.1}, {"min_p": 1.5}, {"presence_penalty": 2.5}, {"frequency_penalty": -3}, {"repetition_penalty": 0},
-     {"repetition_penalty": float("nan")}, {"logit_bias": {1: 101}}, {"logit_bias": {-1: 1.0}}, {"min_tokens": -1},
-     {"stop_token_ids": (-5,)}, {"logprobs": 21}, {"logprobs": -1}],
+    [
+        {"min_p": -0.1},
+        {"min_p": 1.5},
+        {"presence_penalty": 2.5},
+        {"frequency_penalty": -3},
+        {"repetition_penalty": 0},
+        {"repetition_penalty": float("nan")},
+        {"logit_bias": {1: 101}},
+        {"logit_bias": {-1: 1.0}},
+        {"min_tokens": -1},
+        {"stop_token_ids": (-5,)},
+        {"logprobs": 21},
+        {"logprobs": -1},
+    ],
 )
 def test_invalid_new_params_rejected(kwargs):
     with pytest.raises(ValueError, match=next(iter(kwargs))):

@@ -8,8 +8,9 @@ def test_round_trip(tokenizer):
 
 
 def test_chat_template_renders_chatml(tokenizer):
-    text = tokenizer.apply_chat_template([{"role": "user", "content": "Hi there"}], tokenize=False,
-                                         add_generation_prompt=True)
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Hi there"}], tokenize=False, add_generation_prompt=True
+    )
     assert "<|im_start|>user\nHi there<|im_end|>\n" in text
     assert text.endswith("<|im_start|>assistant\n")
     assert tokenizer.eos_token == "<|im_end|>" and tokenizer.eos_token_id == 2

@@ -31,8 +31,7 @@ QUICK_TRAINING = ["eval_every=0", "sample_every=0", "plot=false", "log_every=1",
 
 def trainer_cmd(out: Path, *overrides: str) -> list[str]:
     """`python -m trainer` on the tiny config writing into `out`."""
-    return [sys.executable, "-m", "trainer", "--config", str(TINY_YAML), "--out", str(out), *QUICK_TRAINING,
-            *overrides]
+    return [sys.executable, "-m", "trainer", "--config", str(TINY_YAML), "--out", str(out), *QUICK_TRAINING, *overrides]
 
 
 def free_port() -> int:
@@ -79,8 +78,9 @@ class ServerProcess:
             cmd += ["--checkpoint", str(self.checkpoint)]
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "wb")  # noqa: SIM115 (closed in stop())
-        self.proc = subprocess.Popen(cmd, cwd=REPO, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            cmd, cwd=REPO, env=self.env, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        )
         try:
             self.wait_ready(ready_timeout)
         except BaseException:
@@ -160,8 +160,11 @@ def parse_metrics(text: str) -> dict[str, float]:
 
 
 def gauges_idle(m: dict[str, float]) -> bool:
-    return (m.get("smollm_running_sequences") == 0 and m.get("smollm_waiting_requests") == 0
-            and m.get("smollm_kv_cache_slots_used") == 0)
+    return (
+        m.get("smollm_running_sequences") == 0
+        and m.get("smollm_waiting_requests") == 0
+        and m.get("smollm_kv_cache_slots_used") == 0
+    )
 
 
 def wait_idle(server: ServerProcess, timeout: float = 20.0) -> dict[str, float]:
@@ -219,8 +222,9 @@ async def read_sse(response: httpx.Response, result: StreamResult, max_events: i
             event, data = "message", []
 
 
-async def stream_request(client: httpx.AsyncClient, path: str, payload: dict, *, max_events: int | None = None,
-                         headers: dict | None = None) -> StreamResult:
+async def stream_request(
+    client: httpx.AsyncClient, path: str, payload: dict, *, max_events: int | None = None, headers: dict | None = None
+) -> StreamResult:
     """POST a streaming request and read its events (all, or the first `max_events`, then hang up)."""
     result = StreamResult()
     start = time.monotonic()
@@ -284,8 +288,9 @@ def check_openai_stream(r: StreamResult, count_tokens: bool = True) -> str | Non
     if not usage:
         return "no usage chunk"
     content = [c for c in chunks if c.get("choices") and c["choices"][0].get("finish_reason") is None]
-    finishes = [c["choices"][0]["finish_reason"] for c in chunks if c.get("choices")
-                and c["choices"][0].get("finish_reason")]
+    finishes = [
+        c["choices"][0]["finish_reason"] for c in chunks if c.get("choices") and c["choices"][0].get("finish_reason")
+    ]
     if len(finishes) != 1:
         return f"expected one finish_reason chunk, got {finishes}"
     if not count_tokens:
@@ -313,8 +318,9 @@ def openai_usage(r: StreamResult) -> dict:
     return [c["usage"] for c in r.openai_chunks if c.get("usage")][-1]
 
 
-async def one_stream(client: httpx.AsyncClient, i: int, prompt: str, max_tokens: int,
-                     temperature: float = 0.0) -> tuple[str | None, int]:
+async def one_stream(
+    client: httpx.AsyncClient, i: int, prompt: str, max_tokens: int, temperature: float = 0.0
+) -> tuple[str | None, int]:
     """Client i's streaming request (/v1/generate, /v1/completions or /v1/chat/completions by i % 3), checked
     to its end: (what was wrong or None, completion tokens)."""
     kind = i % 3
@@ -323,8 +329,14 @@ async def one_stream(client: httpx.AsyncClient, i: int, prompt: str, max_tokens:
         r = await stream_request(client, "/v1/generate", payload)
         problem = check_generate_stream(r)
         return problem, 0 if problem else r.done["usage"]["completion_tokens"]
-    common = {"model": "smollm", "max_tokens": max_tokens, "temperature": temperature, "seed": i, "stream": True,
-              "stream_options": {"include_usage": True}}
+    common = {
+        "model": "smollm",
+        "max_tokens": max_tokens,
+        "temperature": temperature,
+        "seed": i,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     if kind == 1:
         path, payload = "/v1/completions", {"prompt": prompt, **common}
     else:
@@ -334,8 +346,16 @@ async def one_stream(client: httpx.AsyncClient, i: int, prompt: str, max_tokens:
     return problem, 0 if problem else openai_usage(r)["completion_tokens"]
 
 
-async def load_round(url: str, clients: int, max_tokens: int, rng: random.Random, *, headers: dict | None = None,
-                     timeout: float = 300.0, temperature: float = 0.0) -> dict:
+async def load_round(
+    url: str,
+    clients: int,
+    max_tokens: int,
+    rng: random.Random,
+    *,
+    headers: dict | None = None,
+    timeout: float = 300.0,
+    temperature: float = 0.0,
+) -> dict:
     """`clients` concurrent streaming requests, the three generation endpoints in turn, each checked to its
     end. Returns figures: requests, errors (with the first few reasons), tokens, seconds."""
     limits = httpx.Limits(max_connections=clients + 8, max_keepalive_connections=clients + 8)
@@ -349,5 +369,11 @@ async def load_round(url: str, clients: int, max_tokens: int, rng: random.Random
         elapsed = time.monotonic() - start
     problems = [p for p, _ in results if p is not None]
     tokens = sum(n for _, n in results)
-    return {"requests": clients, "errors": len(problems), "error_samples": problems[:5], "tokens": tokens,
-            "seconds": round(elapsed, 2), "tokens_per_s": round(tokens / elapsed, 1)}
+    return {
+        "requests": clients,
+        "errors": len(problems),
+        "error_samples": problems[:5],
+        "tokens": tokens,
+        "seconds": round(elapsed, 2),
+        "tokens_per_s": round(tokens / elapsed, 1),
+    }

@@ -64,12 +64,17 @@ def soak(server: ServerProcess | None, url: str, args: argparse.Namespace) -> di
         print(json.dumps({k: v for k, v in r.items() if k != "error_samples" or v}), flush=True)
     m = parse_metrics(httpx.get(url + "/metrics", timeout=10).text)
     figures = {
-        "clients": args.clients, "rounds": len(rounds), "max_tokens": args.max_tokens,
-        "requests": sum(r["requests"] for r in rounds), "errors": sum(r["errors"] for r in rounds),
+        "clients": args.clients,
+        "rounds": len(rounds),
+        "max_tokens": args.max_tokens,
+        "requests": sum(r["requests"] for r in rounds),
+        "errors": sum(r["errors"] for r in rounds),
         "tokens": sum(r["tokens"] for r in rounds),
         "tokens_per_s_mean": round(sum(r["tokens_per_s"] for r in rounds) / max(len(rounds), 1), 1),
-        "running_after": m.get("smollm_running_sequences"), "waiting_after": m.get("smollm_waiting_requests"),
-        "leaked_slots": m.get("smollm_kv_cache_slots_used"), "idle_after": gauges_idle(m),
+        "running_after": m.get("smollm_running_sequences"),
+        "waiting_after": m.get("smollm_waiting_requests"),
+        "leaked_slots": m.get("smollm_kv_cache_slots_used"),
+        "idle_after": gauges_idle(m),
     }
     if rss:
         figures["rss_mib_start"] = round(rss[0] / 1024, 1)
@@ -84,8 +89,13 @@ def main(argv: list[str] | None = None) -> int:
         figures = soak(None, args.url.rstrip("/"), args)
     else:
         log = Path(tempfile.mkdtemp(prefix="smollm-soak-")) / "server.log"
-        settings = dict(dtype=args.dtype, max_batch_size=args.max_batch_size, max_context=args.max_context,
-                        max_queue=max(64, args.clients), reload_interval=0)
+        settings = dict(
+            dtype=args.dtype,
+            max_batch_size=args.max_batch_size,
+            max_context=args.max_context,
+            max_queue=max(64, args.clients),
+            reload_interval=0,
+        )
         print(f"starting the server (log: {log})", flush=True)
         with ServerProcess(log, args.checkpoint, **settings).start(ready_timeout=600) as server:
             figures = soak(server, server.url, args)

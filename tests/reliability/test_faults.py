@@ -68,16 +68,19 @@ def test_200_clients_disconnecting_at_random_points(tiny_checkpoint, start_serve
     how = asyncio.run(run())
     after = wait_idle(server, timeout=20)
     # The server answers normally afterwards.
-    normal = asyncio.run(_one_stream(server.url, {"prompt": "Hi", "max_tokens": 20, "temperature": 0,
-                                                  "stream": True}))
+    normal = asyncio.run(_one_stream(server.url, {"prompt": "Hi", "max_tokens": 20, "temperature": 0, "stream": True}))
     cancelled = after["smollm_requests_cancelled_total"] - before["smollm_requests_cancelled_total"]
     log = server.log()
     figures.update(
-        clients=clients, seconds=round(time.monotonic() - start, 1),
+        clients=clients,
+        seconds=round(time.monotonic() - start, 1),
         ways_of_leaving={k: how.count(k) for k in sorted(set(how))},
-        cancelled_counted=cancelled, running_after=after["smollm_running_sequences"],
-        waiting_after=after["smollm_waiting_requests"], leaked_slots=after["smollm_kv_cache_slots_used"],
-        kv_tokens_used_after=after["smollm_kv_cache_tokens_used"], tracebacks_in_log=log.count("Traceback"),
+        cancelled_counted=cancelled,
+        running_after=after["smollm_running_sequences"],
+        waiting_after=after["smollm_waiting_requests"],
+        leaked_slots=after["smollm_kv_cache_slots_used"],
+        kv_tokens_used_after=after["smollm_kv_cache_tokens_used"],
+        tracebacks_in_log=log.count("Traceback"),
         rss_mib_after=round(server.rss_kib() / 1024, 1),
     )
     assert all(h in ("before_answer", "after_events", "after_time") for h in how), figures["ways_of_leaving"]
@@ -87,7 +90,7 @@ def test_200_clients_disconnecting_at_random_points(tiny_checkpoint, start_serve
     # events certainly had.
     assert how.count("after_events") <= cancelled <= clients
     assert check_generate_stream(normal, count_tokens=False) is None, normal.events[-3:]
-    assert "Traceback" not in log, log[log.index("Traceback") - 500:][:3000]
+    assert "Traceback" not in log, log[log.index("Traceback") - 500 :][:3000]
 
 
 async def _one_stream(url: str, payload: dict, path: str = "/v1/generate") -> StreamResult:
@@ -101,8 +104,9 @@ def test_sigterm_drains_streams_in_flight_and_exits_0(tiny_checkpoint, start_ser
     payload = {**LONG, "max_tokens": 1200}
 
     async def run():
-        async with httpx.AsyncClient(base_url=server.url, timeout=90,
-                                     limits=httpx.Limits(max_connections=streams + 8)) as c:
+        async with httpx.AsyncClient(
+            base_url=server.url, timeout=90, limits=httpx.Limits(max_connections=streams + 8)
+        ) as c:
             tasks = [asyncio.ensure_future(stream_request(c, "/v1/generate", payload)) for _ in range(streams)]
             deadline = time.monotonic() + 30
             while time.monotonic() < deadline:  # until every stream holds a slot and tokens flow
@@ -124,17 +128,20 @@ def test_sigterm_drains_streams_in_flight_and_exits_0(tiny_checkpoint, start_ser
     exit_after = time.monotonic() - sigterm_at
     problems = [check_generate_stream(r) for r in results]
     figures.update(
-        streams=streams, readyz_after_sigterm=ready_status, new_request_after_sigterm=refused_status,
-        streams_in_flight_at_check=still_running, streams_completed=sum(p is None for p in problems),
+        streams=streams,
+        readyz_after_sigterm=ready_status,
+        new_request_after_sigterm=refused_status,
+        streams_in_flight_at_check=still_running,
+        streams_completed=sum(p is None for p in problems),
         tokens_per_stream=[r.done["usage"]["completion_tokens"] if r.done else None for r in results],
-        exit_code=code, seconds_sigterm_to_exit=round(exit_after, 2),
+        exit_code=code,
+        seconds_sigterm_to_exit=round(exit_after, 2),
     )
     assert still_running == streams  # the readiness check really happened with streams in flight
     assert ready_status == 503
     assert refused_status == 503
     assert problems == [None] * streams
-    assert all(r.done["finish_reason"] == "length" and r.done["usage"]["completion_tokens"] == 1200
-               for r in results)
+    assert all(r.done["finish_reason"] == "length" and r.done["usage"]["completion_tokens"] == 1200 for r in results)
     assert code == 0, server.log()[-3000:]
 
 
@@ -159,10 +166,14 @@ def test_sigterm_grace_expiry_ends_streams_with_an_event_not_a_cut(tiny_checkpoi
 
     results = asyncio.run(run())
     code = server.wait(30)
-    figures.update(shutdown_grace_s=grace, streams=streams, exit_code=code,
-                   last_events=[r.events[-1][0] if r.events else None for r in results],
-                   transport_errors=[r.error for r in results if r.error],
-                   tokens_received=[len(r.token_events) for r in results])
+    figures.update(
+        shutdown_grace_s=grace,
+        streams=streams,
+        exit_code=code,
+        last_events=[r.events[-1][0] if r.events else None for r in results],
+        transport_errors=[r.error for r in results if r.error],
+        tokens_received=[len(r.token_events) for r in results],
+    )
     assert code == 0
     for r in results:
         assert r.error is None, f"stream cut without an event: {r.error}; last events {r.events[-2:]}"
@@ -188,10 +199,12 @@ def test_request_timeout_ends_a_long_sequence_and_frees_its_slot(tiny_checkpoint
     after = wait_idle(server, timeout=10)
     normal = asyncio.run(_one_stream(server.url, {"prompt": "Hi", "max_tokens": 8, "stream": True}))
     figures.update(
-        request_timeout_s=timeout, seconds_until_all_answered=round(elapsed, 2),
+        request_timeout_s=timeout,
+        seconds_until_all_answered=round(elapsed, 2),
         stream_finish=[r.done["finish_reason"] if r.done else r.events[-1:] for r in streams],
         stream_tokens=[r.done["usage"]["completion_tokens"] if r.done else None for r in streams],
-        queued_status=plain.status_code, queued_body=plain.text[:300],
+        queued_status=plain.status_code,
+        queued_body=plain.text[:300],
         leaked_slots=after["smollm_kv_cache_slots_used"],
     )
     # A request cut short after its first tokens ends with finish_reason "timeout"; one that timed out in the
@@ -249,8 +262,9 @@ def test_hot_reload_under_load_skips_broken_checkpoints(tmp_path, save_tiny, sta
 
     async def run() -> dict:
         seen: dict = {}
-        async with httpx.AsyncClient(base_url=server.url, timeout=60,
-                                     limits=httpx.Limits(max_connections=workers + 8)) as c:
+        async with httpx.AsyncClient(
+            base_url=server.url, timeout=60, limits=httpx.Limits(max_connections=workers + 8)
+        ) as c:
             load = [asyncio.ensure_future(_load_worker(c, i, stop, outcomes)) for i in range(workers)]
             try:
                 await asyncio.sleep(1.0)
@@ -260,7 +274,8 @@ def test_hot_reload_under_load_skips_broken_checkpoints(tmp_path, save_tiny, sta
                 for step, corrupt in ((4, "truncated_weights"), (5, "bad_config")):
                     name = await asyncio.to_thread(_publish, out, step, save_tiny, corrupt)
                     seen[f"step_{step}_skip_logged"] = await wait_for(
-                        lambda n=name: _async(bool(re.search(rf"skip\w*.*{n}|{n}.*skip", server.log()))))
+                        lambda n=name: _async(bool(re.search(rf"skip\w*.*{n}|{n}.*skip", server.log())))
+                    )
                     await asyncio.sleep(0.5)  # a few more polls: the broken one must stay skipped
                     seen[f"served_after_step_{step}"] = await served_step(c)
                 await asyncio.to_thread(_publish, out, 6, save_tiny)
@@ -269,17 +284,24 @@ def test_hot_reload_under_load_skips_broken_checkpoints(tmp_path, save_tiny, sta
             finally:
                 stop.set()
                 await asyncio.wait_for(asyncio.gather(*load), 60)
-            seen["model_info"] = [k for k in parse_metrics((await c.get("/metrics")).text)
-                                  if k.startswith("smollm_model_info")]
+            seen["model_info"] = [
+                k for k in parse_metrics((await c.get("/metrics")).text) if k.startswith("smollm_model_info")
+            ]
         return seen
 
     seen = asyncio.run(run())
     failures = [o for o in outcomes if o is not None]
     skip_lines = [line for line in server.log().splitlines() if "skip" in line.lower()]
-    figures.update(requests=len(outcomes), failed_requests=len(failures), failure_samples=failures[:5],
-                   checkpoints_published=6, broken=["step-000004 (truncated weights)", "step-000005 (bad config)"],
-                   skip_log_lines=skip_lines, **{k: v for k, v in seen.items() if k != "model_info"},
-                   model_info_after=seen["model_info"])
+    figures.update(
+        requests=len(outcomes),
+        failed_requests=len(failures),
+        failure_samples=failures[:5],
+        checkpoints_published=6,
+        broken=["step-000004 (truncated weights)", "step-000005 (bad config)"],
+        skip_log_lines=skip_lines,
+        **{k: v for k, v in seen.items() if k != "model_info"},
+        model_info_after=seen["model_info"],
+    )
     assert failures == []
     assert len(outcomes) >= 20
     assert seen["step_2_served"] and seen["step_3_served"], seen
@@ -290,8 +312,9 @@ def test_hot_reload_under_load_skips_broken_checkpoints(tmp_path, save_tiny, sta
     shutil.rmtree(out, ignore_errors=True)
 
 
-async def _load_worker(c: httpx.AsyncClient, i: int, stop: asyncio.Event, outcomes: list,
-                       max_requests: int = 400) -> None:
+async def _load_worker(
+    c: httpx.AsyncClient, i: int, stop: asyncio.Event, outcomes: list, max_requests: int = 400
+) -> None:
     """Streaming requests one after another (/v1/generate and chat in turn) until `stop`; appends what was
     wrong with each (None when fine). Token counts are checked in test_load; here a failure is a refusal,
     an error event or a stream cut before its end."""
@@ -299,13 +322,21 @@ async def _load_worker(c: httpx.AsyncClient, i: int, stop: asyncio.Event, outcom
         if stop.is_set():
             return
         if (i + n) % 2:
-            r = await stream_request(c, "/v1/generate", {"prompt": f"Tell me {n}", "max_tokens": 24, "stream": True,
-                                                         "seed": n})
+            r = await stream_request(
+                c, "/v1/generate", {"prompt": f"Tell me {n}", "max_tokens": 24, "stream": True, "seed": n}
+            )
             outcomes.append(check_generate_stream(r, count_tokens=False))
         else:
-            r = await stream_request(c, "/v1/chat/completions", {
-                "messages": [{"role": "user", "content": f"Hi {n}"}], "max_tokens": 24, "stream": True,
-                "stream_options": {"include_usage": True}})
+            r = await stream_request(
+                c,
+                "/v1/chat/completions",
+                {
+                    "messages": [{"role": "user", "content": f"Hi {n}"}],
+                    "max_tokens": 24,
+                    "stream": True,
+                    "stream_options": {"include_usage": True},
+                },
+            )
             outcomes.append(check_openai_stream(r, count_tokens=False))
 
 
@@ -330,14 +361,19 @@ async def _async(value: bool) -> bool:
     return value
 
 
-
 def test_hot_reload_while_the_trainer_writes_checkpoints(tmp_path, start_server, figures):
     # The real trainer writes into the watched directory (keeping only the newest checkpoint, so the server
     # may find one deleted under it) while clients stream.
     out = tmp_path / "run"
     overrides = ["checkpoint_every=2", "keep_last=1"]
-    first = subprocess.run(trainer_cmd(out, "max_steps=2", *overrides), cwd=REPO, env=clean_env(),
-                           capture_output=True, text=True, timeout=120)
+    first = subprocess.run(
+        trainer_cmd(out, "max_steps=2", *overrides),
+        cwd=REPO,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert first.returncode == 0, first.stderr[-2000:]
     server = start_server(out, reload_interval=0.2, max_batch_size=4)
     workers, final_step = 4, 8
@@ -346,13 +382,22 @@ def test_hot_reload_while_the_trainer_writes_checkpoints(tmp_path, start_server,
 
     async def run() -> tuple[subprocess.CompletedProcess, list[str], bool]:
         steps_seen: list[str] = []
-        async with httpx.AsyncClient(base_url=server.url, timeout=60,
-                                     limits=httpx.Limits(max_connections=workers + 8)) as c:
+        async with httpx.AsyncClient(
+            base_url=server.url, timeout=60, limits=httpx.Limits(max_connections=workers + 8)
+        ) as c:
             load = [asyncio.ensure_future(_load_worker(c, i, stop, outcomes)) for i in range(workers)]
             try:
-                training = asyncio.ensure_future(asyncio.to_thread(
-                    subprocess.run, trainer_cmd(out, f"max_steps={final_step}", *overrides), cwd=REPO,
-                    env=clean_env(), capture_output=True, text=True, timeout=120))
+                training = asyncio.ensure_future(
+                    asyncio.to_thread(
+                        subprocess.run,
+                        trainer_cmd(out, f"max_steps={final_step}", *overrides),
+                        cwd=REPO,
+                        env=clean_env(),
+                        capture_output=True,
+                        text=True,
+                        timeout=120,
+                    )
+                )
                 while not training.done():
                     step = await served_step(c)
                     if not steps_seen or steps_seen[-1] != step:
@@ -369,11 +414,15 @@ def test_hot_reload_while_the_trainer_writes_checkpoints(tmp_path, start_server,
 
     trained, steps_seen, final = asyncio.run(run())
     failures = [o for o in outcomes if o is not None]
-    figures.update(requests=len(outcomes), failed_requests=len(failures), failure_samples=failures[:5],
-                   trainer_exit=trained.returncode, served_steps_in_order=list(dict.fromkeys(steps_seen)),
-                   final_step_served=final,
-                   reload_log_lines=[line for line in server.log().splitlines()
-                                     if "now serving" in line or "skipping" in line])
+    figures.update(
+        requests=len(outcomes),
+        failed_requests=len(failures),
+        failure_samples=failures[:5],
+        trainer_exit=trained.returncode,
+        served_steps_in_order=list(dict.fromkeys(steps_seen)),
+        final_step_served=final,
+        reload_log_lines=[line for line in server.log().splitlines() if "now serving" in line or "skipping" in line],
+    )
     assert trained.returncode == 0, trained.stderr[-2000:]
     assert failures == []
     assert len(outcomes) >= 10

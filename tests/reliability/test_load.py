@@ -25,8 +25,9 @@ MAX_TOKENS = 16
 
 def test_64_streaming_clients_on_the_embedded_model(start_server, figures):
     # The embedded SmolLM2-135M-Instruct in bf16, as `make serve` runs it (SMOLLM_CHECKPOINT unset).
-    server = start_server(None, dtype="bfloat16", threads=None, max_batch_size=16, max_queue=64, max_context=512,
-                          ready_timeout=300)
+    server = start_server(
+        None, dtype="bfloat16", threads=None, max_batch_size=16, max_queue=64, max_context=512, ready_timeout=300
+    )
     rng = random.Random(7)
     rss = [server.rss_kib()]
     rounds = []
@@ -37,11 +38,17 @@ def test_64_streaming_clients_on_the_embedded_model(start_server, figures):
         rss.append(server.rss_kib())
     m = server.metrics()
     figures.update(
-        clients=CLIENTS, rounds=ROUNDS, max_tokens=MAX_TOKENS,
-        requests=sum(r["requests"] for r in rounds), errors=sum(r["errors"] for r in rounds),
-        tokens=sum(r["tokens"] for r in rounds), per_round=rounds,
-        rss_mib_start=round(rss[0] / 1024, 1), rss_mib_after_each_round=[round(v / 1024, 1) for v in rss[1:]],
-        running_after=m["smollm_running_sequences"], waiting_after=m["smollm_waiting_requests"],
+        clients=CLIENTS,
+        rounds=ROUNDS,
+        max_tokens=MAX_TOKENS,
+        requests=sum(r["requests"] for r in rounds),
+        errors=sum(r["errors"] for r in rounds),
+        tokens=sum(r["tokens"] for r in rounds),
+        per_round=rounds,
+        rss_mib_start=round(rss[0] / 1024, 1),
+        rss_mib_after_each_round=[round(v / 1024, 1) for v in rss[1:]],
+        running_after=m["smollm_running_sequences"],
+        waiting_after=m["smollm_waiting_requests"],
         leaked_slots=m["smollm_kv_cache_slots_used"],
     )
     assert [r["error_samples"] for r in rounds if r["errors"]] == []
@@ -54,6 +61,7 @@ def test_64_streaming_clients_on_the_embedded_model(start_server, figures):
     after_first = rss[1]
     growth = max(rss[2:]) - after_first
     assert growth <= 32 * 1024, f"RSS grew by {growth} KiB after round 1: {rss} KiB"
+
 
 def test_overload_gets_429_at_once_and_admitted_requests_finish(tiny_checkpoint, start_server, figures):
     slots, queue, clients = 2, 2, 14
@@ -78,11 +86,16 @@ def test_overload_gets_429_at_once_and_admitted_requests_finish(tiny_checkpoint,
     # The server is healthy afterwards.
     ok = httpx.post(server.url + "/v1/generate", json={"prompt": "Hi", "max_tokens": 4}, timeout=30)
     figures.update(
-        clients=clients, max_batch_size=slots, max_queue=queue, admitted=len(admitted), refused_429=len(refused),
+        clients=clients,
+        max_batch_size=slots,
+        max_queue=queue,
+        admitted=len(admitted),
+        refused_429=len(refused),
         other=[(r.status, r.error) for r in results if r.status not in (200, 429)],
         errors=sum(p is not None for p in problems),
         slowest_429_s=round(max((r.elapsed for r in refused), default=0), 3),
-        burst_seconds=round(elapsed, 2), leaked_slots=after["smollm_kv_cache_slots_used"],
+        burst_seconds=round(elapsed, 2),
+        leaked_slots=after["smollm_kv_cache_slots_used"],
     )
     assert len(admitted) + len(refused) == clients, figures["other"]
     assert len(admitted) == slots + queue
@@ -102,15 +115,31 @@ def test_every_generated_token_reaches_the_stream(tiny_checkpoint, start_server,
 
     async def run():
         async with httpx.AsyncClient(base_url=server.url, timeout=60) as c:
-            gen = await stream_request(c, "/v1/generate", {"prompt": "Hi", "max_tokens": n, "ignore_eos": True,
-                                                           "temperature": 1.0, "seed": 3, "stream": True})
-            cmpl = await stream_request(c, "/v1/completions", {"prompt": "Hi", "max_tokens": n, "ignore_eos": True,
-                                                               "temperature": 1.0, "seed": 3, "stream": True,
-                                                               "stream_options": {"include_usage": True}})
+            gen = await stream_request(
+                c,
+                "/v1/generate",
+                {"prompt": "Hi", "max_tokens": n, "ignore_eos": True, "temperature": 1.0, "seed": 3, "stream": True},
+            )
+            cmpl = await stream_request(
+                c,
+                "/v1/completions",
+                {
+                    "prompt": "Hi",
+                    "max_tokens": n,
+                    "ignore_eos": True,
+                    "temperature": 1.0,
+                    "seed": 3,
+                    "stream": True,
+                    "stream_options": {"include_usage": True},
+                },
+            )
         return gen, cmpl
 
     gen, cmpl = asyncio.run(run())
-    figures.update(max_tokens=n, generate_token_events=len(gen.token_events),
-                   completions_content_chunks=len(cmpl.openai_chunks) - 2)
+    figures.update(
+        max_tokens=n,
+        generate_token_events=len(gen.token_events),
+        completions_content_chunks=len(cmpl.openai_chunks) - 2,
+    )
     assert check_generate_stream(gen) is None, check_generate_stream(gen)
     assert check_openai_stream(cmpl) is None, check_openai_stream(cmpl)

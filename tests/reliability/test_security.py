@@ -34,10 +34,13 @@ def test_api_key_guards_generation_and_is_never_logged(keyed_server, figures):
     with httpx.Client(base_url=server.url, timeout=30) as c:
         for method, path, body in GENERATION:
             statuses = {}
-            for name, headers in [("none", {}), ("wrong", {"Authorization": "Bearer not-the-key"}),
-                                  ("no_scheme", {"Authorization": KEY}),
-                                  ("key_prefix", {"Authorization": f"Bearer {KEY[:-1]}"}),
-                                  ("right", {"Authorization": f"Bearer {KEY}"})]:
+            for name, headers in [
+                ("none", {}),
+                ("wrong", {"Authorization": "Bearer not-the-key"}),
+                ("no_scheme", {"Authorization": KEY}),
+                ("key_prefix", {"Authorization": f"Bearer {KEY[:-1]}"}),
+                ("right", {"Authorization": f"Bearer {KEY}"}),
+            ]:
                 r = c.request(method, path, json=body, headers=headers)
                 statuses[name] = r.status_code
                 bodies.append(r.text)
@@ -48,12 +51,19 @@ def test_api_key_guards_generation_and_is_never_logged(keyed_server, figures):
         bodies += [c.get(path).text for path in [*OPEN, "/openapi.json"]]
     streamed = asyncio.run(_stream_with_key(server.url))
     log = server.log()
-    figures.update(generation_endpoints=seen, open_endpoints=open_statuses, key_in_log=KEY in log,
-                   key_in_responses=any(KEY in b for b in bodies), log_lines=len(log.splitlines()),
-                   stream_with_key_ok=check_generate_stream(streamed, count_tokens=False) is None)
+    figures.update(
+        generation_endpoints=seen,
+        open_endpoints=open_statuses,
+        key_in_log=KEY in log,
+        key_in_responses=any(KEY in b for b in bodies),
+        log_lines=len(log.splitlines()),
+        stream_with_key_ok=check_generate_stream(streamed, count_tokens=False) is None,
+    )
     for path, statuses in seen.items():
-        assert statuses["none"] == statuses["wrong"] == statuses["no_scheme"] == statuses["key_prefix"] == 401, \
-            (path, statuses)
+        assert statuses["none"] == statuses["wrong"] == statuses["no_scheme"] == statuses["key_prefix"] == 401, (
+            path,
+            statuses,
+        )
         assert statuses["right"] == 200, (path, statuses)
     assert open_statuses == dict.fromkeys(OPEN, 200)
     assert check_generate_stream(streamed, count_tokens=False) is None, streamed.events[-3:]
@@ -76,12 +86,14 @@ def test_no_request_field_is_used_as_a_path(tiny_checkpoint, tmp_path, save_tiny
     with httpx.Client(base_url=server.url, timeout=30) as c:
         before = c.get("/readyz").json()
         base_cmpl = c.post("/v1/completions", json={"prompt": "Hello", **greedy}).json()
-        base_chat = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}],
-                                                          **greedy}).json()
+        base_chat = c.post(
+            "/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}], **greedy}
+        ).json()
         for model in ["/etc/passwd", str(other), "../../../../etc/shadow", "file:///etc/passwd"]:
             cmpl = c.post("/v1/completions", json={"model": model, "prompt": "Hello", **greedy})
-            chat = c.post("/v1/chat/completions", json={"model": model, **greedy,
-                                                         "messages": [{"role": "user", "content": "Hi"}]})
+            chat = c.post(
+                "/v1/chat/completions", json={"model": model, **greedy, "messages": [{"role": "user", "content": "Hi"}]}
+            )
             results[model] = {"completions": cmpl.status_code, "chat": chat.status_code}
             for r, base in ((cmpl, base_cmpl), (chat, base_chat)):
                 assert r.status_code in (200, 400, 404, 422), r.text
@@ -94,8 +106,12 @@ def test_no_request_field_is_used_as_a_path(tiny_checkpoint, tmp_path, save_tiny
         after = c.get("/readyz").json()
         info = [line for line in c.get("/metrics").text.splitlines() if line.startswith("smollm_model_info")]
     log = server.log()
-    figures.update(model_field_statuses=results, served_before=before.get("checkpoint"),
-                   served_after=after.get("checkpoint"), other_checkpoint_in_log=str(other) in log)
+    figures.update(
+        model_field_statuses=results,
+        served_before=before.get("checkpoint"),
+        served_after=after.get("checkpoint"),
+        other_checkpoint_in_log=str(other) in log,
+    )
     assert after == before
     assert len(info) == 1 and json.dumps(str(tiny_checkpoint))[1:-1] in info[0]
     assert "root:" not in passwd["text"]

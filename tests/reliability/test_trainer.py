@@ -19,10 +19,12 @@ from model.checkpoint import is_complete_checkpoint, load_model
 from tests.reliability.harness import QUICK_TRAINING, REPO, TINY_YAML, clean_env, trainer_cmd
 
 
-def run_trainer(out: Path, *overrides: str, timeout: float = 120, cmd: list[str] | None = None
-                ) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd or trainer_cmd(out, *overrides), cwd=REPO, env=clean_env(), capture_output=True,
-                          text=True, timeout=timeout)
+def run_trainer(
+    out: Path, *overrides: str, timeout: float = 120, cmd: list[str] | None = None
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        cmd or trainer_cmd(out, *overrides), cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=timeout
+    )
 
 
 def losses(out: Path) -> dict[int, list[float]]:
@@ -70,13 +72,13 @@ def _wait_for_line(log: Path, text: str, proc: subprocess.Popen, timeout: float)
 def test_kill_9_at_20_random_instants_then_resume_reproduces_the_losses(tmp_path, figures):
     kills, max_steps = 20, 40
     # Every step writes a checkpoint (about as long as a step here), so many kills land inside a write.
-    overrides = [f"max_steps={max_steps}", "checkpoint_every=1", "keep_last=2",
-                 f"data.cache_dir={tmp_path / 'tokens'}"]
+    overrides = [f"max_steps={max_steps}", "checkpoint_every=1", "keep_last=2", f"data.cache_dir={tmp_path / 'tokens'}"]
     reference_out, out = tmp_path / "reference", tmp_path / "killed"
     # The uninterrupted run, alongside the killed ones (fp32 on the CPU: the same numbers whatever the load).
     with open(tmp_path / "reference.log", "wb") as ref_log:
-        reference = subprocess.Popen(trainer_cmd(reference_out, *overrides), cwd=REPO, env=clean_env(),
-                                     stdout=ref_log, stderr=subprocess.STDOUT)
+        reference = subprocess.Popen(
+            trainer_cmd(reference_out, *overrides), cwd=REPO, env=clean_env(), stdout=ref_log, stderr=subprocess.STDOUT
+        )
     rng = random.Random(20)
     start = time.monotonic()
     problems, debris_seen, killed_at = [], 0, []
@@ -84,8 +86,9 @@ def test_kill_9_at_20_random_instants_then_resume_reproduces_the_losses(tmp_path
         for i in range(kills):
             log = tmp_path / f"life-{i}.log"
             with open(log, "wb") as f:
-                proc = subprocess.Popen(trainer_cmd(out, *overrides), cwd=REPO, env=clean_env(), stdout=f,
-                                        stderr=subprocess.STDOUT)
+                proc = subprocess.Popen(
+                    trainer_cmd(out, *overrides), cwd=REPO, env=clean_env(), stdout=f, stderr=subprocess.STDOUT
+                )
             try:
                 if i % 4 == 3:
                     # Some kills during start-up (imports, resume, debris clean-up, tokenizing).
@@ -114,11 +117,18 @@ def test_kill_9_at_20_random_instants_then_resume_reproduces_the_losses(tmp_path
     ref_losses, got = losses(reference_out), losses(out)
     mismatched = sorted(s for s in ref_losses if got.get(s) != ref_losses[s])
     figures.update(
-        kills=kills, max_steps=max_steps, kill_phases={k: killed_at.count(k) for k in set(killed_at)},
-        hidden_debris_seen_after_kills=debris_seen, problems=problems[:10], final_exit=final.returncode,
-        reference_exit=ref_code, steps_compared=len(ref_losses), steps_mismatched=mismatched[:20],
-        checkpoints_left=sorted(p.name for p in out.glob("step-*")), latest=(out / "latest").read_text().strip()
-        if (out / "latest").exists() else None, seconds=round(elapsed, 1),
+        kills=kills,
+        max_steps=max_steps,
+        kill_phases={k: killed_at.count(k) for k in set(killed_at)},
+        hidden_debris_seen_after_kills=debris_seen,
+        problems=problems[:10],
+        final_exit=final.returncode,
+        reference_exit=ref_code,
+        steps_compared=len(ref_losses),
+        steps_mismatched=mismatched[:20],
+        checkpoints_left=sorted(p.name for p in out.glob("step-*")),
+        latest=(out / "latest").read_text().strip() if (out / "latest").exists() else None,
+        seconds=round(elapsed, 1),
     )
     assert problems == []
     assert final.returncode == 0, final.stderr[-3000:]
@@ -146,11 +156,19 @@ def test_kill_9_inside_a_checkpoint_write_leaves_latest_on_the_previous_one(tmp_
     finally:
         if proc.poll() is None:
             proc.kill()
-    after_kill = {"latest": (out / "latest").read_text().strip(), "visible": sorted(p.name for p in out.glob("step-*")),
-                  "problems": check_out_dir(out)}
+    after_kill = {
+        "latest": (out / "latest").read_text().strip(),
+        "visible": sorted(p.name for p in out.glob("step-*")),
+        "problems": check_out_dir(out),
+    }
     resumed = run_trainer(out, *overrides)
-    figures.update(paused_in_write=paused, debris_at_kill=debris, **after_kill, resume_exit=resumed.returncode,
-                   debris_after_resume=sorted(p.name for p in out.glob(".step-*")))
+    figures.update(
+        paused_in_write=paused,
+        debris_at_kill=debris,
+        **after_kill,
+        resume_exit=resumed.returncode,
+        debris_after_resume=sorted(p.name for p in out.glob(".step-*")),
+    )
     assert paused, log.read_text()[-2000:]
     assert debris, "the kill did not land inside the write of step 4"
     assert after_kill["latest"] == "step-000002" and "step-000004" not in after_kill["visible"]
@@ -182,8 +200,14 @@ def _bad_sources(tmp_path: Path) -> dict[str, str]:
     }
 
 
-BAD_DATA = ["invalid_jsonl", "garbage_parquet", "empty_file", "empty_directory", "jsonl_without_text_field",
-            "missing_file"]
+BAD_DATA = [
+    "invalid_jsonl",
+    "garbage_parquet",
+    "empty_file",
+    "empty_directory",
+    "jsonl_without_text_field",
+    "missing_file",
+]
 
 
 @pytest.mark.parametrize("case", BAD_DATA)
@@ -192,8 +216,13 @@ def test_bad_data_stops_the_job_with_a_clear_error(tmp_path, case, figures):
     out = tmp_path / "out"
     r = run_trainer(out, "max_steps=2", f"data.sources=[{source}]", f"data.cache_dir={tmp_path / 'tokens'}")
     error_lines = [line for line in r.stderr.splitlines() if line.startswith("error:")]
-    figures.update(case=case, exit_code=r.returncode, error=error_lines[:1],
-                   out_dir_created=out.exists(), traceback="Traceback" in r.stderr)
+    figures.update(
+        case=case,
+        exit_code=r.returncode,
+        error=error_lines[:1],
+        out_dir_created=out.exists(),
+        traceback="Traceback" in r.stderr,
+    )
     assert r.returncode != 0
     assert error_lines, r.stderr[-2000:]
     assert "Traceback" not in r.stderr, r.stderr[-2000:]
@@ -245,10 +274,14 @@ def _tmpfs(path: Path, size: str) -> bool:
 def _check_full_disk_outcome(r: subprocess.CompletedProcess, out: Path) -> dict:
     error_lines = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     outcome = {
-        "exit_code": r.returncode, "error": error_lines[:1], "last_stderr_line": r.stderr.strip().splitlines()[-1:],
-        "traceback": "Traceback" in r.stderr, "latest": (out / "latest").read_text().strip()
-        if (out / "latest").exists() else None, "visible": sorted(p.name for p in out.glob("step-*")),
-        "hidden_debris": sorted(p.name for p in out.glob(".step-*")), "problems": check_out_dir(out),
+        "exit_code": r.returncode,
+        "error": error_lines[:1],
+        "last_stderr_line": r.stderr.strip().splitlines()[-1:],
+        "traceback": "Traceback" in r.stderr,
+        "latest": (out / "latest").read_text().strip() if (out / "latest").exists() else None,
+        "visible": sorted(p.name for p in out.glob("step-*")),
+        "hidden_debris": sorted(p.name for p in out.glob(".step-*")),
+        "problems": check_out_dir(out),
     }
     return outcome
 
@@ -265,8 +298,19 @@ def _assert_full_disk_handled(o: dict) -> None:
 
 def test_full_disk_during_a_checkpoint_write_patched_writer(tmp_path, figures):
     out = tmp_path / "out"
-    cmd = [sys.executable, "-c", FULL_DISK_WRAPPER, "--config", str(TINY_YAML), "--out", str(out), *QUICK_TRAINING,
-           "max_steps=4", "checkpoint_every=2", f"data.cache_dir={tmp_path / 'tokens'}"]
+    cmd = [
+        sys.executable,
+        "-c",
+        FULL_DISK_WRAPPER,
+        "--config",
+        str(TINY_YAML),
+        "--out",
+        str(out),
+        *QUICK_TRAINING,
+        "max_steps=4",
+        "checkpoint_every=2",
+        f"data.cache_dir={tmp_path / 'tokens'}",
+    ]
     r = run_trainer(out, cmd=cmd)
     o = _check_full_disk_outcome(r, out)
     figures.update(simulation="model.checkpoint.save_file raises ENOSPC half-way through the 2nd checkpoint", **o)

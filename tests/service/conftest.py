@@ -70,8 +70,15 @@ def tiny_checkpoint(tmp_path_factory, save_tiny) -> Path:
 
 
 def tiny_settings(checkpoint: Path, **overrides) -> Settings:
-    base = dict(checkpoint=str(checkpoint), dtype="float32", max_batch_size=4, max_context=2048, max_queue=8,
-                reload_interval=0, threads=1)
+    base = dict(
+        checkpoint=str(checkpoint),
+        dtype="float32",
+        max_batch_size=4,
+        max_context=2048,
+        max_queue=8,
+        reload_interval=0,
+        threads=1,
+    )
     base.update(overrides)
     return Settings(**base)
 

@@ -24,9 +24,9 @@ def test_concurrent_greedy_requests_equal_their_solo_answers(live):
 
     async def all_at_once():
         async with httpx.AsyncClient(base_url=live.url, timeout=60) as c:
-            rs = await asyncio.gather(*(
-                c.post("/v1/generate", json={"prompt": p, "temperature": 0, "max_tokens": 16}) for p in prompts
-            ))
+            rs = await asyncio.gather(
+                *(c.post("/v1/generate", json={"prompt": p, "temperature": 0, "max_tokens": 16}) for p in prompts)
+            )
         return [r.json()["text"] for r in rs]
 
     before = httpx.get(live.url + "/metrics").text
@@ -56,7 +56,8 @@ def test_disconnect_cancels_and_frees_the_slot(live):
     assert metric_value(after, "smollm_kv_cache_slots_used") == 0
     assert metric_value(after, cancelled) == metric_value(before, cancelled) + 1
     generated = metric_value(after, "smollm_generation_tokens_total") - metric_value(
-        before, "smollm_generation_tokens_total")
+        before, "smollm_generation_tokens_total"
+    )
     assert generated < 1500  # stopped long before max_tokens
 
 
@@ -65,8 +66,7 @@ def test_non_streaming_disconnect_cancels(live):
         async with httpx.AsyncClient(base_url=live.url, timeout=30) as c:
             with pytest.raises(httpx.TimeoutException):
                 req = {"prompt": "Hi", "temperature": 0, "max_tokens": 2000, "ignore_eos": True}
-                await c.post("/v1/generate", json=req,
-                             timeout=0.3)
+                await c.post("/v1/generate", json=req, timeout=0.3)
 
     asyncio.run(give_up())
     assert wait_until(lambda: not live.engine.scheduler.running, timeout=5)
@@ -88,8 +88,7 @@ def test_full_queue_is_429_with_retry_after(tiny_checkpoint):
                     assert int(r.headers["retry-after"]) >= 1 and "busy" in r.json()["error"]["message"]
                     metrics = httpx.get(server.url + "/metrics").text
                     assert metric_value(metrics, "smollm_waiting_requests") == 1
-                    assert metric_value(metrics, "smollm_requests_total",
-                                        'endpoint="/v1/generate",status="429"') == 1
+                    assert metric_value(metrics, "smollm_requests_total", 'endpoint="/v1/generate",status="429"') == 1
         assert wait_until(lambda: server.engine.idle(), timeout=5)
 
 
@@ -105,22 +104,35 @@ def test_openai_client(live):
     )
     assert chat.choices[0].message.role == "assistant" and chat.usage.completion_tokens == 5
     stream = client.chat.completions.create(
-        model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=5, temperature=0, stream=True,
-        stream_options={"include_usage": True}, **fixed,
+        model="tiny",
+        messages=[{"role": "user", "content": "Hi"}],
+        max_tokens=5,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+        **fixed,
     )
     chunks = list(stream)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == chat.choices[0].message.content
     assert chunks[-1].usage.completion_tokens == 5
-    streamed = "".join(c.choices[0].text for c in client.completions.create(
-        model="tiny", prompt="Hello", max_tokens=5, temperature=0, stream=True, **fixed))
+    streamed = "".join(
+        c.choices[0].text
+        for c in client.completions.create(
+            model="tiny", prompt="Hello", max_tokens=5, temperature=0, stream=True, **fixed
+        )
+    )
     assert streamed == done.choices[0].text
     with pytest.raises(openai.BadRequestError) as bad:
         client.chat.completions.create(model="tiny", messages=[{"role": "robot", "content": "x"}])
     assert bad.value.param == "messages.0.role"
     with pytest.raises(openai.BadRequestError) as refused:
-        client.chat.completions.create(model="smollm", messages=[{"role": "user", "content": "Hi"}], max_tokens=2,
-                                       tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}])
+        client.chat.completions.create(
+            model="smollm",
+            messages=[{"role": "user", "content": "Hi"}],
+            max_tokens=2,
+            tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}],
+        )
     assert refused.value.param == "tools" and refused.value.code == "unsupported_parameter"
     with pytest.raises(openai.NotFoundError) as missing:
         client.completions.create(model="gpt-4o", prompt="Hi", max_tokens=2)

@@ -10,8 +10,15 @@ import pytest
 from tests.service.conftest import slow_down
 
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else None)
-ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync", "--no-first-run"]
+ARGS = [
+    "--no-sandbox",
+    "--headless",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 
 if CHROMIUM is None and not os.environ.get("CI"):
     pytest.skip("chromium is not installed (apt-get install chromium); required in CI", allow_module_level=True)
@@ -39,8 +46,10 @@ def test_playground_streams_in_chromium(live):
             }""")
             page.fill("#prompt", "Once upon a time")
             page.check("#mode-completion")
-            page.evaluate("() => { const s = document.getElementById('max-tokens'); s.value = '60'; "
-                          "s.dispatchEvent(new Event('input')); }")
+            page.evaluate(
+                "() => { const s = document.getElementById('max-tokens'); s.value = '60'; "
+                "s.dispatchEvent(new Event('input')); }"
+            )
             page.click("#generate")
             page.wait_for_selector("#output[data-done='true']", timeout=30_000)
             text = page.inner_text("#output")

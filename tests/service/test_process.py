@@ -24,8 +24,12 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def spawn(*args: str, **env: str) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "service", *args], cwd=ROOT, env={**os.environ, **env},
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [sys.executable, "-m", "service", *args],
+        cwd=ROOT,
+        env={**os.environ, **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
 
 
@@ -33,8 +37,18 @@ def test_sigterm_drains_running_streams_and_exits_0(tiny_checkpoint):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     # Flags override the environment: the port comes from the flag, the dtype from SMOLLM_DTYPE.
-    proc = spawn("--checkpoint", str(tiny_checkpoint), "--port", str(port), "--threads", "1",
-                 SMOLLM_PORT="1", SMOLLM_DTYPE="float32", SMOLLM_SHUTDOWN_GRACE="60", SMOLLM_RELOAD_INTERVAL="0")
+    proc = spawn(
+        "--checkpoint",
+        str(tiny_checkpoint),
+        "--port",
+        str(port),
+        "--threads",
+        "1",
+        SMOLLM_PORT="1",
+        SMOLLM_DTYPE="float32",
+        SMOLLM_SHUTDOWN_GRACE="60",
+        SMOLLM_RELOAD_INTERVAL="0",
+    )
     try:
         wait_ready(url)
         req = {"prompt": "Hi", "temperature": 0, "max_tokens": 1800, "stream": True, "ignore_eos": True}

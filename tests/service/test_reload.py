@@ -129,8 +129,15 @@ def _watched(tmp_path, save_tiny, tokenizer, **watcher_kw):
         return load_model(path), tokenizer
 
     model, _ = loader(first)
-    engine = Engine(model, tokenizer, max_batch_size=2, max_context=64, max_queue=4, prefill_chunk=64,
-                    info=ModelInfo(str(first), "1", first.name))
+    engine = Engine(
+        model,
+        tokenizer,
+        max_batch_size=2,
+        max_context=64,
+        max_queue=4,
+        prefill_chunk=64,
+        info=ModelInfo(str(first), "1", first.name),
+    )
     watcher = CheckpointWatcher(out, engine, loader, interval=1, current=first, **watcher_kw)
     return out, engine, watcher, loads
 
@@ -177,9 +184,7 @@ def test_nan_weights_are_found_in_packed_linears_too(tmp_path, tokenizer):
     assert non_finite_weights(model) == ["layers.1.feed_forward.w2.packed"]
 
 
-def test_a_failed_swap_is_retried_and_the_checkpoint_becomes_current_only_when_served(
-    tmp_path, save_tiny, tokenizer
-):
+def test_a_failed_swap_is_retried_and_the_checkpoint_becomes_current_only_when_served(tmp_path, save_tiny, tokenizer):
     out, engine, watcher, loads = _watched(tmp_path, save_tiny, tokenizer, retry_after=3600)
     second = save_tiny(out / "step-000002", seed=1)
     real_set_model = engine.runner.set_model
