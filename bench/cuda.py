@@ -21,6 +21,7 @@ import logging
 import os
 import statistics
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -442,6 +443,18 @@ def run_check(
     return results
 
 
+def random_checkpoint(source: Path, out: Path, seed: int = 0) -> Path:
+    """A checkpoint at `out` with `source`'s config and tokenizer and weights drawn with `seed` (`source` needs
+    config.json and the tokenizer files only)."""
+    from model.checkpoint import read_config, save_checkpoint
+    from model.llama import Transformer
+    from model.tokenizer import load_tokenizer
+
+    model = Transformer(read_config(source))
+    model.init_weights(seed)
+    return save_checkpoint(out, model, tokenizer=load_tokenizer(source))
+
+
 def _fmt(value: Any, spec: str = ".1f") -> str:
     return "-" if value is None else format(value, spec)
 
@@ -523,6 +536,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=Path("bench/results"))
     p.add_argument("--budget", type=float, default=BUDGET_S, help="seconds for the whole check (default 480)")
     p.add_argument("--quick", action="store_true", help="smoke run: 16 tokens, c=1,8, no compile")
+    p.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="the checkpoint's config and tokenizer with random weights (seed 0), for a machine the weights cannot "
+        "reach; speed is the same, parity compares the same random weights",
+    )
     args = p.parse_args(argv)
     if args.budget <= 0:
         p.error("--budget must be positive")
@@ -543,7 +562,8 @@ def main(argv: list[str] | None = None) -> int:
 
     now = datetime.now(UTC)
     checkpoint = args.checkpoint or default_checkpoint()
-    dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    # fp16 where a GPU lacks bf16; fp32 on a CPU (tests), where bf16 is emulated on most machines.
+    dtype = "float32" if device.type != "cuda" else "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
     kw: dict[str, Any] = {}
     if args.quick:
         kw = dict(
@@ -555,12 +575,16 @@ def main(argv: list[str] | None = None) -> int:
             parity_tokens=8,
             compile_options={"backend": "eager"},
         )
-    results = run_check(checkpoint, device, dtype=dtype, budget=budget, **kw)
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.random_weights:
+            checkpoint = random_checkpoint(checkpoint, Path(tmp) / "random")
+        results = run_check(checkpoint, device, dtype=dtype, budget=budget, **kw)
     results["meta"] = {
         "date": now.strftime("%Y-%m-%d %H:%M UTC"),
         "checkpoint": str(checkpoint),
         "dtype": dtype,
         "budget_s": args.budget,
+        "random_weights": args.random_weights,
         "command": "python -m bench.cuda " + " ".join(argv or sys.argv[1:]),
     }
     path = report.write_json(results, args.out / f"{now.strftime('%Y%m%dT%H%M%SZ')}-cuda.json")

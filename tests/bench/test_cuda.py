@@ -4,6 +4,7 @@ a tiny model, so the code a GPU owner runs once is exercised here."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -100,3 +101,28 @@ def test_run_check_end_to_end_on_cpu(tiny_checkpoint, tmp_path):
     text = cuda.format_report(results)
     assert "greedy parity" in text and "| Engine | 2 |" in text and "transformers generate()" in text
     json.dumps(results)  # the JSON the CLI writes
+
+
+def test_main_quick_with_random_weights_writes_json(tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    # Only the config and tokenizer travel to a GPU machine: the weights are drawn there.
+    source = tmp_path / "source"
+    source.mkdir()
+    for f in tiny_checkpoint.iterdir():
+        if f.name != "model.safetensors":
+            shutil.copy(f, source / f.name)
+    monkeypatch.setattr(cuda, "require_cuda", lambda: torch.device("cpu"))
+    out = tmp_path / "results"
+    assert cuda.main(["--quick", "--random-weights", "--checkpoint", str(source), "--out", str(out)]) == 0
+    [path] = out.glob("*-cuda.json")
+    results = json.loads(path.read_text())
+    assert results["meta"]["random_weights"] and results["meta"]["dtype"] == "float32"
+    assert results["parity"]["ok"] and set(results["engine"]) == {"1", "8"}
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_random_checkpoint_is_seeded(tiny_checkpoint, tmp_path):
+    a = load_model(cuda.random_checkpoint(tiny_checkpoint, tmp_path / "a"))
+    b = load_model(cuda.random_checkpoint(tiny_checkpoint, tmp_path / "b"))
+    original = load_model(tiny_checkpoint)
+    assert torch.equal(a.output.weight, b.output.weight)
+    assert a.config == original.config
