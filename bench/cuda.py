@@ -420,24 +420,42 @@ def run_check(
     tokenizer = load_tokenizer(checkpoint)
     results["load_s"] = time.monotonic() - t0
 
-    if budget.fits("parity", 60.0):
+    def parity() -> dict[str, Any]:
         reference = load_model(checkpoint, torch.float32, "cpu")
-        results["parity"] = greedy_parity(
-            model, reference, tokenizer, max_tokens=parity_tokens, timeout=max(budget.left(), 1.0)
-        )
-        del reference
-    if budget.fits("engine throughput", 30.0):
-        results["engine"] = engine_throughput(
-            model, tokenizer, levels, max_tokens=max_tokens, max_batch_size=max_batch_size, budget=budget
-        )
-    if budget.fits("transformers generate()", 30.0):
-        results["transformers"] = transformers_anchor(
-            checkpoint, device, dtype, anchor_batches, max_tokens=max_tokens, budget=budget
-        )
-    if budget.fits("decode step", 20.0):
-        results["decode_step"] = decode_step(
-            model, step_sizes, kv_len=step_kv_len, steps=step_steps, budget=budget, compile_options=compile_options
-        )
+        return greedy_parity(model, reference, tokenizer, max_tokens=parity_tokens, timeout=max(budget.left(), 1.0))
+
+    sections: list[tuple[str, float, Callable[[], dict[str, Any]]]] = [
+        ("parity", 60.0, parity),
+        (
+            "engine",
+            30.0,
+            lambda: engine_throughput(
+                model, tokenizer, levels, max_tokens=max_tokens, max_batch_size=max_batch_size, budget=budget
+            ),
+        ),
+        (
+            "transformers",
+            30.0,
+            lambda: transformers_anchor(
+                checkpoint, device, dtype, anchor_batches, max_tokens=max_tokens, budget=budget
+            ),
+        ),
+        (
+            "decode_step",
+            20.0,
+            lambda: decode_step(
+                model, step_sizes, kv_len=step_kv_len, steps=step_steps, budget=budget, compile_options=compile_options
+            ),
+        ),
+    ]
+    for name, estimate, section in sections:
+        if not budget.fits(name, estimate):
+            continue
+        try:
+            results[name] = section()
+        except Exception as e:  # one broken section (a hang cut by its timeout, an OOM) must not lose the others
+            log.exception("section %s failed", name)
+            results.setdefault("errors", {})[name] = f"{type(e).__name__}: {e}"
     results["skipped"] = list(budget.skipped)
     results["seconds"] = budget.total - budget.left()
     return results
@@ -524,6 +542,8 @@ def format_report(results: dict[str, Any]) -> str:
                 )
             else:
                 lines.append(f"| {b} | {r['eager_ms']:.2f} | {r.get('compiled', '-')} | | | |")
+    if results.get("errors"):
+        lines += ["", "## errors"] + [f"- {k}: {v}" for k, v in results["errors"].items()]
     if results.get("skipped"):
         lines += ["", "## skipped (time budget)"] + [f"- {s}" for s in results["skipped"]]
     lines.append(f"\ntotal {results['seconds']:.0f} s")

@@ -126,3 +126,24 @@ def test_random_checkpoint_is_seeded(tiny_checkpoint, tmp_path):
     original = load_model(tiny_checkpoint)
     assert torch.equal(a.output.weight, b.output.weight)
     assert a.config == original.config
+
+
+def test_a_failing_section_is_reported_and_the_rest_run(tiny_checkpoint, monkeypatch):
+    def broken(*a, **kw):
+        raise TimeoutError("4 sequences of 4 tokens not done in 1 s")
+
+    monkeypatch.setattr(cuda, "greedy_parity", broken)
+    results = cuda.run_check(
+        tiny_checkpoint,
+        torch.device("cpu"),
+        dtype="float32",
+        budget=cuda.Budget(300.0),
+        levels=(1,),
+        max_tokens=4,
+        max_batch_size=2,
+        anchor_batches=(),
+        step_sizes=(),
+    )
+    assert results["errors"] == {"parity": "TimeoutError: 4 sequences of 4 tokens not done in 1 s"}
+    assert "parity" not in results and results["engine"]["1"]["tokens"] == 4
+    assert "## errors\n- parity: TimeoutError" in cuda.format_report(results)
