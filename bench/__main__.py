@@ -70,6 +70,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "(default: torch's thread count)")
     p.add_argument("--checkpoint", type=Path, default=None, help="model to serve (default: the embedded one)")
     p.add_argument("--out", type=Path, default=Path("bench/results"))
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="cuda: the GPU check instead (bench/cuda.py; takes --checkpoint, --out, --quick)")
     args = p.parse_args(argv)
     args.concurrency = args.concurrency or ([1, 4] if args.quick else [1, 4, 16, 64])
     args.max_tokens = args.max_tokens or (16 if args.quick else 128)
@@ -199,6 +201,11 @@ def run_anchors(args: argparse.Namespace, checkpoint: Path, logs: Path, threads:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.device == "cuda":
+        from bench import cuda
+
+        forward = ["--out", str(args.out)] + (["--quick"] if args.quick else [])
+        return cuda.main(forward + (["--checkpoint", str(args.checkpoint)] if args.checkpoint else []))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise

@@ -56,8 +56,9 @@ def _batch_prompts(prompts: Sequence[str], batch: int) -> list[str]:
 
 def transformers_generate(
     checkpoint: Path, dtype: str, batch: int, max_new_tokens: int, prompts: Sequence[str], runs: int = 1,
+    device: str = "cpu",
 ) -> GenerateResult:
-    """Greedy `generate()` of `batch` prompts (left-padded), `runs` times with different prompts."""
+    """Greedy `generate()` of `batch` prompts (left-padded) on `device`, `runs` times with different prompts."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -67,14 +68,16 @@ def transformers_generate(
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=DTYPES[dtype]).eval()
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=DTYPES[dtype]).to(device).eval()
 
     def run(texts: list[str], new_tokens: int) -> tuple[int, float]:
-        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
         t0 = time.perf_counter()
         with torch.inference_mode():
             out = model.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                                  pad_token_id=tokenizer.pad_token_id)
+        if out.device.type == "cuda":
+            torch.cuda.synchronize(out.device)
         seconds = time.perf_counter() - t0
         return (out.shape[1] - enc["input_ids"].shape[1]) * len(texts), seconds
 
