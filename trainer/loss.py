@@ -166,10 +166,10 @@ def lm_loss(
     """Next-token loss of `model` (a Transformer after `use_hidden_states_output`, or its DDP/FSDP/compiled
     wrapper) on `idx` (B, T) against `targets` (B, T, IGNORE_INDEX where no loss is wanted), chunked.
 
-    `weight` is the output projection (default: `model.output.weight`, read after the forward, when FSDP has
-    gathered it); pass it when `model` is a wrapper without an `output` attribute (DDP: `ddp.module.output`).
+    `weight` is the output projection (default: the model's `output.weight`, under DDP `module.output.weight`,
+    read after the forward, when FSDP has gathered it).
     """
     hidden = model(idx) if positions is None else model(idx, positions)  # (B, T, n_embd)
     if weight is None:
-        weight = model.output.weight
+        weight = getattr(model, "module", model).output.weight
     return chunked_cross_entropy(hidden, weight, targets, chunk_size=chunk_size, reduction=reduction)

@@ -142,3 +142,20 @@ def test_lm_loss_on_the_model_matches_logits_loss(tie):
         rtol=1e-5,
         atol=1e-6,
     )
+
+
+def test_autocast_bfloat16_runs_the_matmuls_in_bfloat16_and_keeps_fp32_gradients():
+    """Under autocast the chunked loss computes what the model's bf16 output projection would, and the fp32
+    weight gets an fp32 gradient."""
+    hidden, weight, targets = _inputs(B=2, T=6, D=16, V=40, seed=2)
+    targets[0, :2] = IGNORE_INDEX
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = chunked_cross_entropy(hidden, weight, targets, chunk_size=5)
+        logits = (hidden @ weight.T).float()
+    assert logits.dtype == torch.float32 and got.dtype == torch.float32
+    ref = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+    torch.testing.assert_close(got, ref, rtol=1e-3, atol=1e-3)
+    got_grads, ref_grads = _grads(got, hidden, weight), _grads(ref, hidden, weight)
+    for g, r in zip(got_grads, ref_grads, strict=True):
+        assert g.dtype == torch.float32
+        torch.testing.assert_close(g, r, rtol=2e-2, atol=2e-3)
