@@ -6,7 +6,8 @@ one, export a Hugging Face directory. Results land in files under OUT for the te
     python -m torch.distributed.run --standalone --nproc_per_node 2 tests/trainer/fsdp_worker.py resume OUT
     python -m torch.distributed.run --standalone --nproc_per_node 2 tests/trainer/fsdp_worker.py fsdp OUT
 
-`train` and `resume` run FSDP with activation checkpointing; `fsdp` runs plain FSDP and writes losses only.
+`train` and `resume` run FSDP with activation checkpointing; `fsdp` (plain FSDP) and `ddp` (DistributedDataParallel)
+write losses only.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 from model.config import ModelConfig
 from model.llama import Transformer
@@ -83,11 +85,11 @@ def main(mode: str, out: Path) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)
     model = build()
-    if mode != "fsdp":
+    if mode in ("train", "resume"):
         apply_activation_checkpointing(model)
-    model = apply_fsdp(model)
+    model = DistributedDataParallel(model) if mode == "ddp" else apply_fsdp(model)
     optimizer = optimizer_for(model)
-    if mode == "fsdp":
+    if mode in ("fsdp", "ddp"):
         losses = train(model, optimizer, range(STEPS), rank, world)
         if rank == 0:
             (out / "losses.json").write_text(json.dumps(losses))
@@ -107,6 +109,9 @@ def main(mode: str, out: Path) -> None:
         losses = train(model, optimizer, range(state["step"], STEPS), rank, world)
         if rank == 0:
             (out / "resume_losses.json").write_text(json.dumps(losses))
+    # Every rank done before teardown: a rank leaving early left gloo's teardown of the DDP run hanging in tests.
+    del model, optimizer
+    dist.barrier()
     dist.destroy_process_group()
 
 
@@ -125,7 +130,7 @@ def launch(mode: str, out: Path, nproc: int = 2) -> subprocess.CompletedProcess:
         str(out),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-4000:]
     return res
 

@@ -16,15 +16,21 @@ worker = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(worker)
 
 
-def test_fsdp_two_processes_match_one_with_the_same_global_batch(tmp_path):
+@pytest.fixture(scope="module")
+def single_process_losses():
     torch.manual_seed(0)
     model = worker.build()
-    expected = worker.train(model, worker.optimizer_for(model), range(worker.STEPS))
+    return worker.train(model, worker.optimizer_for(model), range(worker.STEPS))
 
-    worker.launch("fsdp", tmp_path)
+
+@pytest.mark.parametrize("mode", ["fsdp", "ddp"])
+def test_two_processes_match_one_with_the_same_global_batch(mode, single_process_losses, tmp_path):
+    """FSDP2 (and DDP, for the chunked loss reading the output weight outside the wrapper's forward) on 2 gloo
+    processes, each with half of the global batch, give the losses of one process with all of it."""
+    worker.launch(mode, tmp_path)
     got = worker.read_losses(tmp_path / "losses.json")
     assert sorted(got) == list(range(1, worker.STEPS + 1))
-    for step, loss in expected.items():
+    for step, loss in single_process_losses.items():
         assert abs(got[step] - loss) < 1e-5, (step, got[step], loss)
     # The model learns on these batches, so equal losses after step 1 mean equal updates.
     assert len(set(got.values())) == worker.STEPS
