@@ -23,8 +23,16 @@ class _Strict(BaseModel):
 
 
 class DataConfig(_Strict):
+    format: Literal["text", "chat"] = "text"
+    """`text`: continued pretraining on raw text windows. `chat`: supervised fine-tuning on conversations
+    (`trainer.chat_data`: OpenAI-style `messages`, rendered with the checkpoint's chat template, loss on assistant
+    tokens only, several conversations packed per row with attention kept inside each)."""
     sources: list[str] = Field(default_factory=lambda: ["stdlib"], min_length=1)
-    """`.txt`, `.jsonl` or `.parquet` files, directories or globs, or `stdlib` (the Python standard library)."""
+    """`.txt`, `.jsonl` or `.parquet` files, directories or globs, or `stdlib` (the Python standard library).
+    For `chat`: `.jsonl`/`.parquet` chat files, or `stdlib-qa:train` / `stdlib-qa:heldout`."""
+    val_sources: list[str] = Field(default_factory=list)
+    """For `chat`: held-out chat files (then `val_fraction` is not used); empty holds out `val_fraction` of the
+    conversations instead."""
     text_field: str = "text"
     """The text field of `.jsonl` records and the text column of `.parquet` files."""
     seq_len: int = Field(256, gt=0)
@@ -37,6 +45,15 @@ class DataConfig(_Strict):
     """Stop tokenizing after this many tokens."""
     cache_dir: str | None = None
     """Where token files are cached (default: `$SMOLLM_CACHE_DIR/tokens` or `~/.cache/smollm/tokens`)."""
+
+    @model_validator(mode="after")
+    def _check_format(self) -> DataConfig:
+        if self.format == "text" and self.val_sources:
+            raise ValueError("val_sources is for format: chat; text data holds out its tail (val_fraction)")
+        if self.format == "chat" and "stdlib" in self.sources:
+            raise ValueError("source `stdlib` is raw text, not chat: for format: chat name .jsonl/.parquet chat "
+                             "files or stdlib-qa:train")
+        return self
 
 
 class OptimConfig(_Strict):

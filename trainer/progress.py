@@ -183,6 +183,13 @@ class Progress:
             )
         return tokens_per_s
 
+    def log_eval(self, step: int, val_loss: float) -> None:
+        """A validation loss measured outside a logged step (step 0: the weights before any update)."""
+        if not self.enabled:
+            return
+        self.metrics.write({"step": step, "val_loss": val_loss})
+        log.info("step %d | val %.4f", step, val_loss)
+
     def log_samples(self, step: int, samples: list[dict[str, str]]) -> None:
         if not self.enabled:
             return
