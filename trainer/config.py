@@ -118,6 +118,25 @@ class TrainConfig(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     plot: bool = True
     """Draw `loss.png` at the end when matplotlib is installed."""
+    tensorboard: bool = False
+    """Also write the logged scalars (loss, lr, grad norm, tokens/s, MFU, validation loss) to `OUT/tb/` for
+    TensorBoard (needs the `tensorboard` package)."""
+    compile: bool = False
+    """torch.compile each transformer block for training (in place: checkpoints keep plain parameter names)."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in backward instead of storing them: less memory, one more forward."""
+    loss_chunk_tokens: int | None = Field(None, gt=0)
+    """Compute the output projection and cross-entropy this many tokens at a time (`trainer.loss`), so the
+    (tokens, vocab) fp32 logits are never held at once; unset computes them whole."""
+
+    @model_validator(mode="after")
+    def _check_tensorboard(self) -> TrainConfig:
+        if self.tensorboard:
+            import importlib.util
+
+            if importlib.util.find_spec("tensorboard") is None:
+                raise ValueError("tensorboard: true needs the `tensorboard` package (pip install tensorboard)")
+        return self
 
     @property
     def tokens_per_step(self) -> int:

@@ -30,10 +30,12 @@ from trainer.config import ConfigError, TrainConfig
 from trainer.data import WindowSampler, load_tokens, split_tokens
 from trainer.distributed import DistInfo
 from trainer.init_source import ModelSource, build_model, resolve_model_source
+from trainer.loss import lm_loss, logits_output, use_hidden_states_output
 from trainer.mfu import MfuMeter, device_peak, flops_per_token
 from trainer.nonfinite import NonFiniteGuard
 from trainer.optim import build_optimizer, lr_at, set_lr
 from trainer.out_lock import OutputLock
+from trainer.parallel import apply_activation_checkpointing, maybe_compile
 from trainer.preemption import StopRequest
 from trainer.progress import Progress
 from trainer.state import Evaluation, TrainState, restore_or_init
@@ -111,6 +113,7 @@ def train_step(
     device: torch.device,
     autocast: Any,
     info: DistInfo | None = None,
+    loss_chunk_tokens: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step over `grad_accum` micro-batches; returns (mean loss, grad norm) as 0-d tensors.
 
@@ -118,7 +121,9 @@ def train_step(
     restart per conversation, targets `IGNORE_INDEX` outside assistant turns) take the mean over the step's
     assistant tokens, all micro-batches and ranks together: a micro-batch with more of them weighs more.
     When the loss (on any rank) or the gradient norm is not finite, the update is skipped: weights and
-    optimizer state stay as they were, and the returned values show why."""
+    optimizer state stay as they were, and the returned values show why.
+    With `loss_chunk_tokens` the model must return hidden states (`trainer.loss.use_hidden_states_output`) and
+    the loss is computed that many tokens at a time (`trainer.loss.lm_loss`)."""
     batches = [sampler.next_batch() for _ in range(grad_accum)]  # [(x, y, positions or None)], (B, T) each
     per_token = batches[0][2] is not None
     if per_token:
@@ -138,14 +143,20 @@ def train_step(
         # DDP all-reduces gradients on the last micro-batch only.
         sync = micro == grad_accum - 1 or not isinstance(model, DistributedDataParallel)
         with contextlib.nullcontext() if sync else model.no_sync():
-            with autocast:
-                logits = model(x) if positions is None else model(x, positions=positions)  # (B, T, vocab) fp32
-            if per_token:
-                loss = F.cross_entropy(
-                    logits.flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-                ) * scale
+            if loss_chunk_tokens is not None:
+                with autocast:
+                    loss = lm_loss(model, x, y, positions, chunk_size=loss_chunk_tokens,
+                                   reduction="sum" if per_token else "mean")
+                loss = loss * scale if per_token else loss / grad_accum
             else:
-                loss = F.cross_entropy(logits.flatten(0, 1), y.flatten()) / grad_accum
+                with autocast:
+                    logits = model(x) if positions is None else model(x, positions=positions)  # (B, T, vocab) fp32
+                if per_token:
+                    loss = F.cross_entropy(
+                        logits.flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+                    ) * scale
+                else:
+                    loss = F.cross_entropy(logits.flatten(0, 1), y.flatten()) / grad_accum
             loss.backward()
         loss_sum += loss.detach()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
@@ -217,6 +228,23 @@ def generate_samples(model: Transformer, tokenizer: Any, cfg: TrainConfig) -> li
     return samples
 
 
+def _samples(model: Transformer, tokenizer: Any, cfg: TrainConfig) -> list[dict[str, str]]:
+    with logits_output(model) as m:
+        return generate_samples(m, tokenizer, cfg)
+
+
+def prepare_model(model: Transformer, cfg: TrainConfig) -> Transformer:
+    """Apply the training-only changes `cfg` asks for, in place and in torchtitan's order (`trainer.parallel`):
+    the hidden-states head for the chunked loss, activation checkpointing, torch.compile. The parameters and
+    state-dict keys stay the same, so the optimizer and checkpoints are unaffected."""
+    if cfg.loss_chunk_tokens is not None:
+        use_hidden_states_output(model)
+    if cfg.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    maybe_compile(model, cfg.compile)
+    return model
+
+
 class Validator:
     """Validation loss every `eval_every` steps on the held-out tail (none without a validation split)."""
 
@@ -227,7 +255,8 @@ class Validator:
         return bool(self.cfg.eval_every and step % self.cfg.eval_every == 0 and self.val_tokens is not None)
 
     def validate(self, state: TrainState) -> float:
-        loss = evaluate(state.model, self.val_tokens, self.cfg, self.info, self.autocast)
+        with logits_output(state.model) as model:
+            loss = evaluate(model, self.val_tokens, self.cfg, self.info, self.autocast)
         state.last_eval = Evaluation(state.step, loss)
         return loss
 
@@ -268,6 +297,7 @@ def _run(prep: Prepared, out_dir: Path, info: DistInfo) -> RunSummary:
     cfg = prep.cfg
     _clear_debris(out_dir, info)
     state = restore_or_init(cfg, prep.source, prep.train_tokens, out_dir, info)
+    prepare_model(state.model, cfg)
     model: nn.Module = DistributedDataParallel(state.model) if info.enabled else state.model
     autocast = autocast_context(cfg, info.device)
     validator = Validator(prep.val_tokens, cfg, info, autocast)
@@ -281,13 +311,13 @@ def _run(prep: Prepared, out_dir: Path, info: DistInfo) -> RunSummary:
             if cfg.eval_every and validator.val_tokens is not None:
                 progress.log_eval(0, validator.validate(state))
             if cfg.sample_every and info.is_main:
-                progress.log_samples(0, generate_samples(state.model, prep.tokenizer, cfg))
+                progress.log_samples(0, _samples(state.model, prep.tokenizer, cfg))
         while state.step < cfg.max_steps:
             lr = lr_at(state.step, cfg.optim, cfg.max_steps)
             set_lr(state.optimizer, lr)
             t0 = time.perf_counter()
             loss, grad_norm = train_step(model, state.optimizer, state.sampler, cfg.grad_accum, cfg.grad_clip,
-                                         info.device, autocast, info)
+                                         info.device, autocast, info, cfg.loss_chunk_tokens)
             state.step += 1
             # train_step synced already to decide on the update; reading the values costs no extra wait.
             step_loss, step_grad_norm = distributed.all_reduce_mean(loss, info).item(), grad_norm.item()
@@ -299,7 +329,7 @@ def _run(prep: Prepared, out_dir: Path, info: DistInfo) -> RunSummary:
                 val_loss = validator.validate(state) if evaluate_now else None
                 summary.tokens_per_s = progress.log_step(state.step, step_loss, lr, step_grad_norm, val_loss)
             if cfg.sample_every and state.step % cfg.sample_every == 0 and info.is_main:
-                progress.log_samples(state.step, generate_samples(state.model, prep.tokenizer, cfg))
+                progress.log_samples(state.step, _samples(state.model, prep.tokenizer, cfg))
             stopping = state.step < cfg.max_steps and stop.requested(info)
             if checkpointer.due(state.step, stopping):
                 checkpointer.save(state, lr, validator.current(state))
@@ -338,7 +368,7 @@ def _build_progress(prep: Prepared, out_dir: Path, info: DistInfo, state: TrainS
              config.num_params() / 1e6, cfg.max_steps, info.device, info.world_size, dtype_name(dtype),
              cfg.tokens_per_step)
     return Progress(out_dir, state.step, cfg.max_steps, cfg.tokens_per_step, meter, cfg.metrics_port,
-                    enabled=info.is_main)
+                    enabled=info.is_main, tensorboard=cfg.tensorboard)
 
 
 def measure_throughput(cfg: TrainConfig, steps: int = 5, warmup: int = 1) -> float:
