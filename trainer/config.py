@@ -23,8 +23,16 @@ class _Strict(BaseModel):
 
 
 class DataConfig(_Strict):
+    format: Literal["text", "chat"] = "text"
+    """`text`: continued pretraining on raw text windows. `chat`: supervised fine-tuning on conversations
+    (`trainer.chat_data`: OpenAI-style `messages`, rendered with the checkpoint's chat template, loss on assistant
+    tokens only, several conversations packed per row with attention kept inside each)."""
     sources: list[str] = Field(default_factory=lambda: ["stdlib"], min_length=1)
-    """`.txt`, `.jsonl` or `.parquet` files, directories or globs, or `stdlib` (the Python standard library)."""
+    """`.txt`, `.jsonl` or `.parquet` files, directories or globs, or `stdlib` (the Python standard library).
+    For `chat`: `.jsonl`/`.parquet` chat files, or `stdlib-qa:train` / `stdlib-qa:heldout`."""
+    val_sources: list[str] = Field(default_factory=list)
+    """For `chat`: held-out chat files (then `val_fraction` is not used); empty holds out `val_fraction` of the
+    conversations instead."""
     require_real_data: bool = False
     """Refuse `stdlib` among the sources: for recipes sized for a real corpus (billions of tokens)."""
     text_field: str = "text"
@@ -42,6 +50,15 @@ class DataConfig(_Strict):
     """Stop tokenizing after this many tokens."""
     cache_dir: str | None = None
     """Where token files are cached (default: `$SMOLLM_CACHE_DIR/tokens` or `~/.cache/smollm/tokens`)."""
+
+    @model_validator(mode="after")
+    def _check_format(self) -> DataConfig:
+        if self.format == "text" and self.val_sources:
+            raise ValueError("val_sources is for format: chat; text data holds out its tail (val_fraction)")
+        if self.format == "chat" and "stdlib" in self.sources:
+            raise ValueError("source `stdlib` is raw text, not chat: for format: chat name .jsonl/.parquet chat "
+                             "files or stdlib-qa:train")
+        return self
 
 
 class OptimConfig(_Strict):
@@ -121,6 +138,25 @@ class TrainConfig(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     plot: bool = True
     """Draw `loss.png` at the end when matplotlib is installed."""
+    tensorboard: bool = False
+    """Also write the logged scalars (loss, lr, grad norm, tokens/s, MFU, validation loss) to `OUT/tb/` for
+    TensorBoard (needs the `tensorboard` package)."""
+    compile: bool = False
+    """torch.compile each transformer block for training (in place: checkpoints keep plain parameter names)."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in backward instead of storing them: less memory, one more forward."""
+    loss_chunk_tokens: int | None = Field(None, gt=0)
+    """Compute the output projection and cross-entropy this many tokens at a time (`trainer.loss`), so the
+    (tokens, vocab) fp32 logits are never held at once; unset computes them whole."""
+
+    @model_validator(mode="after")
+    def _check_tensorboard(self) -> TrainConfig:
+        if self.tensorboard:
+            import importlib.util
+
+            if importlib.util.find_spec("tensorboard") is None:
+                raise ValueError("tensorboard: true needs the `tensorboard` package (pip install tensorboard)")
+        return self
 
     @property
     def tokens_per_step(self) -> int:

@@ -291,13 +291,14 @@ class WindowSampler:
         self.rng = np.random.Generator(np.random.PCG64(seed))
         self.batches_drawn = 0
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Inputs and targets, each (batch_size / world_size, seq_len) int64 on the CPU."""
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor, None]:
+        """Inputs and targets, each (batch_size / world_size, seq_len) int64 on the CPU, and no positions (a
+        window is one sequence; the same three values as `trainer.chat_data.ChatBatches`)."""
         offsets = self.rng.integers(0, len(self.tokens) - self.seq_len, size=self.batch_size)
         mine = offsets[self.start: self.start + self.local]
         buf = np.stack([self.tokens[o: o + self.seq_len + 1] for o in mine]).astype(np.int64)  # (B, T + 1)
         self.batches_drawn += 1
-        return torch.from_numpy(buf[:, :-1]), torch.from_numpy(buf[:, 1:])
+        return torch.from_numpy(buf[:, :-1]), torch.from_numpy(buf[:, 1:]), None
 
     def state_dict(self) -> dict[str, Any]:
         return {"bit_generator": self.rng.bit_generator.state, "batches_drawn": self.batches_drawn}

@@ -52,6 +52,13 @@ def all_reduce_mean(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return t
 
 
+def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    if info.enabled:
+        t = t.clone()
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
 def broadcast_object(obj: Any, info: DistInfo) -> Any:
     """Rank 0's `obj` on every rank (picklable; for decisions, not tensors)."""
     if not info.enabled:

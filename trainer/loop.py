@@ -24,20 +24,26 @@ from model.llama import Transformer
 from model.sampling import SamplingParams
 from model.tokenizer import load_tokenizer
 from trainer import checkpointing, distributed
+from trainer.chat_data import IGNORE_INDEX, ChatBatches, ChatDataSpec, PackedRows, chat_prompt_ids, load_chat_data
 from trainer.checkpointing import Checkpointer
 from trainer.config import ConfigError, TrainConfig
 from trainer.data import WindowSampler, load_tokens, split_tokens
 from trainer.distributed import DistInfo
 from trainer.init_source import ModelSource, build_model, resolve_model_source
+from trainer.loss import lm_loss, logits_output, use_hidden_states_output
 from trainer.mfu import MfuMeter, device_peak, flops_per_token
 from trainer.nonfinite import NonFiniteGuard
 from trainer.optim import build_optimizer, lr_at, set_lr
 from trainer.out_lock import OutputLock
+from trainer.parallel import apply_activation_checkpointing, maybe_compile
 from trainer.preemption import StopRequest
 from trainer.progress import Progress
 from trainer.state import Evaluation, TrainState, restore_or_init
 
 log = logging.getLogger(__name__)
+
+Sampler = WindowSampler | ChatBatches
+ValData = np.ndarray | PackedRows  # held-out text tokens or held-out chat rows
 
 
 @dataclass
@@ -47,8 +53,9 @@ class Prepared:
     cfg: TrainConfig
     source: ModelSource
     tokenizer: Any
-    train_tokens: np.ndarray
-    val_tokens: np.ndarray | None
+    train_tokens: np.ndarray | PackedRows
+    """Text: the token stream to draw windows from. Chat: packed conversation rows."""
+    val_tokens: ValData | None
 
 
 def prepare(cfg: TrainConfig) -> Prepared:
@@ -65,12 +72,20 @@ def prepare(cfg: TrainConfig) -> Prepared:
     if len(tokenizer) > source.config.vocab_size:
         raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens, more than the model's vocab_size "
                           f"{source.config.vocab_size}")
-    tokens = load_tokens(cfg.data, tokenizer, source.config.eos_token_id)
-    train, val = split_tokens(tokens.tokens, cfg.data.val_fraction, cfg.data.seq_len)
+    if cfg.data.format == "chat":
+        chat = load_chat_data(ChatDataSpec.from_data_config(cfg.data), tokenizer)
+        train, val = chat.train, chat.val
+        log.info("chat data: %d train rows (%d conversations, %d assistant tokens), %d held-out rows (%s)",
+                 len(train), train.stats.conversations, train.stats.assistant_tokens, 0 if val is None else len(val),
+                 "cached" if chat.from_cache else "packed now")
+    else:
+        tokens = load_tokens(cfg.data, tokenizer, source.config.eos_token_id)
+        train, val = split_tokens(tokens.tokens, cfg.data.val_fraction, cfg.data.seq_len)
+        log.info("data: %d train tokens, %d validation tokens (%s)", len(train), 0 if val is None else len(val),
+                 "cached" if tokens.from_cache else "tokenized now")
     if cfg.eval_every and val is None:
-        log.warning("eval_every=%d but data.val_fraction=0: no validation split, no validation loss", cfg.eval_every)
-    log.info("data: %d train tokens, %d validation tokens (%s)", len(train), 0 if val is None else len(val),
-             "cached" if tokens.from_cache else "tokenized now")
+        log.warning("eval_every=%d but no validation split (data.val_fraction=0, no data.val_sources): "
+                    "no validation loss", cfg.eval_every)
     return Prepared(cfg=cfg, source=source, tokenizer=tokenizer, train_tokens=train, val_tokens=val)
 
 
@@ -92,26 +107,56 @@ def autocast_context(cfg: TrainConfig, device: torch.device) -> contextlib.Abstr
 def train_step(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
-    sampler: WindowSampler,
+    sampler: Sampler,
     grad_accum: int,
     grad_clip: float,
     device: torch.device,
     autocast: Any,
     info: DistInfo | None = None,
+    loss_chunk_tokens: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step over `grad_accum` micro-batches; returns (mean loss, grad norm) as 0-d tensors.
+
+    Text windows (no positions) take the mean over every target of each micro-batch. Chat rows (positions that
+    restart per conversation, targets `IGNORE_INDEX` outside assistant turns) take the mean over the step's
+    assistant tokens, all micro-batches and ranks together: a micro-batch with more of them weighs more.
     When the loss (on any rank) or the gradient norm is not finite, the update is skipped: weights and
-    optimizer state stay as they were, and the returned values show why."""
+    optimizer state stay as they were, and the returned values show why.
+    With `loss_chunk_tokens` the model must return hidden states (`trainer.loss.use_hidden_states_output`) and
+    the loss is computed that many tokens at a time (`trainer.loss.lm_loss`)."""
+    batches = [sampler.next_batch() for _ in range(grad_accum)]  # [(x, y, positions or None)], (B, T) each
+    per_token = batches[0][2] is not None
+    if per_token:
+        # Counted on the CPU before any forward: the divisor is known without a device sync.
+        n_target = torch.tensor(float(sum(int((y != IGNORE_INDEX).sum()) for _, y, _ in batches)))
+        world = 1
+        if info is not None and info.enabled:
+            n_target = distributed.all_reduce_sum(n_target.to(info.device), info)
+            world = info.world_size
+        # DDP averages gradients over ranks; scaled by the world size, the average is the global token mean.
+        scale = world / max(float(n_target.item()), 1.0)
     loss_sum = torch.zeros((), device=device)
-    for micro in range(grad_accum):
-        x, y = sampler.next_batch()  # (B, T) each
+    for micro, (x, y, positions) in enumerate(batches):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if positions is not None:
+            positions = positions.to(device, non_blocking=True)
         # DDP all-reduces gradients on the last micro-batch only.
         sync = micro == grad_accum - 1 or not isinstance(model, DistributedDataParallel)
         with contextlib.nullcontext() if sync else model.no_sync():
-            with autocast:
-                logits = model(x)  # (B, T, vocab) fp32
-            loss = F.cross_entropy(logits.flatten(0, 1), y.flatten()) / grad_accum
+            if loss_chunk_tokens is not None:
+                with autocast:
+                    loss = lm_loss(model, x, y, positions, chunk_size=loss_chunk_tokens,
+                                   reduction="sum" if per_token else "mean")
+                loss = loss * scale if per_token else loss / grad_accum
+            else:
+                with autocast:
+                    logits = model(x) if positions is None else model(x, positions=positions)  # (B, T, vocab) fp32
+                if per_token:
+                    loss = F.cross_entropy(
+                        logits.flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+                    ) * scale
+                else:
+                    loss = F.cross_entropy(logits.flatten(0, 1), y.flatten()) / grad_accum
             loss.backward()
         loss_sum += loss.detach()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
@@ -130,41 +175,88 @@ def _finite_everywhere(loss: torch.Tensor, grad_norm: torch.Tensor, info: DistIn
 
 
 @torch.no_grad()
-def evaluate(model: Transformer, val_tokens: np.ndarray, cfg: TrainConfig, info: DistInfo, autocast: Any) -> float:
-    """Mean loss over `eval_steps` batches; the same windows every time (a private, freshly seeded sampler)."""
-    sampler = WindowSampler(val_tokens, cfg.data.seq_len, cfg.batch_size, cfg.seed + 1, info.rank, info.world_size)
+def evaluate(model: Transformer, val_data: ValData, cfg: TrainConfig, info: DistInfo, autocast: Any) -> float:
+    """Validation loss, the same batches every time. Text: the mean over `eval_steps` batches of windows (a
+    private, freshly seeded sampler). Chat: the mean over the assistant tokens of the first
+    `eval_steps * batch_size` held-out rows (all of them if fewer), in order, conversations attending only to
+    themselves; ranks split the rows."""
+    if isinstance(val_data, PackedRows):
+        return _evaluate_chat(model, val_data, cfg, info, autocast)
+    sampler = WindowSampler(val_data, cfg.data.seq_len, cfg.batch_size, cfg.seed + 1, info.rank, info.world_size)
     total = torch.zeros((), device=info.device)
     for _ in range(cfg.eval_steps):
-        x, y = sampler.next_batch()
+        x, y, _ = sampler.next_batch()
         with autocast:
             logits = model(x.to(info.device))
         total += F.cross_entropy(logits.flatten(0, 1), y.to(info.device).flatten())
     return distributed.all_reduce_mean(total / cfg.eval_steps, info).item()  # host sync: logged
 
 
+def _evaluate_chat(model: Transformer, rows: PackedRows, cfg: TrainConfig, info: DistInfo, autocast: Any) -> float:
+    n_rows = min(len(rows), cfg.eval_steps * cfg.batch_size)
+    mine = np.arange(info.rank, n_rows, info.world_size)
+    local = cfg.batch_size // info.world_size
+    totals = torch.zeros(2, device=info.device)  # (loss sum, assistant tokens)
+    for i in range(0, len(mine), local):
+        idx = mine[i: i + local]
+        x, y, positions = (torch.from_numpy(a[idx].astype(np.int64)).to(info.device)
+                           for a in (rows.tokens, rows.labels, rows.positions))
+        with autocast:
+            logits = model(x, positions=positions)
+        totals[0] += F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=IGNORE_INDEX,
+                                     reduction="sum")
+        totals[1] += (y != IGNORE_INDEX).sum()
+    loss_sum, count = distributed.all_reduce_sum(totals, info).tolist()  # host sync: logged
+    return loss_sum / max(count, 1.0)
+
+
 def generate_samples(model: Transformer, tokenizer: Any, cfg: TrainConfig) -> list[dict[str, str]]:
-    """Greedy completions of `sample_prompts` (greedy draws no random numbers: training RNG is untouched)."""
+    """Greedy completions of `sample_prompts` (greedy draws no random numbers: training RNG is untouched).
+    In chat format each prompt is asked as a user turn through the chat template and the answer stops at the
+    end-of-turn token; in text format the prompt is continued as raw text up to the end-of-text token."""
     samples = []
-    eos = model.config.eos_token_id
+    chat = cfg.data.format == "chat"
+    stop = tokenizer.eos_token_id if chat else model.config.eos_token_id
     for prompt in cfg.sample_prompts:
-        ids = tokenizer.encode(prompt, add_special_tokens=False) or [model.config.bos_token_id]
+        if chat:
+            ids = chat_prompt_ids(tokenizer, prompt)
+        else:
+            ids = tokenizer.encode(prompt, add_special_tokens=False) or [model.config.bos_token_id]
         ids = ids[-(model.config.block_size - cfg.sample_tokens):]
-        out = list(generate_tokens(model, ids, cfg.sample_tokens, SamplingParams(temperature=0.0), stop_ids=[eos]))
+        out = list(generate_tokens(model, ids, cfg.sample_tokens, SamplingParams(temperature=0.0), stop_ids=[stop]))
         samples.append({"prompt": prompt, "completion": tokenizer.decode(out, skip_special_tokens=True)})
     return samples
+
+
+def _samples(model: Transformer, tokenizer: Any, cfg: TrainConfig) -> list[dict[str, str]]:
+    with logits_output(model) as m:
+        return generate_samples(m, tokenizer, cfg)
+
+
+def prepare_model(model: Transformer, cfg: TrainConfig) -> Transformer:
+    """Apply the training-only changes `cfg` asks for, in place and in torchtitan's order (`trainer.parallel`):
+    the hidden-states head for the chunked loss, activation checkpointing, torch.compile. The parameters and
+    state-dict keys stay the same, so the optimizer and checkpoints are unaffected."""
+    if cfg.loss_chunk_tokens is not None:
+        use_hidden_states_output(model)
+    if cfg.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    maybe_compile(model, cfg.compile)
+    return model
 
 
 class Validator:
     """Validation loss every `eval_every` steps on the held-out tail (none without a validation split)."""
 
-    def __init__(self, val_tokens: np.ndarray | None, cfg: TrainConfig, info: DistInfo, autocast: Any) -> None:
+    def __init__(self, val_tokens: ValData | None, cfg: TrainConfig, info: DistInfo, autocast: Any) -> None:
         self.val_tokens, self.cfg, self.info, self.autocast = val_tokens, cfg, info, autocast
 
     def due(self, step: int) -> bool:
         return bool(self.cfg.eval_every and step % self.cfg.eval_every == 0 and self.val_tokens is not None)
 
     def validate(self, state: TrainState) -> float:
-        loss = evaluate(state.model, self.val_tokens, self.cfg, self.info, self.autocast)
+        with logits_output(state.model) as model:
+            loss = evaluate(model, self.val_tokens, self.cfg, self.info, self.autocast)
         state.last_eval = Evaluation(state.step, loss)
         return loss
 
@@ -205,6 +297,7 @@ def _run(prep: Prepared, out_dir: Path, info: DistInfo) -> RunSummary:
     cfg = prep.cfg
     _clear_debris(out_dir, info)
     state = restore_or_init(cfg, prep.source, prep.train_tokens, out_dir, info)
+    prepare_model(state.model, cfg)
     model: nn.Module = DistributedDataParallel(state.model) if info.enabled else state.model
     autocast = autocast_context(cfg, info.device)
     validator = Validator(prep.val_tokens, cfg, info, autocast)
@@ -213,12 +306,18 @@ def _run(prep: Prepared, out_dir: Path, info: DistInfo) -> RunSummary:
     guard = NonFiniteGuard(cfg.max_nonfinite_steps)
     summary = RunSummary(state.step, max(state.step, cfg.max_steps), state.resumed_from, None, None)
     with StopRequest() as stop, contextlib.closing(progress):
+        if state.step == 0 and cfg.data.format == "chat":
+            # The weights before any update: the "before" figures of a fine-tune, in metrics.jsonl.
+            if cfg.eval_every and validator.val_tokens is not None:
+                progress.log_eval(0, validator.validate(state))
+            if cfg.sample_every and info.is_main:
+                progress.log_samples(0, _samples(state.model, prep.tokenizer, cfg))
         while state.step < cfg.max_steps:
             lr = lr_at(state.step, cfg.optim, cfg.max_steps)
             set_lr(state.optimizer, lr)
             t0 = time.perf_counter()
             loss, grad_norm = train_step(model, state.optimizer, state.sampler, cfg.grad_accum, cfg.grad_clip,
-                                         info.device, autocast, info)
+                                         info.device, autocast, info, cfg.loss_chunk_tokens)
             state.step += 1
             # train_step synced already to decide on the update; reading the values costs no extra wait.
             step_loss, step_grad_norm = distributed.all_reduce_mean(loss, info).item(), grad_norm.item()
@@ -230,7 +329,7 @@ def _run(prep: Prepared, out_dir: Path, info: DistInfo) -> RunSummary:
                 val_loss = validator.validate(state) if evaluate_now else None
                 summary.tokens_per_s = progress.log_step(state.step, step_loss, lr, step_grad_norm, val_loss)
             if cfg.sample_every and state.step % cfg.sample_every == 0 and info.is_main:
-                progress.log_samples(state.step, generate_samples(state.model, prep.tokenizer, cfg))
+                progress.log_samples(state.step, _samples(state.model, prep.tokenizer, cfg))
             stopping = state.step < cfg.max_steps and stop.requested(info)
             if checkpointer.due(state.step, stopping):
                 checkpointer.save(state, lr, validator.current(state))
@@ -269,7 +368,7 @@ def _build_progress(prep: Prepared, out_dir: Path, info: DistInfo, state: TrainS
              config.num_params() / 1e6, cfg.max_steps, info.device, info.world_size, dtype_name(dtype),
              cfg.tokens_per_step)
     return Progress(out_dir, state.step, cfg.max_steps, cfg.tokens_per_step, meter, cfg.metrics_port,
-                    enabled=info.is_main)
+                    enabled=info.is_main, tensorboard=cfg.tensorboard)
 
 
 def measure_throughput(cfg: TrainConfig, steps: int = 5, warmup: int = 1) -> float:

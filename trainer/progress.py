@@ -17,6 +17,7 @@ from trainer.mfu import MfuMeter
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tb"
 
 
 def format_duration(seconds: float) -> str:
@@ -120,6 +121,7 @@ class Progress:
         mfu: MfuMeter,
         metrics_port: int | None = None,
         enabled: bool = True,
+        tensorboard: bool = False,
     ) -> None:
         self.enabled = enabled
         self.start_step, self.max_steps = start_step, max_steps
@@ -131,9 +133,15 @@ class Progress:
         self.metrics = MetricsFile(out_dir / METRICS_FILE)
         self.bar = None
         self.gauges = None
+        self.tb = None
         self._redirect = None
         if not enabled:
             return
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # Its own event file per process start: TensorBoard merges them, a resume does not rewrite history.
+            self.tb = SummaryWriter(str(out_dir / TENSORBOARD_DIR))
         self.metrics.truncate_after(start_step)
         if sys.stderr.isatty():
             from tqdm import tqdm
@@ -167,6 +175,12 @@ class Progress:
         if not self.enabled:
             return tokens_per_s
         self.metrics.write({k: v for k, v in asdict(r).items() if v is not None})
+        if self.tb is not None:
+            for key in ("loss", "lr", "grad_norm", "tokens_per_s", "mfu", "val_loss"):
+                value = getattr(r, key)
+                if value is not None:
+                    self.tb.add_scalar(f"train/{key}" if key != "val_loss" else "val/loss", value, step)
+            self.tb.flush()
         if self.gauges is not None:
             self.gauges.update(r)
         mfu_text = f"{100 * mfu:.1f}%" if mfu is not None else "n/a"
@@ -183,6 +197,16 @@ class Progress:
             )
         return tokens_per_s
 
+    def log_eval(self, step: int, val_loss: float) -> None:
+        """A validation loss measured outside a logged step (step 0: the weights before any update)."""
+        if not self.enabled:
+            return
+        self.metrics.write({"step": step, "val_loss": val_loss})
+        if self.tb is not None:
+            self.tb.add_scalar("val/loss", val_loss, step)
+            self.tb.flush()
+        log.info("step %d | val %.4f", step, val_loss)
+
     def log_samples(self, step: int, samples: list[dict[str, str]]) -> None:
         if not self.enabled:
             return
@@ -197,3 +221,5 @@ class Progress:
             self.bar.close()
         if self.gauges is not None:
             self.gauges.close()
+        if self.tb is not None:
+            self.tb.close()

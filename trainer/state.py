@@ -15,6 +15,7 @@ import torch
 from model import run_dir
 from model.llama import Transformer
 from trainer import checkpointing, distributed
+from trainer.chat_data import ChatBatches, PackedRows
 from trainer.config import TrainConfig
 from trainer.data import WindowSampler
 from trainer.distributed import DistInfo
@@ -39,7 +40,7 @@ class TrainState:
     step: int
     model: Transformer
     optimizer: torch.optim.Optimizer
-    sampler: WindowSampler
+    sampler: WindowSampler | ChatBatches
     resumed_from: Path | None = None
     last_eval: Evaluation | None = None
     saved: dict[str, Any] = field(default_factory=dict)  # the loaded trainer state (empty on a fresh start)
@@ -64,7 +65,7 @@ class TrainState:
 
 
 def restore_or_init(
-    cfg: TrainConfig, source: ModelSource, train_tokens: np.ndarray, out_dir: Path, info: DistInfo
+    cfg: TrainConfig, source: ModelSource, train_tokens: np.ndarray | PackedRows, out_dir: Path, info: DistInfo
 ) -> TrainState:
     """Resume from the newest checkpoint in `out_dir` that loads completely, else start fresh from `source`.
 
@@ -87,7 +88,7 @@ def restore_or_init(
         model = build_model(source, cfg.seed)
     model.to(info.device).train()
     optimizer = build_optimizer(model, cfg.optim, info.device)
-    sampler = WindowSampler(train_tokens, cfg.data.seq_len, cfg.batch_size, cfg.seed, info.rank, info.world_size)
+    sampler = make_sampler(train_tokens, cfg, info)
     if saved:
         optimizer.load_state_dict(saved["optimizer"])
         apply_hyperparameters(optimizer, cfg.optim)  # the loaded state carries the saved run's values
@@ -95,6 +96,13 @@ def restore_or_init(
         checkpointing.restore_rng_state(saved["rng"])
     distributed.barrier(info)  # rank 0 may have rewritten `latest`
     return TrainState(step, model, optimizer, sampler, resumed_from, saved=saved)
+
+
+def make_sampler(train_data: np.ndarray | PackedRows, cfg: TrainConfig, info: DistInfo) -> WindowSampler | ChatBatches:
+    """Random windows of a token stream (text), or packed conversation rows in a seeded order (chat)."""
+    if isinstance(train_data, PackedRows):
+        return ChatBatches(train_data, cfg.batch_size, cfg.seed, info.rank, info.world_size)
+    return WindowSampler(train_data, cfg.data.seq_len, cfg.batch_size, cfg.seed, info.rank, info.world_size)
 
 
 def resume_point(

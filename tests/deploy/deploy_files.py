@@ -19,6 +19,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 COMPOSE_GPU_FILE = ROOT / "docker-compose.gpu.yml"
+COMPOSE_SFT_FILE = ROOT / "docker-compose.sft.yml"
 K8S_DIR = ROOT / "deploy" / "k8s"
 PROMETHEUS_CONFIG = ROOT / "deploy" / "prometheus" / "prometheus.yml"
 GRAFANA_DIR = ROOT / "deploy" / "grafana"

@@ -12,6 +12,7 @@ import pytest
 from deploy_files import (
     COMPOSE_FILE,
     COMPOSE_GPU_FILE,
+    COMPOSE_SFT_FILE,
     ROOT,
     load_compose,
     service_command,
@@ -32,8 +33,8 @@ def _compose(binary: str, *args: str) -> subprocess.CompletedProcess[str]:
 
 @pytest.mark.parametrize(
     "files",
-    [[COMPOSE_FILE], [COMPOSE_FILE, COMPOSE_GPU_FILE]],
-    ids=["cpu", "gpu"],
+    [[COMPOSE_FILE], [COMPOSE_FILE, COMPOSE_GPU_FILE], [COMPOSE_FILE, COMPOSE_SFT_FILE]],
+    ids=["cpu", "gpu", "sft"],
 )
 def test_compose_config_is_valid(docker_compose, files):
     args = [a for f in files for a in ("-f", str(f))]
@@ -143,7 +144,11 @@ def test_server_port_and_healthcheck_agree_with_its_settings(compose):
     assert f"127.0.0.1:{port}/healthz" in test
 
 
-@pytest.mark.parametrize("env_files", [[COMPOSE_FILE], [COMPOSE_FILE, COMPOSE_GPU_FILE]], ids=["cpu", "gpu"])
+@pytest.mark.parametrize(
+    "env_files",
+    [[COMPOSE_FILE], [COMPOSE_FILE, COMPOSE_GPU_FILE], [COMPOSE_FILE, COMPOSE_SFT_FILE]],
+    ids=["cpu", "gpu", "sft"],
+)
 def test_server_environment_is_valid_settings(env_files, monkeypatch):
     env: dict[str, str] = {}
     for f in env_files:
@@ -178,7 +183,7 @@ def test_gpu_override_reserves_gpus_and_builds_cuda_torch():
     assert service_environment(gpu["server"])["SMOLLM_DEVICE"] == "cuda"
 
 
-@pytest.mark.parametrize("path", [COMPOSE_FILE, COMPOSE_GPU_FILE], ids=["cpu", "gpu"])
+@pytest.mark.parametrize("path", [COMPOSE_FILE, COMPOSE_GPU_FILE, COMPOSE_SFT_FILE], ids=["cpu", "gpu", "sft"])
 def test_every_variable_has_a_default(path):
     """A plain `docker compose up` needs no variable set: each ${VAR} carries a `:-default`."""
     text = "\n".join(line.split("#", 1)[0] for line in path.read_text().splitlines())
@@ -186,3 +191,38 @@ def test_every_variable_has_a_default(path):
     assert variables, "expected configurable variables"
     missing = [v for v in variables if ":-" not in v]
     assert not missing, f"{path.name}: variables without a default: {missing}"
+
+
+def test_sft_override_fine_tunes_into_the_volume_the_server_reloads(docker_compose):
+    """`docker compose -f docker-compose.yml -f docker-compose.sft.yml up`: Compose's own merge of the two files
+    runs the chat fine-tune as the trainer, writing several checkpoints to the volume the server follows and
+    polls; nothing else of the base file changes."""
+    override = load_compose(COMPOSE_SFT_FILE)["services"]
+    assert set(override) == {"trainer", "server"}
+    files = ("-f", str(COMPOSE_FILE), "-f", str(COMPOSE_SFT_FILE))
+    result = _compose(docker_compose, *files, "config", "--format", "json")
+    assert result.returncode == 0, result.stderr
+    merged = json.loads(result.stdout)["services"]
+    trainer, server = merged["trainer"], merged["server"]
+    args, config = trainer_job(trainer["command"])
+    assert str(args.config) == "trainer/configs/sft-demo.yaml" and str(args.out) == "/checkpoints"
+    assert config.init_from == "bundled" and config.data.format == "chat" and config.data.val_sources
+    # Several checkpoints, each with a recorded held-out loss: the server has something to reload (and gate) on.
+    assert config.checkpoint_every < config.max_steps and config.eval_every
+    trainer_mount = {m["target"]: m for m in trainer["volumes"]}["/checkpoints"]
+    server_mount = {m["target"]: m for m in server["volumes"]}["/checkpoints"]
+    assert trainer_mount["source"] == server_mount["source"] == "checkpoints" and server_mount["read_only"]
+    env = {k.removeprefix("SMOLLM_").lower(): v for k, v in server["environment"].items() if v is not None}
+    settings = Settings(**env)
+    assert settings.checkpoint == "/checkpoints" and settings.reload_interval > 0
+    assert settings.dtype == config.dtype == "float32"
+    base = load_compose()["services"]
+    for name in ("trainer", "server"):
+        assert merged[name]["image"] == base[name]["image"]
+    assert merged["server"]["depends_on"]["trainer"]["condition"] == "service_started"
+
+
+@pytest.mark.parametrize("env", [{"SFT_MAX_STEPS": "10", "SFT_CHECKPOINT_EVERY": "2"}])
+def test_sft_override_variables_reach_the_job(env):
+    args, config = trainer_job(service_command(load_compose(COMPOSE_SFT_FILE, env)["services"]["trainer"]))
+    assert (config.max_steps, config.checkpoint_every) == (10, 2)

@@ -93,9 +93,9 @@ def test_sampler_state_round_trip_and_rank_shards():
     expected = [a.next_batch() for _ in range(3)]
     b = WindowSampler(tokens, 16, 4, seed=99)
     b.load_state_dict(state)
-    for (x1, y1), (x2, y2) in zip(expected, [b.next_batch() for _ in range(3)], strict=True):
-        assert x1.equal(x2) and y1.equal(y2)
-    x, y = expected[0]
+    for (x1, y1, p1), (x2, y2, p2) in zip(expected, [b.next_batch() for _ in range(3)], strict=True):
+        assert x1.equal(x2) and y1.equal(y2) and p1 is p2 is None  # a window is one sequence
+    x, y, _ = expected[0]
     assert x.shape == (4, 16) and y[:, :-1].equal(x[:, 1:])
     # Two ranks draw the same global batch and each keeps its half.
     single = WindowSampler(tokens, 16, 4, seed=5).next_batch()[0]
