@@ -49,29 +49,50 @@ def _choice_list(choices: tuple[str, ...]):
         if not values or bad:
             raise argparse.ArgumentTypeError(f"choose from {', '.join(choices)}; got {text!r}")
         return values
+
     return parse
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="smoke run: few tokens and requests, tiny training only")
-    p.add_argument("--only", type=_choice_list(SECTIONS), default=list(SECTIONS),
-                   help=f"comma-separated sections to run ({','.join(SECTIONS)})")
+    p.add_argument(
+        "--only",
+        type=_choice_list(SECTIONS),
+        default=list(SECTIONS),
+        help=f"comma-separated sections to run ({','.join(SECTIONS)})",
+    )
     p.add_argument("--concurrency", type=_int_list, default=None, help="streams per level (default 1,4,16,64)")
     p.add_argument("--dtypes", type=_choice_list(tuple(DTYPES)), default=["bfloat16", "float32"])
-    p.add_argument("--quants", type=_choice_list(QUANT_MODES), default=["int8", "int4"],
-                   help="weight-only quant modes served besides the plain dtypes (SMOLLM_QUANT, on SMOLLM_DTYPE=auto); "
-                   "none for no quantized rows")
+    p.add_argument(
+        "--quants",
+        type=_choice_list(QUANT_MODES),
+        default=["int8", "int4"],
+        help="weight-only quant modes served besides the plain dtypes (SMOLLM_QUANT, on SMOLLM_DTYPE=auto); "
+        "none for no quantized rows",
+    )
     p.add_argument("--max-tokens", type=int, default=None, help="tokens per request (default 128, --quick 16)")
-    p.add_argument("--min-requests", type=int, default=None,
-                   help="requests per level at least (default 4; a level sends max(concurrency, this))")
+    p.add_argument(
+        "--min-requests",
+        type=int,
+        default=None,
+        help="requests per level at least (default 4; a level sends max(concurrency, this))",
+    )
     p.add_argument("--time-limit", type=float, default=240.0, help="seconds per load level at most")
-    p.add_argument("--threads", type=int, default=None, help="threads for llama.cpp and in-process anchors "
-                   "(default: torch's thread count)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="threads for llama.cpp and in-process anchors (default: torch's thread count)",
+    )
     p.add_argument("--checkpoint", type=Path, default=None, help="model to serve (default: the embedded one)")
     p.add_argument("--out", type=Path, default=Path("bench/results"))
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
-                   help="cuda: the GPU check instead (bench/cuda.py; takes --checkpoint, --out, --quick)")
+    p.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="cuda: the GPU check instead (bench/cuda.py; takes --checkpoint, --out, --quick)",
+    )
     args = p.parse_args(argv)
     args.concurrency = args.concurrency or ([1, 4] if args.quick else [1, 4, 16, 64])
     args.max_tokens = args.max_tokens or (16 if args.quick else 128)
@@ -118,12 +139,23 @@ def supports_ignore_eos(base_url: str) -> bool:
         return False
 
 
-def drive(server: ServerProcess, args: argparse.Namespace, api: str, extra_body: dict[str, Any] | None = None,
-          metrics: bool = False) -> dict[str, Any]:
+def drive(
+    server: ServerProcess,
+    args: argparse.Namespace,
+    api: str,
+    extra_body: dict[str, Any] | None = None,
+    metrics: bool = False,
+) -> dict[str, Any]:
     """Warm the server up, then run every load level against it; results keyed by concurrency (str)."""
     extra = extra_body or {}
-    base = dict(base_url=server.base_url, api=api, max_tokens=args.max_tokens, extra_body=extra,
-                time_limit=args.time_limit, request_timeout=args.time_limit)
+    base = dict(
+        base_url=server.base_url,
+        api=api,
+        max_tokens=args.max_tokens,
+        extra_body=extra,
+        time_limit=args.time_limit,
+        request_timeout=args.time_limit,
+    )
     warm = run_load_sync(LoadConfig(**{**base, "max_tokens": min(8, args.max_tokens)}, concurrency=1, requests=1))
     if warm.errors:
         log.warning("%s: warm-up request failed: %s", server.name, warm.error_samples)
@@ -142,15 +174,20 @@ def drive(server: ServerProcess, args: argparse.Namespace, api: str, extra_body:
 def run_serving(args: argparse.Namespace, checkpoint: Path, logs: Path) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, dtype, quant in serving_modes(args):
-        server = smollm_server(checkpoint, dtype, logs / f"service-{key}.log",
-                               max_queue=max(64, max(args.concurrency)), quant=quant)
+        server = smollm_server(
+            checkpoint, dtype, logs / f"service-{key}.log", max_queue=max(64, max(args.concurrency)), quant=quant
+        )
         try:
             with server:
                 # Exactly max_tokens per request, like the anchors, when the server can; otherwise the prompts
                 # are open-ended enough to run on (the table's tok/req shows what happened).
                 extra = {"ignore_eos": True} if supports_ignore_eos(server.base_url) else {}
-                out[key] = {"ours": drive(server, args, "smollm", extra, metrics=True), "ignore_eos": bool(extra),
-                            "dtype": dtype, "quant": quant}
+                out[key] = {
+                    "ours": drive(server, args, "smollm", extra, metrics=True),
+                    "ignore_eos": bool(extra),
+                    "dtype": dtype,
+                    "quant": quant,
+                }
         except ServerError as e:
             log.error("%s", e)
             out[key] = {"ours": {"skipped": str(e).splitlines()[0] + f" (see {server.log_path})"}}
@@ -176,24 +213,35 @@ def run_anchors(args: argparse.Namespace, checkpoint: Path, logs: Path, threads:
     out: dict[str, Any] = {"versions": anchors.versions(), "transformers": {}}
     batch1_runs = 1 if args.quick else 2
     for dtype in args.dtypes:
-        out["transformers"][dtype] = _anchor("transformers", lambda d=dtype: {
-            "batch1": anchors.transformers_generate(checkpoint, d, 1, args.max_tokens, DEFAULT_PROMPTS,
-                                                    runs=batch1_runs).to_dict(),
-            "batch16": anchors.transformers_generate(checkpoint, d, 16, args.max_tokens, DEFAULT_PROMPTS).to_dict(),
-        })
+        out["transformers"][dtype] = _anchor(
+            "transformers",
+            lambda d=dtype: {
+                "batch1": anchors.transformers_generate(
+                    checkpoint, d, 1, args.max_tokens, DEFAULT_PROMPTS, runs=batch1_runs
+                ).to_dict(),
+                "batch16": anchors.transformers_generate(checkpoint, d, 16, args.max_tokens, DEFAULT_PROMPTS).to_dict(),
+            },
+        )
     gguf = bundled_gguf_path()
-    out["llama_cpp_python"] = _anchor("llama-cpp-python", lambda: anchors.llama_cpp_python_stream(
-        gguf, args.max_tokens, DEFAULT_PROMPTS, runs=batch1_runs, threads=threads).to_dict())
+    out["llama_cpp_python"] = _anchor(
+        "llama-cpp-python",
+        lambda: anchors.llama_cpp_python_stream(
+            gguf, args.max_tokens, DEFAULT_PROMPTS, runs=batch1_runs, threads=threads
+        ).to_dict(),
+    )
 
     def server_levels() -> dict[str, Any]:
         binary = anchors.find_llama_server()
         ctx = 512 if args.max_tokens <= 384 else args.max_tokens + 128
-        server = llama_server(binary, gguf, logs / "llama-server.log", parallel=16, threads=threads,
-                              ctx_per_slot=ctx)
+        server = llama_server(binary, gguf, logs / "llama-server.log", parallel=16, threads=threads, ctx_per_slot=ctx)
         with server:
             # ignore_eos: every request produces max_tokens, like the transformers anchor.
-            return {"binary": str(binary), "parallel": 16, "threads": threads,
-                    "levels": drive(server, args, "openai", {"ignore_eos": True})}
+            return {
+                "binary": str(binary),
+                "parallel": 16,
+                "threads": threads,
+                "levels": drive(server, args, "openai", {"ignore_eos": True}),
+            }
 
     out["llama_server"] = _anchor("llama-server", server_levels)
     return out
@@ -206,8 +254,7 @@ def main(argv: list[str] | None = None) -> int:
 
         forward = ["--out", str(args.out)] + (["--quick"] if args.quick else [])
         return cuda.main(forward + (["--checkpoint", str(args.checkpoint)] if args.checkpoint else []))
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     from model.bundled import bundled_gguf_path, default_checkpoint
@@ -226,12 +273,19 @@ def main(argv: list[str] | None = None) -> int:
     # The machine (ISA, bandwidth, FLOP/s) goes with every result; the ceiling section measures the latter two
     # more thoroughly, so they are only measured here when it does not run.
     machine = describe_machine(measure="ceiling" not in args.only, quick=True)
-    results: dict[str, Any] = {"meta": {
-        "date": now.strftime("%Y-%m-%d %H:%M UTC"),
-        "command": "python -m bench " + shlex.join(sys.argv[1:] if argv is None else argv),
-        "checkpoint": str(checkpoint), "max_tokens": args.max_tokens, "concurrency": args.concurrency,
-        "dtypes": args.dtypes, "quants": args.quants, "threads": threads, "quick": args.quick,
-    }}
+    results: dict[str, Any] = {
+        "meta": {
+            "date": now.strftime("%Y-%m-%d %H:%M UTC"),
+            "command": "python -m bench " + shlex.join(sys.argv[1:] if argv is None else argv),
+            "checkpoint": str(checkpoint),
+            "max_tokens": args.max_tokens,
+            "concurrency": args.concurrency,
+            "dtypes": args.dtypes,
+            "quants": args.quants,
+            "threads": threads,
+            "quick": args.quick,
+        }
+    }
 
     if "ceiling" in args.only:
         try:

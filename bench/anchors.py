@@ -55,7 +55,12 @@ def _batch_prompts(prompts: Sequence[str], batch: int) -> list[str]:
 
 
 def transformers_generate(
-    checkpoint: Path, dtype: str, batch: int, max_new_tokens: int, prompts: Sequence[str], runs: int = 1,
+    checkpoint: Path,
+    dtype: str,
+    batch: int,
+    max_new_tokens: int,
+    prompts: Sequence[str],
+    runs: int = 1,
     device: str = "cpu",
 ) -> GenerateResult:
     """Greedy `generate()` of `batch` prompts (left-padded) on `device`, `runs` times with different prompts."""
@@ -74,8 +79,13 @@ def transformers_generate(
         enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
         t0 = time.perf_counter()
         with torch.inference_mode():
-            out = model.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id)
+            out = model.generate(
+                **enc,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+            )
         if out.device.type == "cuda":
             torch.cuda.synchronize(out.device)
         seconds = time.perf_counter() - t0
@@ -93,7 +103,11 @@ def transformers_generate(
 
 
 def llama_cpp_python_stream(
-    gguf: Path, max_tokens: int, prompts: Sequence[str], runs: int, threads: int,
+    gguf: Path,
+    max_tokens: int,
+    prompts: Sequence[str],
+    runs: int,
+    threads: int,
 ) -> GenerateResult:
     """One stream through llama-cpp-python, `runs` prompts one after the other, end-of-sequence suppressed so
     each produces `max_tokens` tokens."""

@@ -89,11 +89,15 @@ class LoadConfig:
 
     def body(self, prompt: str) -> dict[str, Any]:
         if self.api == "smollm":
-            body: dict[str, Any] = {"prompt": prompt, "max_tokens": self.max_tokens, "temperature": 0.0,
-                                    "stream": True}
+            body: dict[str, Any] = {"prompt": prompt, "max_tokens": self.max_tokens, "temperature": 0.0, "stream": True}
         else:
-            body = {"prompt": prompt, "max_tokens": self.max_tokens, "temperature": 0.0, "stream": True,
-                    "stream_options": {"include_usage": True}}
+            body = {
+                "prompt": prompt,
+                "max_tokens": self.max_tokens,
+                "temperature": 0.0,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            }
             if self.model is not None:
                 body["model"] = self.model
         body.update(self.extra_body)
@@ -297,8 +301,15 @@ async def run_load(cfg: LoadConfig) -> LoadSummary:
         await asyncio.gather(*(client_loop(client) for _ in range(cfg.concurrency)))
     wall = time.perf_counter() - start
     summary = summarize(results, wall, cfg.concurrency)
-    log.info("%s c=%d: %d requests, %.1f tok/s, ttft p50 %.0f ms, %d errors", cfg.api, cfg.concurrency,
-             summary.requests, summary.tokens_per_s, summary.ttft_p50_ms or 0.0, summary.errors)
+    log.info(
+        "%s c=%d: %d requests, %.1f tok/s, ttft p50 %.0f ms, %d errors",
+        cfg.api,
+        cfg.concurrency,
+        summary.requests,
+        summary.tokens_per_s,
+        summary.ttft_p50_ms or 0.0,
+        summary.errors,
+    )
     return summary
 
 

@@ -55,18 +55,43 @@ def profile_server(checkpoint: Path, dtype: str, concurrency: int, seconds: floa
     with smollm_server(checkpoint, dtype, out / f"service-{dtype}.log") as server:
         run_load_sync(LoadConfig(base_url=server.base_url, concurrency=1, requests=1, max_tokens=8))  # warm-up
         spy = subprocess.Popen(
-            [pyspy, "record", "-p", str(server.proc.pid), "-o", str(raw), "-f", "raw", "--threads", "--nonblocking",
-             "-r", "100", "-d", str(int(seconds))],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            [
+                pyspy,
+                "record",
+                "-p",
+                str(server.proc.pid),
+                "-o",
+                str(raw),
+                "-f",
+                "raw",
+                "--threads",
+                "--nonblocking",
+                "-r",
+                "100",
+                "-d",
+                str(int(seconds)),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
         )
         time.sleep(1.0)  # let py-spy attach before the load starts
-        summary = run_load_sync(LoadConfig(base_url=server.base_url, concurrency=concurrency, requests=10_000,
-                                           max_tokens=128, time_limit=seconds - 2, extra_body={"ignore_eos": True}))
+        summary = run_load_sync(
+            LoadConfig(
+                base_url=server.base_url,
+                concurrency=concurrency,
+                requests=10_000,
+                max_tokens=128,
+                time_limit=seconds - 2,
+                extra_body={"ignore_eos": True},
+            )
+        )
         spy_out = spy.communicate(timeout=seconds + 60)[0].decode(errors="replace")
     if not raw.is_file():
         return f"py-spy wrote nothing:\n{spy_out[-2000:]}"
-    head = (f"server under load: c={concurrency} {dtype}: {summary.tokens_per_s:.1f} tok/s, TTFT p50 "
-            f"{summary.ttft_p50_ms or 0:.0f} ms, ITL p50 {summary.itl_p50_ms or 0:.1f} ms ({raw})")
+    head = (
+        f"server under load: c={concurrency} {dtype}: {summary.tokens_per_s:.1f} tok/s, TTFT p50 "
+        f"{summary.ttft_p50_ms or 0:.0f} ms, ITL p50 {summary.itl_p50_ms or 0:.1f} ms ({raw})"
+    )
     return head + "\n" + summarize_collapsed(raw)
 
 
@@ -98,8 +123,10 @@ def profile_decode(checkpoint: Path, dtype: str, batch: int, context: int, steps
         for i in range(steps):
             step(context + i)
     table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
-    return (f"decode step alone: batch {batch}, context {context}, {dtype}: {per_step * 1000:.1f} ms/step = "
-            f"{batch / per_step:.0f} tok/s\n{table}")
+    return (
+        f"decode step alone: batch {batch}, context {context}, {dtype}: {per_step * 1000:.1f} ms/step = "
+        f"{batch / per_step:.0f} tok/s\n{table}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

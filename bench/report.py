@@ -37,12 +37,19 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 def _ceiling_section(c: dict[str, Any]) -> str:
     if reason := _skipped(c):
         return f"Ceiling: not measured ({reason})"
-    lines = [f"Ceiling (measured, {c['threads']} threads): read bandwidth {c['bandwidth_gbs']:.1f} GB/s; "
-             f"{c['params'] / 1e6:.1f}M params"]
-    rows = [[d, _f(g, 0), _f(c["single_stream_tokens_per_s"].get(d)), _f(c["batch_tokens_per_s"].get(d))]
-            for d, g in c["matmul_gflops"].items()]
-    rows += [[f"{mode} (weight-only)", "-", _f(tps), "-"] for mode, tps in c["single_stream_tokens_per_s"].items()
-             if mode not in c["matmul_gflops"] and mode != "gguf"]
+    lines = [
+        f"Ceiling (measured, {c['threads']} threads): read bandwidth {c['bandwidth_gbs']:.1f} GB/s; "
+        f"{c['params'] / 1e6:.1f}M params"
+    ]
+    rows = [
+        [d, _f(g, 0), _f(c["single_stream_tokens_per_s"].get(d)), _f(c["batch_tokens_per_s"].get(d))]
+        for d, g in c["matmul_gflops"].items()
+    ]
+    rows += [
+        [f"{mode} (weight-only)", "-", _f(tps), "-"]
+        for mode, tps in c["single_stream_tokens_per_s"].items()
+        if mode not in c["matmul_gflops"] and mode != "gguf"
+    ]
     if "gguf" in c["single_stream_tokens_per_s"]:
         rows.append(["gguf (llama.cpp)", "-", _f(c["single_stream_tokens_per_s"]["gguf"]), "-"])
     lines.append(_table(["weights", "matmul GFLOP/s", "1-stream bound tok/s", "batch bound tok/s"], rows))
@@ -70,26 +77,59 @@ def _serving_section(results: dict[str, Any]) -> str:
         for ci in levels:
             s, ls, tfr = ours.get(str(ci)) or {}, server_levels.get(str(ci)) or {}, tf_by_c.get(ci) or {}
             tps = s.get("tokens_per_s")
-            bound = (ceiling.get("single_stream_tokens_per_s", {}).get(dtype) if ci == 1
-                     else ceiling.get("batch_tokens_per_s", {}).get(dtype))
-            rows.append([
-                str(ci), _f(tps), f"{_f(s.get('ttft_p50_ms'), 0)}/{_f(s.get('ttft_p95_ms'), 0)}",
-                f"{_f(s.get('itl_p50_ms'))}/{_f(s.get('itl_p95_ms'))}", str(s.get("errors", "-")),
-                _f(s.get("mean_tokens_per_request"), 0), _f(s.get("mean_batch_size")),
-                _f(ls.get("tokens_per_s")), _f(ls.get("ttft_p50_ms"), 0), _ratio(tps, ls.get("tokens_per_s")),
-                _f(tfr.get("tokens_per_s")), _ratio(tps, tfr.get("tokens_per_s")),
-                "-" if not (bound and tps) else f"{100 * tps / bound:.0f}%",
-            ])
+            bound = (
+                ceiling.get("single_stream_tokens_per_s", {}).get(dtype)
+                if ci == 1
+                else ceiling.get("batch_tokens_per_s", {}).get(dtype)
+            )
+            rows.append(
+                [
+                    str(ci),
+                    _f(tps),
+                    f"{_f(s.get('ttft_p50_ms'), 0)}/{_f(s.get('ttft_p95_ms'), 0)}",
+                    f"{_f(s.get('itl_p50_ms'))}/{_f(s.get('itl_p95_ms'))}",
+                    str(s.get("errors", "-")),
+                    _f(s.get("mean_tokens_per_request"), 0),
+                    _f(s.get("mean_batch_size")),
+                    _f(ls.get("tokens_per_s")),
+                    _f(ls.get("ttft_p50_ms"), 0),
+                    _ratio(tps, ls.get("tokens_per_s")),
+                    _f(tfr.get("tokens_per_s")),
+                    _ratio(tps, tfr.get("tokens_per_s")),
+                    "-" if not (bound and tps) else f"{100 * tps / bound:.0f}%",
+                ]
+            )
         eos = "ignore_eos" if results.get("serving", {}).get(dtype, {}).get("ignore_eos") else "stops at EOS"
-        out.append(f"Serving {dtype} (ours: /v1/generate SSE, {eos}; llama-server: Q4_1 GGUF under the same load, "
-                   "ignore_eos; HF generate: static batch of 1 and 16, min_new_tokens):")
-        out.append(_table(["conc", "ours tok/s", "TTFT p50/p95 ms", "ITL p50/p95 ms", "err", "tok/req", "batch",
-                           "llama-srv tok/s", "l-s TTFT50", "ours/llama.cpp", "HF tok/s", "ours/HF",
-                           "of ceiling"], rows))
+        out.append(
+            f"Serving {dtype} (ours: /v1/generate SSE, {eos}; llama-server: Q4_1 GGUF under the same load, "
+            "ignore_eos; HF generate: static batch of 1 and 16, min_new_tokens):"
+        )
+        out.append(
+            _table(
+                [
+                    "conc",
+                    "ours tok/s",
+                    "TTFT p50/p95 ms",
+                    "ITL p50/p95 ms",
+                    "err",
+                    "tok/req",
+                    "batch",
+                    "llama-srv tok/s",
+                    "l-s TTFT50",
+                    "ours/llama.cpp",
+                    "HF tok/s",
+                    "ours/HF",
+                    "of ceiling",
+                ],
+                rows,
+            )
+        )
         one = (ours.get("1") or {}).get("tokens_per_s")
         if lcp and not _skipped(lcp):
-            out.append(f"  llama-cpp-python, one stream: {lcp['tokens_per_s']:.1f} tok/s "
-                       f"(TTFT {lcp['ttft_ms']:.0f} ms); ours/llama-cpp-python {_ratio(one, lcp['tokens_per_s'])}")
+            out.append(
+                f"  llama-cpp-python, one stream: {lcp['tokens_per_s']:.1f} tok/s "
+                f"(TTFT {lcp['ttft_ms']:.0f} ms); ours/llama-cpp-python {_ratio(one, lcp['tokens_per_s'])}"
+            )
     if reason := _skipped(server):
         out.append(f"  llama-server anchor not run: {reason}")
     if reason := _skipped(lcp):
@@ -107,13 +147,16 @@ def _targets_section(results: dict[str, Any]) -> str:
     lines = ["Targets (bf16):"]
     if "1" in ours:
         v = ours["1"]["tokens_per_s"]
-        lines.append(f"  one stream {v:.1f} tok/s (>= {TARGET_ONE_STREAM:g}): "
-                     f"{'PASS' if v >= TARGET_ONE_STREAM else 'MISS'}")
+        lines.append(
+            f"  one stream {v:.1f} tok/s (>= {TARGET_ONE_STREAM:g}): {'PASS' if v >= TARGET_ONE_STREAM else 'MISS'}"
+        )
     if "16" in ours:
         v, t = ours["16"]["tokens_per_s"], ours["16"]["ttft_p50_ms"]
         ok = v >= TARGET_16_STREAMS and t is not None and t <= TARGET_TTFT_P50_MS
-        lines.append(f"  16 streams {v:.1f} tok/s (>= {TARGET_16_STREAMS:g}), TTFT p50 {_f(t, 0)} ms "
-                     f"(<= {TARGET_TTFT_P50_MS:g}): {'PASS' if ok else 'MISS'}")
+        lines.append(
+            f"  16 streams {v:.1f} tok/s (>= {TARGET_16_STREAMS:g}), TTFT p50 {_f(t, 0)} ms "
+            f"(<= {TARGET_TTFT_P50_MS:g}): {'PASS' if ok else 'MISS'}"
+        )
     return "\n".join(lines)
 
 
@@ -125,22 +168,32 @@ def _training_section(training: dict[str, Any]) -> str:
     rows = []
     for name, t in training.get("runs", {}).items():
         ours, hf = t.get("ours", {}), t.get("transformers", {})
-        rows.append([
-            name, f"{t['batch_size']}x{t['seq_len']}", _f(ours.get("tokens_per_s"), 0), _f(ours.get("mfu_pct"), 1),
-            _f(hf.get("tokens_per_s"), 0), _f(hf.get("mfu_pct"), 1),
-            _ratio(ours.get("tokens_per_s"), hf.get("tokens_per_s")),
-        ])
-    head = (f"Training step (forward, backward, clip, fused AdamW; fp32 weights, bf16 = autocast; "
-            f"MFU against measured matmul FLOP/s)\n  ours: {training.get('ours_impl')}\n"
-            f"  anchor: {training.get('anchor_impl')}")
-    return head + "\n" + _table(["config", "batch", "ours tok/s", "ours MFU %", "HF tok/s", "HF MFU %", "ours/HF"],
-                                rows)
+        rows.append(
+            [
+                name,
+                f"{t['batch_size']}x{t['seq_len']}",
+                _f(ours.get("tokens_per_s"), 0),
+                _f(ours.get("mfu_pct"), 1),
+                _f(hf.get("tokens_per_s"), 0),
+                _f(hf.get("mfu_pct"), 1),
+                _ratio(ours.get("tokens_per_s"), hf.get("tokens_per_s")),
+            ]
+        )
+    head = (
+        f"Training step (forward, backward, clip, fused AdamW; fp32 weights, bf16 = autocast; "
+        f"MFU against measured matmul FLOP/s)\n  ours: {training.get('ours_impl')}\n"
+        f"  anchor: {training.get('anchor_impl')}"
+    )
+    return (
+        head + "\n" + _table(["config", "batch", "ours tok/s", "ours MFU %", "HF tok/s", "HF MFU %", "ours/HF"], rows)
+    )
 
 
 def format_report(results: dict[str, Any]) -> str:
     meta = results.get("meta", {})
-    parts = [f"smollm benchmark {meta.get('date', '')} on {meta.get('machine', '')}; "
-             f"command: {meta.get('command', '')}"]
+    parts = [
+        f"smollm benchmark {meta.get('date', '')} on {meta.get('machine', '')}; command: {meta.get('command', '')}"
+    ]
     if versions := results.get("anchors", {}).get("versions"):
         parts[0] += "\nanchors: " + ", ".join(f"{k} {v}" for k, v in versions.items())
     for section in (

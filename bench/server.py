@@ -61,15 +61,20 @@ class ServerProcess:
         log.info("starting %s: %s", self.name, " ".join(self.cmd))
         with open(self.log_path, "wb") as out:
             self.proc = subprocess.Popen(
-                self.cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                self.cmd,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
                 env={**os.environ, **self.env},
             )
         deadline = time.monotonic() + self.start_timeout
         url = self.base_url + self.ready_path
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise ServerError(f"{self.name} exited with code {self.proc.returncode} before it was ready; "
-                                  f"log {self.log_path}:\n{_tail(self.log_path)}")
+                raise ServerError(
+                    f"{self.name} exited with code {self.proc.returncode} before it was ready; "
+                    f"log {self.log_path}:\n{_tail(self.log_path)}"
+                )
             try:
                 if httpx.get(url, timeout=2.0).status_code == 200:
                     log.info("%s ready on port %d", self.name, self.port)
@@ -78,8 +83,10 @@ class ServerProcess:
                 pass
             time.sleep(0.25)
         self.stop()
-        raise ServerError(f"{self.name} was not ready at {url} after {self.start_timeout:g} s; "
-                          f"log {self.log_path}:\n{_tail(self.log_path)}")
+        raise ServerError(
+            f"{self.name} was not ready at {url} after {self.start_timeout:g} s; "
+            f"log {self.log_path}:\n{_tail(self.log_path)}"
+        )
 
     def stop(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
@@ -101,7 +108,11 @@ class ServerProcess:
 
 
 def smollm_server(
-    checkpoint: Path, dtype: str, log_path: Path, max_batch_size: int | None = None, max_queue: int | None = None,
+    checkpoint: Path,
+    dtype: str,
+    log_path: Path,
+    max_batch_size: int | None = None,
+    max_queue: int | None = None,
     quant: str = "none",
 ) -> ServerProcess:
     """Our service on a free port, serving `checkpoint` in `dtype` with weight-only `quant` (`SMOLLM_QUANT`),
@@ -112,8 +123,7 @@ def smollm_server(
         env["SMOLLM_MAX_BATCH_SIZE"] = str(max_batch_size)
     if max_queue is not None:
         env["SMOLLM_MAX_QUEUE"] = str(max_queue)
-    cmd = [sys.executable, "-m", "service", "--checkpoint", str(checkpoint), "--host", "127.0.0.1",
-           "--port", str(port)]
+    cmd = [sys.executable, "-m", "service", "--checkpoint", str(checkpoint), "--host", "127.0.0.1", "--port", str(port)]
     env["SMOLLM_DTYPE"] = dtype
     name = dtype
     if quant != "none":
@@ -123,11 +133,30 @@ def smollm_server(
 
 
 def llama_server(
-    binary: Path, gguf: Path, log_path: Path, parallel: int = 16, threads: int = 2, ctx_per_slot: int = 512,
+    binary: Path,
+    gguf: Path,
+    log_path: Path,
+    parallel: int = 16,
+    threads: int = 2,
+    ctx_per_slot: int = 512,
 ) -> ServerProcess:
     """llama.cpp's server on `gguf` with `parallel` slots of `ctx_per_slot` tokens each (the context is
     split evenly between slots), continuous batching on."""
     port = free_port()
-    cmd = [str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port), "-np", str(parallel),
-           "-t", str(threads), "-c", str(parallel * ctx_per_slot), "--no-webui"]
+    cmd = [
+        str(binary),
+        "-m",
+        str(gguf),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "-np",
+        str(parallel),
+        "-t",
+        str(threads),
+        "-c",
+        str(parallel * ctx_per_slot),
+        "--no-webui",
+    ]
     return ServerProcess("llama-server", cmd, port, "/health", log_path)

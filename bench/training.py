@@ -43,9 +43,18 @@ def train_config(case: TrainCase):
     """The trainer's config for `case` (validated by the trainer; errors name the key)."""
     from trainer.config import build_config
 
-    return build_config({"model": case.preset, "init_from": "scratch", "tokenizer": "bundled",
-                         "data": {"seq_len": case.seq_len}, "batch_size": case.batch_size, "dtype": case.dtype,
-                         "device": "cpu", "plot": False})
+    return build_config(
+        {
+            "model": case.preset,
+            "init_from": "scratch",
+            "tokenizer": "bundled",
+            "data": {"seq_len": case.seq_len},
+            "batch_size": case.batch_size,
+            "dtype": case.dtype,
+            "device": "cpu",
+            "plot": False,
+        }
+    )
 
 
 class LogitsOnly(nn.Module):
@@ -102,9 +111,14 @@ def bench_case(case: TrainCase, peak_flops: float) -> dict[str, Any]:
 
     model_config = resolve_model_source(train_config(case)).config
     per_token = flops_per_token(model_config, case.seq_len)
-    out: dict[str, Any] = {"batch_size": case.batch_size, "seq_len": case.seq_len, "dtype": case.dtype,
-                           "params": model_config.num_params(), "steps": case.steps,
-                           "peak_gflops": peak_flops / 1e9}
+    out: dict[str, Any] = {
+        "batch_size": case.batch_size,
+        "seq_len": case.seq_len,
+        "dtype": case.dtype,
+        "params": model_config.num_params(),
+        "steps": case.steps,
+        "peak_gflops": peak_flops / 1e9,
+    }
     for name, measure in (("ours", ours_tokens_per_s), ("transformers", transformers_tokens_per_s)):
         tps = measure(case)
         out[name] = {"tokens_per_s": tps, "mfu_pct": 100 * per_token * tps / peak_flops}
@@ -122,7 +136,9 @@ def default_cases(quick: bool) -> list[TrainCase]:
 
 
 def run_training(
-    quick: bool = False, peak_flops: dict[str, float] | None = None, cases: list[TrainCase] | None = None,
+    quick: bool = False,
+    peak_flops: dict[str, float] | None = None,
+    cases: list[TrainCase] | None = None,
 ) -> dict[str, Any]:
     """Both implementations on each case; `peak_flops` by dtype name (measured here where missing)."""
     peaks = dict(peak_flops or {})
@@ -131,5 +147,8 @@ def run_training(
         if case.dtype not in peaks:
             peaks[case.dtype] = measure_matmul_flops(DTYPES[case.dtype], n=1024 if quick else 2048)
         runs[f"{case.preset} {case.dtype}"] = bench_case(case, peaks[case.dtype])
-    return {"ours_impl": "trainer.loop.measure_throughput (model.llama.Transformer)",
-            "anchor_impl": "trainer.loop.train_step on transformers.LlamaForCausalLM (sdpa)", "runs": runs}
+    return {
+        "ours_impl": "trainer.loop.measure_throughput (model.llama.Transformer)",
+        "anchor_impl": "trainer.loop.train_step on transformers.LlamaForCausalLM (sdpa)",
+        "runs": runs,
+    }

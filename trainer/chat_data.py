@@ -36,8 +36,6 @@ from __future__ import annotations
 
 import argparse
 import bisect
-import contextlib
-import fcntl
 import hashlib
 import json
 import logging
@@ -52,7 +50,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from trainer.data import DataError, default_cache_dir, resolve_sources, tokenizer_fingerprint
+from trainer.data import DataError, default_cache_dir, exclusive_lock, resolve_sources, tokenizer_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -317,7 +315,7 @@ def stdlib_qa_dir(cache: Path) -> Path:
 
     target = cache / f"stdlib-qa-py{sys.version_info.major}.{sys.version_info.minor}"
     cache.mkdir(parents=True, exist_ok=True)
-    with _locked(cache / f"{target.name}.lock"):
+    with exclusive_lock(cache / f"{target.name}.lock"):
         if not target.is_dir():
             tmp = cache / f".{target.name}.tmp-{os.getpid()}"
             make_dataset(tmp)
@@ -359,17 +357,6 @@ def cache_key(train_files: list[Path], val_files: list[Path], tokenizer: Any, sp
     h.update(f"{tokenizer_fingerprint(tokenizer)}|{template}|{tokenizer.eos_token}|{tokenizer.pad_token_id}".encode())
     h.update(f"|{spec.seq_len}|{spec.val_fraction if not val_files else 0}|v{_FORMAT_VERSION}".encode())
     return "chat-" + h.hexdigest()[:24]
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    # Concurrent jobs (or DDP ranks) pack a dataset once; the others wait and load the result.
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _save(path: Path, train: PackedRows, val: PackedRows | None) -> None:
@@ -418,7 +405,7 @@ def load_chat_data(spec: ChatDataSpec, tokenizer: Any) -> ChatData:
     val_files = _chat_files(spec.val_sources, cache) if spec.val_sources else []
     key = cache_key(train_files, val_files, tokenizer, spec)
     path = cache / f"{key}.npz"
-    with _locked(cache / f"{key}.lock"):
+    with exclusive_lock(cache / f"{key}.lock"):
         loaded = _load(path) if path.is_file() else None
         from_cache = loaded is not None
         if loaded is None:

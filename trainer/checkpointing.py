@@ -50,7 +50,9 @@ PAUSE_ENV = "SMOLLM_TRAINER_PAUSE_IN_CHECKPOINT_WRITE"
 
 def capture_rng_state() -> dict[str, Any]:
     state: dict[str, Any] = {
-        "torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
     }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -66,8 +68,12 @@ def restore_rng_state(state: dict[str, Any]) -> None:
         # have; set_rng_state_all would index past the end.
         saved, present = state["cuda"], torch.cuda.device_count()
         if len(saved) != present:
-            log.warning("the checkpoint holds CUDA RNG states of %d devices, this node has %d: restoring %d",
-                        len(saved), present, min(len(saved), present))
+            log.warning(
+                "the checkpoint holds CUDA RNG states of %d devices, this node has %d: restoring %d",
+                len(saved),
+                present,
+                min(len(saved), present),
+            )
         for device, rng in enumerate(saved[:present]):
             torch.cuda.set_rng_state(rng, device)
 
@@ -76,9 +82,7 @@ class CheckpointWriteError(RuntimeError):
     """A checkpoint could not be written (full disk, I/O error); nothing partial is visible."""
 
 
-def save(
-    out_dir: Path, step: int, model: Transformer, tokenizer: Any, state: dict[str, Any], keep_last: int
-) -> Path:
+def save(out_dir: Path, step: int, model: Transformer, tokenizer: Any, state: dict[str, Any], keep_last: int) -> Path:
     """Write `OUT/step-NNNNNN` (model, tokenizer, trainer state), update `latest`, apply retention."""
 
     def add_trainer_state(tmp: Path) -> None:
@@ -101,14 +105,17 @@ def save(
     try:
         write_latest(out_dir, path.name)
     except OSError as e:
-        raise CheckpointWriteError(f"wrote checkpoint {path} but could not update {out_dir / LATEST_FILE}: {e}; "
-                                   f"it still names {previous or 'nothing'}") from e
+        raise CheckpointWriteError(
+            f"wrote checkpoint {path} but could not update {out_dir / LATEST_FILE}: {e}; "
+            f"it still names {previous or 'nothing'}"
+        ) from e
     log.info("saved checkpoint %s in %.1fs", path, time.perf_counter() - t0)
     try:
         apply_retention(out_dir, keep_last)
     except OSError as e:
-        raise CheckpointWriteError(f"wrote checkpoint {path} (latest names it) but could not delete older ones "
-                                   f"(keep_last={keep_last}): {e}") from e
+        raise CheckpointWriteError(
+            f"wrote checkpoint {path} (latest names it) but could not delete older ones (keep_last={keep_last}): {e}"
+        ) from e
     return path
 
 
@@ -196,8 +203,10 @@ class Checkpointer:
         bad = first_nonfinite_parameter(state.model)
         if bad is not None:
             latest = read_latest(self.out_dir)
-            raise DivergedError(f"step {state.step}: parameter {bad} is not finite; no checkpoint written, "
-                                f"latest still names {latest or 'nothing'}")
+            raise DivergedError(
+                f"step {state.step}: parameter {bad} is not finite; no checkpoint written, "
+                f"latest still names {latest or 'nothing'}"
+            )
         if self.info.is_main:
             trainer_state = state.to_checkpoint(lr, self.cfg, self.info, evaluation)
             save(self.out_dir, state.step, state.model, self.tokenizer, trainer_state, self.cfg.keep_last)

@@ -56,8 +56,10 @@ class DataConfig(_Strict):
         if self.format == "text" and self.val_sources:
             raise ValueError("val_sources is for format: chat; text data holds out its tail (val_fraction)")
         if self.format == "chat" and "stdlib" in self.sources:
-            raise ValueError("source `stdlib` is raw text, not chat: for format: chat name .jsonl/.parquet chat "
-                             "files or stdlib-qa:train")
+            raise ValueError(
+                "source `stdlib` is raw text, not chat: for format: chat name .jsonl/.parquet chat "
+                "files or stdlib-qa:train"
+            )
         return self
 
 

@@ -172,7 +172,7 @@ def _tokenize_to(files: list[Path], tokenizer: Any, cfg: DataConfig, eos_id: int
 
 
 @contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
+def exclusive_lock(path: Path) -> Iterator[None]:
     """An exclusive lock file: concurrent jobs (or DDP ranks) tokenize a corpus once, the others wait."""
     with open(path, "a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
@@ -200,8 +200,10 @@ def separator_id(cfg: DataConfig, tokenizer: Any, eos_id: int) -> int:
         return eos_id
     token_id = sep if isinstance(sep, int) else tokenizer.get_vocab().get(sep)
     if token_id is None:
-        raise DataError(f"data.doc_separator: {sep!r} is not a token of the tokenizer (use `eos`, a special token "
-                        "such as <|endoftext|>, or a token id)")
+        raise DataError(
+            f"data.doc_separator: {sep!r} is not a token of the tokenizer (use `eos`, a special token "
+            "such as <|endoftext|>, or a token id)"
+        )
     if not 0 <= token_id < len(tokenizer):
         raise DataError(f"data.doc_separator: token id {token_id} is outside the tokenizer's 0..{len(tokenizer) - 1}")
     return token_id
@@ -218,7 +220,7 @@ def load_tokens(cfg: DataConfig, tokenizer: Any, eos_id: int) -> TokenFile:
     cache.mkdir(parents=True, exist_ok=True)
     key = cache_key(files, tokenizer, cfg, eos_id)
     bin_path, meta_path = cache / f"{key}.bin", cache / f"{key}.json"
-    with _locked(cache / f"{key}.lock"):
+    with exclusive_lock(cache / f"{key}.lock"):
         meta = _read_meta(meta_path, bin_path)
         from_cache = meta is not None
         if meta is None:
@@ -265,7 +267,7 @@ def split_tokens(tokens: np.ndarray, val_fraction: float, seq_len: int) -> tuple
             + " (add data or lower data.seq_len)"
         )
     train = tokens[: len(tokens) - n_val]
-    return train, (tokens[len(tokens) - n_val:] if n_val else None)
+    return train, (tokens[len(tokens) - n_val :] if n_val else None)
 
 
 # ---------------------------------------------------------------- windows
@@ -295,8 +297,8 @@ class WindowSampler:
         """Inputs and targets, each (batch_size / world_size, seq_len) int64 on the CPU, and no positions (a
         window is one sequence; the same three values as `trainer.chat_data.ChatBatches`)."""
         offsets = self.rng.integers(0, len(self.tokens) - self.seq_len, size=self.batch_size)
-        mine = offsets[self.start: self.start + self.local]
-        buf = np.stack([self.tokens[o: o + self.seq_len + 1] for o in mine]).astype(np.int64)  # (B, T + 1)
+        mine = offsets[self.start : self.start + self.local]
+        buf = np.stack([self.tokens[o : o + self.seq_len + 1] for o in mine]).astype(np.int64)  # (B, T + 1)
         self.batches_drawn += 1
         return torch.from_numpy(buf[:, :-1]), torch.from_numpy(buf[:, 1:]), None
 

@@ -73,8 +73,9 @@ def resolve_model_source(cfg: TrainConfig) -> ModelSource:
             raise ConfigError(f"init_from: {tok / 'tokenizer.json'}: missing (the checkpoint has no tokenizer)")
     overrides = cfg.model_overrides.changes()
     if "init_std" in overrides and init_path is not None:
-        raise ConfigError("model_overrides.init_std: only applies to init_from: scratch (the weights come from "
-                          f"{init_path})")
+        raise ConfigError(
+            f"model_overrides.init_std: only applies to init_from: scratch (the weights come from {init_path})"
+        )
     try:
         config = config.replace(**overrides)
     except ValueError as e:

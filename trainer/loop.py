@@ -70,22 +70,34 @@ def prepare(cfg: TrainConfig) -> Prepared:
     source = resolve_model_source(cfg)
     tokenizer = load_tokenizer(source.tokenizer_path)
     if len(tokenizer) > source.config.vocab_size:
-        raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens, more than the model's vocab_size "
-                          f"{source.config.vocab_size}")
+        raise ConfigError(
+            f"the tokenizer has {len(tokenizer)} tokens, more than the model's vocab_size {source.config.vocab_size}"
+        )
     if cfg.data.format == "chat":
         chat = load_chat_data(ChatDataSpec.from_data_config(cfg.data), tokenizer)
         train, val = chat.train, chat.val
-        log.info("chat data: %d train rows (%d conversations, %d assistant tokens), %d held-out rows (%s)",
-                 len(train), train.stats.conversations, train.stats.assistant_tokens, 0 if val is None else len(val),
-                 "cached" if chat.from_cache else "packed now")
+        log.info(
+            "chat data: %d train rows (%d conversations, %d assistant tokens), %d held-out rows (%s)",
+            len(train),
+            train.stats.conversations,
+            train.stats.assistant_tokens,
+            0 if val is None else len(val),
+            "cached" if chat.from_cache else "packed now",
+        )
     else:
         tokens = load_tokens(cfg.data, tokenizer, source.config.eos_token_id)
         train, val = split_tokens(tokens.tokens, cfg.data.val_fraction, cfg.data.seq_len)
-        log.info("data: %d train tokens, %d validation tokens (%s)", len(train), 0 if val is None else len(val),
-                 "cached" if tokens.from_cache else "tokenized now")
+        log.info(
+            "data: %d train tokens, %d validation tokens (%s)",
+            len(train),
+            0 if val is None else len(val),
+            "cached" if tokens.from_cache else "tokenized now",
+        )
     if cfg.eval_every and val is None:
-        log.warning("eval_every=%d but no validation split (data.val_fraction=0, no data.val_sources): "
-                    "no validation loss", cfg.eval_every)
+        log.warning(
+            "eval_every=%d but no validation split (data.val_fraction=0, no data.val_sources): no validation loss",
+            cfg.eval_every,
+        )
     return Prepared(cfg=cfg, source=source, tokenizer=tokenizer, train_tokens=train, val_tokens=val)
 
 
@@ -145,16 +157,18 @@ def train_step(
         with contextlib.nullcontext() if sync else model.no_sync():
             if loss_chunk_tokens is not None:
                 with autocast:
-                    loss = lm_loss(model, x, y, positions, chunk_size=loss_chunk_tokens,
-                                   reduction="sum" if per_token else "mean")
+                    loss = lm_loss(
+                        model, x, y, positions, chunk_size=loss_chunk_tokens, reduction="sum" if per_token else "mean"
+                    )
                 loss = loss * scale if per_token else loss / grad_accum
             else:
                 with autocast:
                     logits = model(x) if positions is None else model(x, positions=positions)  # (B, T, vocab) fp32
                 if per_token:
-                    loss = F.cross_entropy(
-                        logits.flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-                    ) * scale
+                    loss = (
+                        F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+                        * scale
+                    )
                 else:
                     loss = F.cross_entropy(logits.flatten(0, 1), y.flatten()) / grad_accum
             loss.backward()
@@ -198,13 +212,16 @@ def _evaluate_chat(model: Transformer, rows: PackedRows, cfg: TrainConfig, info:
     local = cfg.batch_size // info.world_size
     totals = torch.zeros(2, device=info.device)  # (loss sum, assistant tokens)
     for i in range(0, len(mine), local):
-        idx = mine[i: i + local]
-        x, y, positions = (torch.from_numpy(a[idx].astype(np.int64)).to(info.device)
-                           for a in (rows.tokens, rows.labels, rows.positions))
+        idx = mine[i : i + local]
+        x, y, positions = (
+            torch.from_numpy(a[idx].astype(np.int64)).to(info.device)
+            for a in (rows.tokens, rows.labels, rows.positions)
+        )
         with autocast:
             logits = model(x, positions=positions)
-        totals[0] += F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=IGNORE_INDEX,
-                                     reduction="sum")
+        totals[0] += F.cross_entropy(
+            logits.flatten(0, 1).float(), y.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+        )
         totals[1] += (y != IGNORE_INDEX).sum()
     loss_sum, count = distributed.all_reduce_sum(totals, info).tolist()  # host sync: logged
     return loss_sum / max(count, 1.0)
@@ -222,7 +239,7 @@ def generate_samples(model: Transformer, tokenizer: Any, cfg: TrainConfig) -> li
             ids = chat_prompt_ids(tokenizer, prompt)
         else:
             ids = tokenizer.encode(prompt, add_special_tokens=False) or [model.config.bos_token_id]
-        ids = ids[-(model.config.block_size - cfg.sample_tokens):]
+        ids = ids[-(model.config.block_size - cfg.sample_tokens) :]
         out = list(generate_tokens(model, ids, cfg.sample_tokens, SamplingParams(temperature=0.0), stop_ids=[stop]))
         samples.append({"prompt": prompt, "completion": tokenizer.decode(out, skip_special_tokens=True)})
     return samples
@@ -316,8 +333,17 @@ def _run(prep: Prepared, out_dir: Path, info: DistInfo) -> RunSummary:
             lr = lr_at(state.step, cfg.optim, cfg.max_steps)
             set_lr(state.optimizer, lr)
             t0 = time.perf_counter()
-            loss, grad_norm = train_step(model, state.optimizer, state.sampler, cfg.grad_accum, cfg.grad_clip,
-                                         info.device, autocast, info, cfg.loss_chunk_tokens)
+            loss, grad_norm = train_step(
+                model,
+                state.optimizer,
+                state.sampler,
+                cfg.grad_accum,
+                cfg.grad_clip,
+                info.device,
+                autocast,
+                info,
+                cfg.loss_chunk_tokens,
+            )
             state.step += 1
             # train_step synced already to decide on the update; reading the values costs no extra wait.
             step_loss, step_grad_norm = distributed.all_reduce_mean(loss, info).item(), grad_norm.item()
@@ -338,8 +364,12 @@ def _run(prep: Prepared, out_dir: Path, info: DistInfo) -> RunSummary:
                 summary.final_step, summary.stopped_early = state.step, True
                 break
     if summary.start_step >= cfg.max_steps:
-        log.info("%s already holds a checkpoint at step %d >= max_steps %d: nothing to do",
-                 out_dir, summary.start_step, cfg.max_steps)
+        log.info(
+            "%s already holds a checkpoint at step %d >= max_steps %d: nothing to do",
+            out_dir,
+            summary.start_step,
+            cfg.max_steps,
+        )
     if info.is_main and cfg.plot and not summary.stopped_early:
         from trainer.plot import plot_if_available
 
@@ -363,12 +393,26 @@ def _build_progress(prep: Prepared, out_dir: Path, info: DistInfo, state: TrainS
         peak = device_peak(info.device, dtype, cfg.peak_tflops)
         meter.peak_flops = peak.flops
         log.info("MFU peak: %.3g FLOP/s per device (%s)", peak.flops, peak.source)
-    log.info("training %s (%.1fM parameters) for %d steps on %s x%d in %s, %d tokens per step",
-             cfg.model if prep.source.init_path is None else prep.source.init_path,
-             config.num_params() / 1e6, cfg.max_steps, info.device, info.world_size, dtype_name(dtype),
-             cfg.tokens_per_step)
-    return Progress(out_dir, state.step, cfg.max_steps, cfg.tokens_per_step, meter, cfg.metrics_port,
-                    enabled=info.is_main, tensorboard=cfg.tensorboard)
+    log.info(
+        "training %s (%.1fM parameters) for %d steps on %s x%d in %s, %d tokens per step",
+        cfg.model if prep.source.init_path is None else prep.source.init_path,
+        config.num_params() / 1e6,
+        cfg.max_steps,
+        info.device,
+        info.world_size,
+        dtype_name(dtype),
+        cfg.tokens_per_step,
+    )
+    return Progress(
+        out_dir,
+        state.step,
+        cfg.max_steps,
+        cfg.tokens_per_step,
+        meter,
+        cfg.metrics_port,
+        enabled=info.is_main,
+        tensorboard=cfg.tensorboard,
+    )
 
 
 def measure_throughput(cfg: TrainConfig, steps: int = 5, warmup: int = 1) -> float:

@@ -67,8 +67,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out", type=Path, help="trainer output directory (holds metrics.jsonl)")
     args = parser.parse_args(argv)
     if importlib.util.find_spec("matplotlib") is None:
-        print("error: matplotlib is not installed; run `pip install 'smollm[plot]'` (or `pip install matplotlib`)",
-              file=sys.stderr)
+        print(
+            "error: matplotlib is not installed; run `pip install 'smollm[plot]'` (or `pip install matplotlib`)",
+            file=sys.stderr,
+        )
         return 1
     try:
         path = plot_loss(args.out)

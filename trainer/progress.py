@@ -161,9 +161,7 @@ class Progress:
         if self.bar is not None:
             self.bar.update(1)
 
-    def log_step(
-        self, step: int, loss: float, lr: float, grad_norm: float, val_loss: float | None = None
-    ) -> float:
+    def log_step(self, step: int, loss: float, lr: float, grad_norm: float, val_loss: float | None = None) -> float:
         """Report a logged step; returns the tokens/s since the previous one."""
         tokens_per_s = self.tokens_per_step * self.window_steps / self.window_seconds if self.window_seconds else 0.0
         mfu = self.mfu(tokens_per_s)
@@ -192,8 +190,16 @@ class Progress:
         else:
             log.info(
                 "step %d/%d | loss %.4f%s | lr %.2e | grad norm %.3f | %s tok/s | MFU %s | elapsed %s | eta %s",
-                step, self.max_steps, loss, val_text, lr, grad_norm, f"{tokens_per_s:,.0f}", mfu_text,
-                format_duration(elapsed), format_duration(eta),
+                step,
+                self.max_steps,
+                loss,
+                val_text,
+                lr,
+                grad_norm,
+                f"{tokens_per_s:,.0f}",
+                mfu_text,
+                format_duration(elapsed),
+                format_duration(eta),
             )
         return tokens_per_s
 

@@ -62,8 +62,9 @@ async def generate(request: Request) -> Response:
             elif finish == "cut":
                 return
             elif finish:
-                yield _sse("done", json.dumps({"finish_reason": finish,
-                                               "usage": {"prompt_tokens": 5, "completion_tokens": i}}))
+                yield _sse(
+                    "done", json.dumps({"finish_reason": finish, "usage": {"prompt_tokens": 5, "completion_tokens": i}})
+                )
             else:
                 yield _sse("token", json.dumps({"text": f" t{i}", "index": i}))
 
@@ -102,8 +103,12 @@ class FakeServer:
 @pytest.fixture(scope="session")
 def fake_server() -> Iterator[FakeServer]:
     """The fake server, running in a background thread for the whole session."""
-    app = Starlette(routes=[Route("/v1/generate", generate, methods=["POST"]),
-                            Route("/v1/completions", completions, methods=["POST"])])
+    app = Starlette(
+        routes=[
+            Route("/v1/generate", generate, methods=["POST"]),
+            Route("/v1/completions", completions, methods=["POST"]),
+        ]
+    )
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

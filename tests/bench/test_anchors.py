@@ -10,8 +10,9 @@ from bench.loadgen import DEFAULT_PROMPTS
 
 
 def test_transformers_generate_counts_every_forced_token(tiny_checkpoint):
-    r = anchors.transformers_generate(tiny_checkpoint, "float32", batch=3, max_new_tokens=5, prompts=DEFAULT_PROMPTS,
-                                      runs=2)
+    r = anchors.transformers_generate(
+        tiny_checkpoint, "float32", batch=3, max_new_tokens=5, prompts=DEFAULT_PROMPTS, runs=2
+    )
     assert (r.batch, r.runs, r.new_tokens) == (3, 2, 3 * 5 * 2)
     assert r.tokens_per_s == pytest.approx(r.new_tokens / r.seconds)
     assert r.ttft_ms is not None and r.ttft_ms > 0

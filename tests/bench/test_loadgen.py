@@ -47,7 +47,7 @@ def test_usage_overrides_counted_events():
 
 def test_iter_sse_parses_events_comments_and_multiline_data():
     async def lines():
-        for line in [": ping", "event: token", "data: {\"a\":", "data: 1}", "", "data: x", "", "", "data:tail"]:
+        for line in [": ping", "event: token", 'data: {"a":', "data: 1}", "", "data: x", "", "", "data:tail"]:
             yield line
 
     async def collect():
@@ -74,8 +74,14 @@ def test_config_validation_names_the_field():
 @pytest.mark.parametrize("api", ["smollm", "openai"])
 def test_measures_the_fake_servers_timing(fake_server, api):
     n_tokens, concurrency, requests = 10, 4, 8
-    cfg = LoadConfig(base_url=fake_server.url, api=api, concurrency=concurrency, requests=requests, max_tokens=n_tokens,
-                     prompts=("normal",))
+    cfg = LoadConfig(
+        base_url=fake_server.url,
+        api=api,
+        concurrency=concurrency,
+        requests=requests,
+        max_tokens=n_tokens,
+        prompts=("normal",),
+    )
     s = run_load_sync(cfg)
     assert (s.requests, s.completed, s.errors) == (requests, requests, 0)
     assert s.completion_tokens == requests * n_tokens
@@ -93,8 +99,9 @@ def test_measures_the_fake_servers_timing(fake_server, api):
 @pytest.mark.parametrize("api", ["smollm", "openai"])
 def test_counts_failures_without_raising(fake_server, api):
     prompts = ("status-429", "error-event", "cut", "short")
-    s = run_load_sync(LoadConfig(base_url=fake_server.url, api=api, concurrency=2, requests=4, max_tokens=8,
-                                 prompts=prompts))
+    s = run_load_sync(
+        LoadConfig(base_url=fake_server.url, api=api, concurrency=2, requests=4, max_tokens=8, prompts=prompts)
+    )
     assert (s.requests, s.errors, s.completed) == (4, 3, 1)
     assert s.finish_reasons == {"stop": 1}
     assert any(e.startswith("HTTP 429") for e in s.error_samples)
@@ -105,8 +112,9 @@ def test_counts_failures_without_raising(fake_server, api):
 
 def test_time_limit_bounds_the_run(fake_server):
     # Each request takes ~0.05 + 199 * 0.01 s ≈ 2 s; the limit cuts it off and no further request starts.
-    cfg = LoadConfig(base_url=fake_server.url, concurrency=2, requests=10, max_tokens=200, prompts=("normal",),
-                     time_limit=0.5)
+    cfg = LoadConfig(
+        base_url=fake_server.url, concurrency=2, requests=10, max_tokens=200, prompts=("normal",), time_limit=0.5
+    )
     t0 = time.perf_counter()
     s = run_load_sync(cfg)
     assert time.perf_counter() - t0 < 1.5

@@ -12,32 +12,64 @@ from bench.__main__ import parse_args, serving_modes
 
 
 def _level(c: int, tps: float, ttft: float) -> dict:
-    return {"concurrency": c, "requests": 4, "completed": 4, "errors": 0, "cut_off": 0, "completion_tokens": 512,
-            "wall_s": 512 / tps, "tokens_per_s": tps, "ttft_p50_ms": ttft, "ttft_p95_ms": ttft * 2,
-            "itl_p50_ms": 10.0, "itl_p95_ms": 20.0, "mean_tokens_per_request": 128.0,
-            "finish_reasons": {"length": 4}, "error_samples": []}
+    return {
+        "concurrency": c,
+        "requests": 4,
+        "completed": 4,
+        "errors": 0,
+        "cut_off": 0,
+        "completion_tokens": 512,
+        "wall_s": 512 / tps,
+        "tokens_per_s": tps,
+        "ttft_p50_ms": ttft,
+        "ttft_p95_ms": ttft * 2,
+        "itl_p50_ms": 10.0,
+        "itl_p95_ms": 20.0,
+        "mean_tokens_per_request": 128.0,
+        "finish_reasons": {"length": 4},
+        "error_samples": [],
+    }
 
 
 @pytest.fixture
 def results() -> dict:
     return {
         "meta": {"date": "2026-11-29 05:40 UTC", "machine": "2-core CPU", "command": "python -m bench"},
-        "ceiling": {"bandwidth_gbs": 20.0, "threads": 2, "params": 134_515_008,
-                    "matmul_gflops": {"bfloat16": 500.0},
-                    "single_stream_tokens_per_s": {"bfloat16": 75.0, "gguf": 200.0},
-                    "batch_tokens_per_s": {"bfloat16": 1800.0}},
-        "serving": {"bfloat16": {"ours": {"1": _level(1, 50.0, 40.0), "16": _level(16, 450.0, 250.0)}},
-                    "float32": {"ours": {"skipped": "service exited with code 1"}}},
+        "ceiling": {
+            "bandwidth_gbs": 20.0,
+            "threads": 2,
+            "params": 134_515_008,
+            "matmul_gflops": {"bfloat16": 500.0},
+            "single_stream_tokens_per_s": {"bfloat16": 75.0, "gguf": 200.0},
+            "batch_tokens_per_s": {"bfloat16": 1800.0},
+        },
+        "serving": {
+            "bfloat16": {"ours": {"1": _level(1, 50.0, 40.0), "16": _level(16, 450.0, 250.0)}},
+            "float32": {"ours": {"skipped": "service exited with code 1"}},
+        },
         "anchors": {
-            "transformers": {"bfloat16": {"batch1": {"batch": 1, "tokens_per_s": 20.0, "ttft_ms": 60.0},
-                                          "batch16": {"batch": 16, "tokens_per_s": 225.0, "ttft_ms": 300.0}},
-                             "float32": {"skipped": "failed: OSError: no weights"}},
+            "transformers": {
+                "bfloat16": {
+                    "batch1": {"batch": 1, "tokens_per_s": 20.0, "ttft_ms": 60.0},
+                    "batch16": {"batch": 16, "tokens_per_s": 225.0, "ttft_ms": 300.0},
+                },
+                "float32": {"skipped": "failed: OSError: no weights"},
+            },
             "llama_cpp_python": {"skipped": "llama-cpp-python is not installed"},
             "llama_server": {"levels": {"1": _level(1, 100.0, 30.0), "16": _level(16, 150.0, 500.0)}},
         },
-        "training": {"ours_impl": "x", "anchor_impl": "y", "runs": {
-            "tiny float32": {"batch_size": 8, "seq_len": 256, "ours": {"tokens_per_s": 3000.0, "mfu_pct": 2.0},
-                     "transformers": {"tokens_per_s": 2000.0, "mfu_pct": 1.3}}}},
+        "training": {
+            "ours_impl": "x",
+            "anchor_impl": "y",
+            "runs": {
+                "tiny float32": {
+                    "batch_size": 8,
+                    "seq_len": 256,
+                    "ours": {"tokens_per_s": 3000.0, "mfu_pct": 2.0},
+                    "transformers": {"tokens_per_s": 2000.0, "mfu_pct": 1.3},
+                }
+            },
+        },
     }
 
 
@@ -82,14 +114,22 @@ def test_cli_rejects_bad_arguments(capsys):
 
 def test_serving_modes_add_each_quant_on_the_auto_dtype():
     assert serving_modes(parse_args(["--dtypes", "float32", "--quants", "int8,int4"])) == [
-        ("float32", "float32", "none"), ("int8", "auto", "int8"), ("int4", "auto", "int4")]
+        ("float32", "float32", "none"),
+        ("int8", "auto", "int8"),
+        ("int4", "auto", "int4"),
+    ]
     assert serving_modes(parse_args(["--dtypes", "bfloat16", "--quants", "none"])) == [("bfloat16", "bfloat16", "none")]
 
 
 def test_cli_ceiling_only_writes_json_and_prints_the_table(tmp_path):
     root = Path(__file__).resolve().parents[2]
-    proc = subprocess.run([sys.executable, "-m", "bench", "--quick", "--only", "ceiling", "--dtypes", "float32",
-                           "--out", str(tmp_path)], cwd=root, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--only", "ceiling", "--dtypes", "float32", "--out", str(tmp_path)],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "read bandwidth" in proc.stdout and "1-stream bound" in proc.stdout
     (json_file,) = tmp_path.glob("*.json")

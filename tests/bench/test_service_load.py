@@ -16,8 +16,7 @@ def test_drive_our_service_on_the_tiny_model(tiny_checkpoint, tmp_path):
     with smollm_server(tiny_checkpoint, "float32", tmp_path / "service.log") as server:
         assert supports_ignore_eos(server.base_url)
         levels = drive(server, args, "smollm", {"ignore_eos": True}, metrics=True)
-        openai_levels = drive(server, argparse.Namespace(**{**vars(args), "concurrency": [2]}), "openai",
-                              None)
+        openai_levels = drive(server, argparse.Namespace(**{**vars(args), "concurrency": [2]}), "openai", None)
     assert set(levels) == {"1", "4"}
     assert levels["4"]["mean_tokens_per_request"] == 12 and levels["4"]["finish_reasons"] == {"length": 4}
     for c, s in {**levels, "openai-2": openai_levels["2"]}.items():

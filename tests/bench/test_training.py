@@ -17,8 +17,9 @@ def test_tiny_training_step_of_both_models(dtype):
     for impl in ("ours", "transformers"):
         r = run[impl]
         assert r["tokens_per_s"] > 0
-        assert r["mfu_pct"] == pytest.approx(100 * flops_per_token(ModelConfig.from_name("tiny"), 32)
-                                             * r["tokens_per_s"] / 1e11)
+        assert r["mfu_pct"] == pytest.approx(
+            100 * flops_per_token(ModelConfig.from_name("tiny"), 32) * r["tokens_per_s"] / 1e11
+        )
 
 
 def test_peak_is_measured_when_not_given():

@@ -18,8 +18,10 @@ from trainer.progress import METRICS_FILE, read_metrics
 
 REPO = Path(__file__).resolve().parents[2]
 
-_WORDS = ("the quick brown fox jumps over the lazy dog while a small model learns to predict "
-          "the next token of every line in this tiny corpus").split()
+_WORDS = (
+    "the quick brown fox jumps over the lazy dog while a small model learns to predict "
+    "the next token of every line in this tiny corpus"
+).split()
 
 
 @pytest.fixture(scope="session")
@@ -37,7 +39,7 @@ def corpus(tmp_path_factory) -> Path:
     """Eight short, repetitive text files (a few thousand tokens): easy to overfit."""
     root = tmp_path_factory.mktemp("corpus")
     for i in range(8):
-        lines = [" ".join(_WORDS[(i + j) % len(_WORDS):] + _WORDS[: (i + j) % len(_WORDS)]) for j in range(12)]
+        lines = [" ".join(_WORDS[(i + j) % len(_WORDS) :] + _WORDS[: (i + j) % len(_WORDS)]) for j in range(12)]
         (root / f"doc{i}.txt").write_text("\n".join(lines) + "\n")
     return root
 
@@ -108,7 +110,13 @@ def run_cli():
 
     def run(args: list[str], module: str = "trainer", env: dict[str, str] | None = None, timeout: float = 300):
         full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
-        return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=full_env, capture_output=True,
-                              text=True, timeout=timeout)
+        return subprocess.run(
+            [sys.executable, "-m", module, *args],
+            cwd=REPO,
+            env=full_env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
 
     return run

@@ -42,8 +42,9 @@ def test_bad_input_exits_2_before_training(config_file, tmp_path, capsys, overri
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "blank.txt").write_text("\n\n")
     out = tmp_path / "out"
-    rc, err = _error_of(capsys, ["--config", str(config_file()), "--out", str(out),
-                                 *[o.format(tmp=tmp_path) for o in overrides]])
+    rc, err = _error_of(
+        capsys, ["--config", str(config_file()), "--out", str(out), *[o.format(tmp=tmp_path) for o in overrides]]
+    )
     assert rc == 2
     assert err.startswith("error: ")
     assert re.search(message, err), err
@@ -74,8 +75,12 @@ def test_kill_9_mid_checkpoint_write_then_resume(config_file, make_config, tmp_p
             time.sleep(0.1)
         # A second trainer on the same OUT meanwhile fails at once, naming the holder.
         rc, err = _error_of(capsys, ["--config", str(config_file(*overrides)), "--out", str(out)])
-        assert rc == 2 and err == f"error: {out} is locked by another trainer (pid {proc.pid}); use another " \
-            "--out, or wait for that one to end", err
+        assert (
+            rc == 2
+            and err
+            == f"error: {out} is locked by another trainer (pid {proc.pid}); use another "
+            "--out, or wait for that one to end"
+        ), err
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
     finally:

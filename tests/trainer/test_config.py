@@ -27,8 +27,9 @@ def test_bad_value_is_named():
 def test_overrides_are_parsed_as_yaml_and_win_over_the_file(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("optim:\n  lr: 0.1\nbatch_size: 2\n")
-    cfg = load_config(path, ["optim.lr=1e-3", "optim.betas=[0.8, 0.9]", "data.sources=[a.txt, b.jsonl]",
-                             "metrics_port=null"])
+    cfg = load_config(
+        path, ["optim.lr=1e-3", "optim.betas=[0.8, 0.9]", "data.sources=[a.txt, b.jsonl]", "metrics_port=null"]
+    )
     assert cfg.optim.lr == 1e-3 and cfg.batch_size == 2
     assert cfg.optim.betas == (0.8, 0.9)
     assert cfg.data.sources == ["a.txt", "b.jsonl"]

@@ -18,8 +18,20 @@ def test_two_processes_match_one_and_resume(config_file, make_config, tmp_path, 
     run(prepare(make_config(*overrides)), single)
 
     ddp = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "trainer", "--config", str(config_file(*overrides)), "--out", str(ddp)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "trainer",
+        "--config",
+        str(config_file(*overrides)),
+        "--out",
+        str(ddp),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
     def torchrun():
@@ -53,17 +65,42 @@ def test_two_processes_match_one_on_chat_data(config_file, make_config, tmp_path
     with path.open("w") as f:
         for i in range(16):
             reply = " ".join(["word"] * (1 + 5 * (i % 4)))
-            f.write(json.dumps({"messages": [{"role": "user", "content": f"Say {i}."},
-                                             {"role": "assistant", "content": reply}]}) + "\n")
-    overrides = ["data.format=chat", f"data.sources=['{path}']", "data.seq_len=48", f"data.cache_dir={token_cache}",
-                 "max_steps=3", "checkpoint_every=3", "batch_size=4", "grad_accum=2"]
+            f.write(
+                json.dumps(
+                    {"messages": [{"role": "user", "content": f"Say {i}."}, {"role": "assistant", "content": reply}]}
+                )
+                + "\n"
+            )
+    overrides = [
+        "data.format=chat",
+        f"data.sources=['{path}']",
+        "data.seq_len=48",
+        f"data.cache_dir={token_cache}",
+        "max_steps=3",
+        "checkpoint_every=3",
+        "batch_size=4",
+        "grad_accum=2",
+    ]
     single = tmp_path / "single"
     run(prepare(make_config(*overrides)), single)
     ddp = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "trainer", "--config", str(config_file(*overrides)), "--out", str(ddp)]
-    res = subprocess.run(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                         timeout=300)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "trainer",
+        "--config",
+        str(config_file(*overrides)),
+        "--out",
+        str(ddp),
+    ]
+    res = subprocess.run(
+        cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     expected, got = losses(single), losses(ddp)
     assert sorted(got) == [1, 2, 3]

@@ -10,14 +10,30 @@ from trainer.progress import MetricsFile, PrometheusGauges, StepRecord, read_met
 def test_prometheus_gauges_have_the_contract_names():
     gauges = PrometheusGauges(port=0)
     try:
-        gauges.update(StepRecord(step=12, loss=2.5, lr=1e-3, grad_norm=0.5, tokens_per_s=1000.0, mfu=None,
-                                 elapsed_s=1.0, eta_s=2.0, val_loss=2.75))
+        gauges.update(
+            StepRecord(
+                step=12,
+                loss=2.5,
+                lr=1e-3,
+                grad_norm=0.5,
+                tokens_per_s=1000.0,
+                mfu=None,
+                elapsed_s=1.0,
+                eta_s=2.0,
+                val_loss=2.75,
+            )
+        )
         port = gauges.server.server_port
         body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
     finally:
         gauges.close()
-    for line in ["smollm_trainer_step 12.0", "smollm_trainer_loss 2.5", "smollm_trainer_tokens_per_second 1000.0",
-                 "smollm_trainer_learning_rate 0.001", "smollm_trainer_val_loss 2.75"]:
+    for line in [
+        "smollm_trainer_step 12.0",
+        "smollm_trainer_loss 2.5",
+        "smollm_trainer_tokens_per_second 1000.0",
+        "smollm_trainer_learning_rate 0.001",
+        "smollm_trainer_val_loss 2.75",
+    ]:
         assert line in body
 
 

@@ -26,9 +26,17 @@ def train(cfg, out):
 
 def test_loss_goes_down_on_a_tiny_overfit_run(make_config, tmp_path, losses):
     out = tmp_path / "out"
-    cfg = make_config("max_steps=30", "checkpoint_every=30", "optim.lr=1e-2", "optim.warmup_steps=3",
-                      "eval_every=15", "data.val_fraction=0.1", "eval_steps=2", "sample_every=15",
-                      "sample_tokens=4")
+    cfg = make_config(
+        "max_steps=30",
+        "checkpoint_every=30",
+        "optim.lr=1e-2",
+        "optim.warmup_steps=3",
+        "eval_every=15",
+        "data.val_fraction=0.1",
+        "eval_steps=2",
+        "sample_every=15",
+        "sample_tokens=4",
+    )
     summary = train(cfg, out)
     seen = losses(out)
     assert sorted(seen) == list(range(1, 31))
