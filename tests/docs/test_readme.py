@@ -57,6 +57,7 @@ RUNNERS = {
     r"\.venv/bin/python -m trainer .*": "test_training_commands",
     r"\.venv/bin/torchrun .*": "test_training_commands",
     r"\.venv/bin/python -m trainer\.plot .*": "test_training_commands",
+    r"\.venv/bin/python -m trainer\.chat_data .*": "test_sft_commands",
     r"\.venv/bin/python -m model\.(convert|generate) .*": "test_model_commands",
     r"\.venv/bin/python -m bench.*": "test_bench_command",
     r"make bench-deps": "test_bench_command",
@@ -183,7 +184,7 @@ def test_training_commands(tmp_path):
     assert load_model(tmp_path / "tiny" / latest).config.n_layer == 2
 
     for command in COMMANDS:
-        if command.startswith(".venv/bin/python -m trainer ") and "demo.yaml" in command:
+        if command.startswith(".venv/bin/python -m trainer ") and "configs/demo.yaml" in command:
             out = tmp_path / "demo"
             _run(
                 _venv(command.replace("runs/demo", str(out))) + f" max_steps=2 checkpoint_every=2 {SHORT}", timeout=600
@@ -197,6 +198,24 @@ def test_training_commands(tmp_path):
             (tmp_path / "tiny" / "loss.png").unlink(missing_ok=True)
             _run(_venv(command.replace("runs/demo", str(tmp_path / "tiny"))))
             assert (tmp_path / "tiny" / "loss.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_sft_commands(tmp_path):
+    """README's fine-tune-then-measure flow on the embedded model, cut to one step, one held-out row and no
+    samples (the full demo's figures are in README and sft-demo.yaml)."""
+    sft = next(c for c in COMMANDS if c.startswith(".venv/bin/python -m trainer ") and "sft-demo.yaml" in c)
+    out = tmp_path / "sft"
+    _run(
+        _venv(sft.replace("runs/sft-demo", str(out)))
+        + " max_steps=1 checkpoint_every=1 eval_every=1 eval_steps=1 sample_every=0 batch_size=1",
+        timeout=900,
+    )
+    assert (out / "step-000001" / "model.safetensors").is_file()
+    measure = next(c for c in COMMANDS if c.startswith(".venv/bin/python -m trainer.chat_data"))
+    measure = measure.replace("runs/sft-demo/step-000010", str(out / "step-000001"))
+    proc = _run(_venv(measure) + " --max-rows 1", timeout=600)
+    assert "loss" in proc.stdout.lower()
 
 
 # ---------------------------------------------------------------- model CLIs
