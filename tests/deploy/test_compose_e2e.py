@@ -26,6 +26,8 @@ import pytest
 from deploy_files import ROOT, dockerfile_instructions, load_compose, service_command, service_environment
 from prometheus_client.parser import text_string_to_metric_families
 
+from model.device import cpu_capability
+
 # The tiny trainer config, shortened: a handful of steps with a checkpoint every few, so several checkpoints
 # land while the server runs. (The trainer's CLI takes key=value overrides after its flags.)
 TRAIN_CONFIG = "tiny"
@@ -280,7 +282,10 @@ def test_compose_up_trains_serves_and_hot_reloads(tmp_path):
         # checkpoint) and reloaded.
         assert first["checkpoint"] != final["checkpoint"], (first, final)
         info = _samples(client.get("/metrics").text)["smollm_model_info"]
-        assert [s.labels for s in info] == [{"checkpoint": final["checkpoint"], "step": newest_step}]
+        [labels] = [s.labels for s in info]
+        assert labels["checkpoint"] == final["checkpoint"] and labels["step"] == newest_step
+        # The compose default is `auto`: no emulated bf16 on a CPU without it.
+        assert labels["dtype"] == ("bfloat16" if cpu_capability().native_bf16 else "float32"), labels
 
         r = client.post("/v1/generate", json={"prompt": "Hello", "max_tokens": 4, "temperature": 0})
         assert r.status_code == 200, r.text

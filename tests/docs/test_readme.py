@@ -136,7 +136,8 @@ def test_server_commands(tiny_checkpoint):
         outputs = {}
         for command in (c for c in COMMANDS if c.startswith("curl")):
             outputs[command] = _run(command.replace("localhost:8000", f"127.0.0.1:{port}"), timeout=60).stdout
-        generate, stream, metrics = outputs.values()
+        generate, stream, metrics, *chats = outputs.values()  # the SFT section's chat curl comes last
+        assert chats and all('"choices"' in answer and '"content"' in answer for answer in chats)
         assert '"finish_reason"' in generate and '"usage"' in generate
         assert "event: token" in stream and "event: done" in stream
         assert "smollm_requests_total" in metrics
