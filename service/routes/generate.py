@@ -25,11 +25,14 @@ from service.schemas import GenerateRequest, GenerateResponse
 
 router = APIRouter(tags=["generate"])
 
-_NAMED = (FinishReason.STOP, FinishReason.LENGTH, FinishReason.TIMEOUT, FinishReason.ABORT)
+_NAMED = (FinishReason.STOP, FinishReason.LENGTH, FinishReason.TIMEOUT)
 
 
 def finish_name(reason: FinishReason) -> str:
-    """stop, length, timeout; any other end after the first token (the engine aborted it) is `abort`."""
+    """stop, length, timeout (the engine's ABORT is a request timeout after the first token: /v1/generate keeps
+    its documented `timeout` for it); any other end after the first token is `abort`."""
+    if reason is FinishReason.ABORT:
+        return "timeout"
     return reason.value if reason in _NAMED else "abort"
 
 

@@ -135,7 +135,7 @@ def test_request_timeout_ends_the_request(make_client):
         r = c.post("/v1/generate", json={"prompt": "Hi", "max_tokens": 1000, "ignore_eos": True})
         assert r.status_code == 200
         body = r.json()
-        assert body["finish_reason"] == "abort" and 0 < body["usage"]["completion_tokens"] < 1000
+        assert body["finish_reason"] == "timeout" and 0 < body["usage"]["completion_tokens"] < 1000
         assert c.app.state.engine.idle()
 
 
