@@ -12,34 +12,24 @@ from trainer.loop import prepare, run
 REPO = Path(__file__).resolve().parents[2]
 
 
+def torchrun_trainer(config: Path, out: Path) -> subprocess.CompletedProcess:
+    """`python -m trainer` under torchrun with 2 gloo processes (one thread each); fails with their stderr."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "trainer"]
+    cmd += ["--config", str(config), "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res
+
+
 def test_two_processes_match_one_and_resume(config_file, make_config, tmp_path, losses):
     overrides = ["max_steps=4", "checkpoint_every=2", "batch_size=4", "grad_accum=2"]
     single = tmp_path / "single"
     run(prepare(make_config(*overrides)), single)
 
     ddp = tmp_path / "ddp"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        "-m",
-        "trainer",
-        "--config",
-        str(config_file(*overrides)),
-        "--out",
-        str(ddp),
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-
-    def torchrun():
-        res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-        assert res.returncode == 0, res.stderr[-3000:]
-        return res
-
-    torchrun()
+    config = config_file(*overrides)
+    torchrun_trainer(config, ddp)
 
     expected, got = losses(single), losses(ddp)
     assert sorted(got) == [1, 2, 3, 4]
@@ -52,7 +42,7 @@ def test_two_processes_match_one_and_resume(config_file, make_config, tmp_path, 
     # Resume with the same world size from step 2: the same losses as the uninterrupted DDP run.
     shutil.rmtree(ddp / "step-000004")
     (ddp / "latest").write_text("step-000002\n")
-    assert "resuming from" in torchrun().stderr
+    assert "resuming from" in torchrun_trainer(config, ddp).stderr
     assert losses(ddp) == got
 
 
@@ -84,24 +74,7 @@ def test_two_processes_match_one_on_chat_data(config_file, make_config, tmp_path
     single = tmp_path / "single"
     run(prepare(make_config(*overrides)), single)
     ddp = tmp_path / "ddp"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        "-m",
-        "trainer",
-        "--config",
-        str(config_file(*overrides)),
-        "--out",
-        str(ddp),
-    ]
-    res = subprocess.run(
-        cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300
-    )
-    assert res.returncode == 0, res.stderr[-3000:]
+    torchrun_trainer(config_file(*overrides), ddp)
     expected, got = losses(single), losses(ddp)
     assert sorted(got) == [1, 2, 3]
     for step in expected:

@@ -14,18 +14,9 @@ from model.sampling import SamplingParams, TokenHistory, sample
 from service.engine import FinishReason, Sequence
 from service.structured_output import StructuredOutput
 from tests.service.engine.conftest import GREEDY, prompts, run
+from tests.service.test_structured_output import SMALL
 
 PENALISED = SamplingParams(temperature=0.0, repetition_penalty=1.5, frequency_penalty=1.0, presence_penalty=0.5)
-SMALL = {
-    "type": "object",
-    "properties": {
-        "a": {"type": "integer", "minimum": 0, "maximum": 99},
-        "b": {"type": "boolean"},
-        "c": {"enum": ["x", "yz"]},
-    },
-    "required": ["a", "b", "c"],
-    "additionalProperties": False,
-}
 
 
 def _collect(seq: Sequence) -> list:
