@@ -87,7 +87,10 @@ def save(out_dir: Path, step: int, model: Transformer, tokenizer: Any, state: di
 
     def add_trainer_state(tmp: Path) -> None:
         torch.save(state, tmp / STATE_FILE)
-        write_summary(tmp, {key: state.get(key) for key in ("step", "val_loss", "val_loss_step")})
+        summary = {key: state.get(key) for key in ("step", "val_loss", "val_loss_step")}
+        if isinstance(state.get("data"), dict) and "mixture" in state["data"]:
+            summary["mixture"] = state["data"]["mixture"]  # a weighted mixture's sources (trainer.mixture)
+        write_summary(tmp, summary)
         (tmp / CONFIG_FILE).write_text(yaml.safe_dump(state["config"], sort_keys=False))
         pause = _pause_seconds(os.environ.get(PAUSE_ENV, ""), step)
         if pause > 0:

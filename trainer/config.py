@@ -7,11 +7,12 @@ with a message that names the key instead of being silently ignored.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -22,14 +23,40 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+_SOURCE_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+class SourceConfig(_Strict):
+    """One source of a weighted mixture (`data.sources` entry written as a mapping)."""
+
+    path: str
+    """A file, directory or glob of `.txt`/`.jsonl`/`.parquet`/`.arrow` files, or `stdlib`."""
+    weight: float = Field(1.0, ge=0)
+    """Share of the training windows drawn from this source, relative to the other weights; 0 keeps the source
+    for validation only."""
+    name: str | None = None
+    """Label in logs, checkpoints and `val_loss/<name>` (letters, digits, `_.-`); default: the path's last
+    component without its suffix."""
+
+
+def default_source_name(path: str) -> str:
+    """`web` for `data/web/*.parquet` or `data/web/`, `wiki` for `wiki.jsonl`, `stdlib` for `stdlib`."""
+    parts = [p for p in Path(path).parts if not any(c in p for c in "*?[")]
+    name = Path(parts[-1]).stem if parts else "source"
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name) or "source"
+
+
 class DataConfig(_Strict):
     format: Literal["text", "chat"] = "text"
     """`text`: continued pretraining on raw text windows. `chat`: supervised fine-tuning on conversations
     (`trainer.chat_data`: OpenAI-style `messages`, rendered with the checkpoint's chat template, loss on assistant
     tokens only, several conversations packed per row with attention kept inside each)."""
-    sources: list[str] = Field(default_factory=lambda: ["stdlib"], min_length=1)
-    """`.txt`, `.jsonl` or `.parquet` files, directories or globs, or `stdlib` (the Python standard library).
-    For `chat`: `.jsonl`/`.parquet` chat files, or `stdlib-qa:train` / `stdlib-qa:heldout`."""
+    sources: list[str | SourceConfig] = Field(default_factory=lambda: ["stdlib"], min_length=1)
+    """`.txt`, `.jsonl`, `.parquet` or `.arrow` files, directories or globs, or `stdlib` (the Python standard
+    library): plain strings are one token stream. An entry written as a mapping `{path, weight, name}` makes the
+    sources a weighted mixture (`trainer.mixture`): each source is tokenized and split on its own, windows are
+    drawn from each in proportion to its weight, validation is reported per source (plain strings among them
+    weigh 1). For `chat`: `.jsonl`/`.parquet` chat files, or `stdlib-qa:train` / `stdlib-qa:heldout`."""
     val_sources: list[str] = Field(default_factory=list)
     """For `chat`: held-out chat files (then `val_fraction` is not used); empty holds out `val_fraction` of the
     conversations instead."""
@@ -45,17 +72,76 @@ class DataConfig(_Strict):
     val_fraction: float = Field(0.01, ge=0.0, lt=0.5)
     """Share of the token stream (its tail) held out for validation."""
     max_files: int | None = Field(None, gt=0)
-    """Use at most this many source files (spread evenly over the sorted list); bounds tokenizing time."""
+    """Use at most this many source files (spread evenly over the sorted list; per source in a mixture); bounds
+    tokenizing time."""
     max_tokens: int | None = Field(None, gt=0)
-    """Stop tokenizing after this many tokens."""
+    """Stop tokenizing after this many tokens (per source in a mixture)."""
+    num_proc: int | None = Field(None, gt=0)
+    """Processes tokenizing text data (default: min(4, CPUs)); the token file is the same for any number."""
     cache_dir: str | None = None
     """Where token files are cached (default: `$SMOLLM_CACHE_DIR/tokens` or `~/.cache/smollm/tokens`)."""
+
+    @field_validator("sources", mode="before")
+    @classmethod
+    def _check_source_entries(cls, sources: Any) -> Any:
+        # Validated here rather than by the union `str | SourceConfig`, whose error would list both branches.
+        if not isinstance(sources, list):
+            return sources
+        checked: list[Any] = []
+        for i, entry in enumerate(sources):
+            if isinstance(entry, dict):
+                try:
+                    entry = SourceConfig.model_validate(entry)
+                except ValidationError as e:
+                    raise ValueError(
+                        "; ".join(
+                            f"data.sources[{i}].{'.'.join(str(p) for p in err['loc'])}: "
+                            + ("unknown key" if err["type"] == "extra_forbidden" else err["msg"])
+                            + f" (got {err.get('input')!r})"
+                            for err in e.errors()
+                        )
+                    ) from None
+                if entry.name is not None and not _SOURCE_NAME.match(entry.name):
+                    raise ValueError(f"data.sources[{i}].name: {entry.name!r} may hold only letters, digits, _ . -")
+            checked.append(entry)
+        return checked
+
+    @property
+    def is_mixture(self) -> bool:
+        """Whether any source is a `{path, weight, name}` mapping: then the sources are a weighted mixture."""
+        return any(isinstance(s, SourceConfig) for s in self.sources)
+
+    @property
+    def source_paths(self) -> list[str]:
+        return [s.path if isinstance(s, SourceConfig) else s for s in self.sources]
+
+    def mixture_sources(self) -> list[SourceConfig]:
+        """Every source as a `SourceConfig` with its name filled in (plain strings weigh 1)."""
+        out = []
+        for s in self.sources:
+            spec = s if isinstance(s, SourceConfig) else SourceConfig(path=s)
+            out.append(spec.model_copy(update={"name": spec.name or default_source_name(spec.path)}))
+        return out
 
     @model_validator(mode="after")
     def _check_format(self) -> DataConfig:
         if self.format == "text" and self.val_sources:
             raise ValueError("val_sources is for format: chat; text data holds out its tail (val_fraction)")
-        if self.format == "chat" and "stdlib" in self.sources:
+        if self.is_mixture:
+            if self.format == "chat":
+                raise ValueError("data.sources: weighted sources ({path, weight, name}) are for format: text")
+            specs = self.mixture_sources()
+            if sum(s.weight for s in specs) <= 0:
+                raise ValueError("data.sources: the weights sum to 0; give at least one source a positive weight")
+            seen: dict[str, int] = {}
+            for i, s in enumerate(specs):
+                if s.name in seen:
+                    raise ValueError(
+                        f"data.sources[{i}].name: {s.name!r} is also the name of data.sources[{seen[s.name]}]; "
+                        "give each source its own `name`"
+                    )
+                seen[s.name] = i
+        if self.format == "chat" and "stdlib" in self.source_paths:
             raise ValueError(
                 "source `stdlib` is raw text, not chat: for format: chat name .jsonl/.parquet chat "
                 "files or stdlib-qa:train"
@@ -206,7 +292,7 @@ def build_config(raw: dict[str, Any], overrides: list[str] = ()) -> TrainConfig:
         cfg = TrainConfig.model_validate(raw)
     except ValidationError as e:
         raise ConfigError(_format_validation_error(e)) from None
-    if cfg.data.require_real_data and "stdlib" in cfg.data.sources:
+    if cfg.data.require_real_data and "stdlib" in cfg.data.source_paths:
         recipe = f"the {cfg.model} recipe" if cfg.init_from == "scratch" else "this recipe"
         raise ConfigError(
             f"data.sources: {recipe} needs real pretraining data (data.require_real_data is set): point "

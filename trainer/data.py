@@ -1,11 +1,14 @@
 """Training data: text sources tokenized once into a cached `uint16` token file, read as random windows.
 
 Sources are `.txt` files (one document each), `.jsonl` files (one document per record's text field),
-`.parquet` files (one document per row of the text column), directories and globs of those, or `stdlib`:
-the Python standard library's own source files, a sizeable corpus present on every machine and in every
-container. Every document ends with `data.doc_separator` (the model's EOS token unless set). The token file
-is cached under a key made of the files (paths, sizes, modification times), the tokenizer and the tokenizing
-options, so later runs reuse it.
+`.parquet` and `.arrow` files (one document per row of the text column), directories and globs of those, or
+`stdlib`: the Python standard library's own source files, a sizeable corpus present on every machine and in
+every container. `.jsonl`/`.parquet`/`.arrow` are read through Hugging Face `datasets`, streamed
+(`trainer.hf_datasets`), and tokenized by `data.num_proc` processes (`trainer.tokenize_pool`) straight into the
+token file, so memory stays bounded whatever the corpus size. Every document ends with `data.doc_separator`
+(the model's EOS token unless set). The token file is cached under a key made of the files (paths, sizes,
+modification times), the tokenizer and the tokenizing options, so later runs reuse it. Weighted mixtures of
+sources are `trainer.mixture`.
 """
 
 from __future__ import annotations
@@ -29,13 +32,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from trainer import hf_datasets, tokenize_pool
 from trainer.config import DataConfig
 
 log = logging.getLogger(__name__)
 
-SUFFIXES = (".txt", ".jsonl", ".parquet")
+SUFFIXES = (".txt", ".jsonl", ".parquet", ".arrow")
 STDLIB = "stdlib"
-_ENCODE_BATCH = 64  # documents per batched tokenizer call (the Rust tokenizer parallelises within a batch)
 
 
 class DataError(ValueError):
@@ -78,32 +81,14 @@ def resolve_sources(sources: list[str], max_files: int | None = None) -> list[Pa
     return files
 
 
-def _documents(path: Path, text_field: str) -> Iterator[str]:
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        try:
-            pf = pq.ParquetFile(path)
-        except Exception as e:  # pyarrow raises several unrelated types for a bad file
-            raise DataError(f"{path}: unreadable parquet file: {e}") from None
-        if text_field not in pf.schema_arrow.names:
-            raise DataError(f"{path}: no column {text_field!r} (columns: {pf.schema_arrow.names})")
-        for batch in pf.iter_batches(columns=[text_field], batch_size=1024):
-            yield from (t for t in batch.column(0).to_pylist() if t)
-    elif path.suffix == ".jsonl":
-        with open(path, encoding="utf-8", errors="replace") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{lineno}: invalid JSON: {e}") from None
-                if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
-                    raise DataError(f"{path}:{lineno}: record has no string field {text_field!r}")
-                yield record[text_field]
-    else:
+def _documents(path: Path, text_field: str, hf_cache: Path | None = None) -> Iterator[str]:
+    if path.suffix not in hf_datasets.BUILDERS:  # `.txt`, and the standard library's `.py` files
         yield path.read_text(encoding="utf-8", errors="replace")
+        return
+    try:
+        yield from hf_datasets.iter_texts(path, text_field, hf_cache)
+    except hf_datasets.ReadError as e:
+        raise DataError(str(e)) from None
 
 
 # ---------------------------------------------------------------- tokenizing and the cache
@@ -134,40 +119,32 @@ def _fsync_replace(tmp: Path, target: Path) -> None:
     os.replace(tmp, target)
 
 
-def _tokenize_to(files: list[Path], tokenizer: Any, cfg: DataConfig, eos_id: int, out: Path) -> tuple[int, int]:
+def _tokenize_to(
+    files: list[Path], tokenizer: Any, cfg: DataConfig, eos_id: int, out: Path, hf_cache: Path | None = None
+) -> tuple[int, int]:
     """Write the token stream to `out`; returns (tokens, documents)."""
-    backend = tokenizer.backend_tokenizer
+    num_proc = cfg.num_proc or tokenize_pool.default_num_proc()
     n_tokens = n_docs = 0
     total_bytes = sum(f.stat().st_size for f in files)
     bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing", disable=not sys.stderr.isatty())
-    with open(out, "wb") as fh, bar:
 
-        def flush(texts: list[str]) -> bool:
-            nonlocal n_tokens, n_docs
-            for enc in backend.encode_batch(texts, add_special_tokens=False):
-                ids = np.asarray(enc.ids + [eos_id], dtype=np.uint16)
-                if cfg.max_tokens is not None:
-                    ids = ids[: cfg.max_tokens - n_tokens]
-                ids.tofile(fh)
-                n_tokens += len(ids)
-                n_docs += 1
-                if cfg.max_tokens is not None and n_tokens >= cfg.max_tokens:
-                    return True
-            return False
-
-        pending: list[str] = []
+    def documents() -> Iterator[str]:
         for path in files:
-            for doc in _documents(path, cfg.text_field):
-                if not doc.strip():
-                    continue
-                pending.append(doc)
-                if len(pending) >= _ENCODE_BATCH:
-                    if flush(pending):
-                        return n_tokens, n_docs
-                    pending = []
+            yield from (doc for doc in _documents(path, cfg.text_field, hf_cache) if doc.strip())
             bar.update(path.stat().st_size)
-        if pending:
-            flush(pending)
+
+    chunks = tokenize_pool.encoded_chunks(documents(), tokenizer.backend_tokenizer, eos_id, num_proc)
+    with open(out, "wb") as fh, bar, contextlib.closing(chunks):
+        for ids, lengths in chunks:
+            if cfg.max_tokens is not None and n_tokens + len(ids) >= cfg.max_tokens:
+                keep = cfg.max_tokens - n_tokens
+                ids[:keep].tofile(fh)
+                # Documents that start before the cut count, the last one possibly cut short.
+                n_docs += int(np.searchsorted(np.cumsum(lengths) - lengths, keep, side="left"))
+                return n_tokens + keep, n_docs
+            ids.tofile(fh)
+            n_tokens += len(ids)
+            n_docs += len(lengths)
     return n_tokens, n_docs
 
 
@@ -212,13 +189,18 @@ def separator_id(cfg: DataConfig, tokenizer: Any, eos_id: int) -> int:
 def load_tokens(cfg: DataConfig, tokenizer: Any, eos_id: int) -> TokenFile:
     """Tokenize `cfg.sources` with `tokenizer` (once: a cached file is reused) and memory-map the result; every
     document ends with `cfg.doc_separator` (`eos` is `eos_id`)."""
+    files = resolve_sources(cfg.source_paths, cfg.max_files)
+    return tokenize_files(files, cfg, tokenizer, separator_id(cfg, tokenizer, eos_id), cfg.source_paths)
+
+
+def tokenize_files(files: list[Path], cfg: DataConfig, tokenizer: Any, sep_id: int, label: list[str]) -> TokenFile:
+    """The token file of `files` (cached under `cfg.cache_dir`), every document ending with `sep_id`; `label`
+    names the sources in messages and in the cache's metadata."""
     if len(tokenizer) > np.iinfo(np.uint16).max + 1:
         raise DataError(f"the tokenizer has {len(tokenizer)} tokens; uint16 token files hold at most 65536")
-    eos_id = separator_id(cfg, tokenizer, eos_id)
-    files = resolve_sources(cfg.sources, cfg.max_files)
     cache = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
-    key = cache_key(files, tokenizer, cfg, eos_id)
+    key = cache_key(files, tokenizer, cfg, sep_id)
     bin_path, meta_path = cache / f"{key}.bin", cache / f"{key}.json"
     with exclusive_lock(cache / f"{key}.lock"):
         meta = _read_meta(meta_path, bin_path)
@@ -229,17 +211,17 @@ def load_tokens(cfg: DataConfig, tokenizer: Any, eos_id: int) -> TokenFile:
             # Both files are written under temporary names and renamed: a killed job leaves no half cache.
             tmp_bin = cache / f".{key}.bin.tmp-{os.getpid()}"
             try:
-                n_tokens, n_docs = _tokenize_to(files, tokenizer, cfg, eos_id, tmp_bin)
+                n_tokens, n_docs = _tokenize_to(files, tokenizer, cfg, sep_id, tmp_bin, cache / "hf-datasets")
                 _fsync_replace(tmp_bin, bin_path)
             finally:
                 tmp_bin.unlink(missing_ok=True)
-            meta = {"n_tokens": n_tokens, "n_docs": n_docs, "n_files": len(files), "sources": cfg.sources}
+            meta = {"n_tokens": n_tokens, "n_docs": n_docs, "n_files": len(files), "sources": label}
             tmp_meta = cache / f".{key}.json.tmp-{os.getpid()}"
             tmp_meta.write_text(json.dumps(meta) + "\n")
             _fsync_replace(tmp_meta, meta_path)
             log.info("tokenized %d documents into %d tokens in %.1fs", n_docs, n_tokens, time.perf_counter() - t0)
     if meta["n_tokens"] == 0:
-        raise DataError(f"data.sources {cfg.sources}: the corpus is empty (no text in {len(files)} files)")
+        raise DataError(f"data.sources {label}: the corpus is empty (no text in {len(files)} files)")
     tokens = np.memmap(bin_path, dtype=np.uint16, mode="r", shape=(meta["n_tokens"],))
     return TokenFile(tokens=tokens, path=bin_path, from_cache=from_cache, n_docs=meta["n_docs"])
 

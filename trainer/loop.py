@@ -32,6 +32,7 @@ from trainer.distributed import DistInfo
 from trainer.init_source import ModelSource, build_model, resolve_model_source
 from trainer.loss import lm_loss, logits_output, use_hidden_states_output
 from trainer.mfu import MfuMeter, device_peak, flops_per_token
+from trainer.mixture import HeldOut, Mixture, load_mixture, log_mixture
 from trainer.nonfinite import NonFiniteGuard
 from trainer.optim import build_optimizer, lr_at, set_lr
 from trainer.out_lock import OutputLock
@@ -43,7 +44,7 @@ from trainer.state import Evaluation, TrainState, restore_or_init
 log = logging.getLogger(__name__)
 
 Sampler = WindowSampler | ChatBatches
-ValData = np.ndarray | PackedRows  # held-out text tokens or held-out chat rows
+ValData = np.ndarray | PackedRows | HeldOut  # held-out text tokens, chat rows, or each mixture source's tail
 
 
 @dataclass
@@ -53,8 +54,8 @@ class Prepared:
     cfg: TrainConfig
     source: ModelSource
     tokenizer: Any
-    train_tokens: np.ndarray | PackedRows
-    """Text: the token stream to draw windows from. Chat: packed conversation rows."""
+    train_tokens: np.ndarray | PackedRows | Mixture
+    """Text: the token stream to draw windows from (a `Mixture` of weighted sources). Chat: packed rows."""
     val_tokens: ValData | None
 
 
@@ -84,6 +85,10 @@ def prepare(cfg: TrainConfig) -> Prepared:
             0 if val is None else len(val),
             "cached" if chat.from_cache else "packed now",
         )
+    elif cfg.data.is_mixture:
+        train = load_mixture(cfg.data, tokenizer, source.config.eos_token_id)
+        val = train.held_out()
+        log_mixture(train)
     else:
         tokens = load_tokens(cfg.data, tokenizer, source.config.eos_token_id)
         train, val = split_tokens(tokens.tokens, cfg.data.val_fraction, cfg.data.seq_len)
@@ -267,13 +272,19 @@ class Validator:
 
     def __init__(self, val_tokens: ValData | None, cfg: TrainConfig, info: DistInfo, autocast: Any) -> None:
         self.val_tokens, self.cfg, self.info, self.autocast = val_tokens, cfg, info, autocast
+        self.by_source: dict[str, float] = {}  # a mixture's last per-source losses (`val_loss/<name>`)
 
     def due(self, step: int) -> bool:
         return bool(self.cfg.eval_every and step % self.cfg.eval_every == 0 and self.val_tokens is not None)
 
     def validate(self, state: TrainState) -> float:
         with logits_output(state.model) as model:
-            loss = evaluate(model, self.val_tokens, self.cfg, self.info, self.autocast)
+            if isinstance(self.val_tokens, HeldOut):
+                loss, self.by_source = self.val_tokens.evaluate(
+                    lambda tokens: evaluate(model, tokens, self.cfg, self.info, self.autocast)
+                )
+            else:
+                loss = evaluate(model, self.val_tokens, self.cfg, self.info, self.autocast)
         state.last_eval = Evaluation(state.step, loss)
         return loss
 
@@ -326,7 +337,7 @@ def _run(prep: Prepared, out_dir: Path, info: DistInfo) -> RunSummary:
         if state.step == 0 and cfg.data.format == "chat":
             # The weights before any update: the "before" figures of a fine-tune, in metrics.jsonl.
             if cfg.eval_every and validator.val_tokens is not None:
-                progress.log_eval(0, validator.validate(state))
+                progress.log_eval(0, validator.validate(state), validator.by_source)
             if cfg.sample_every and info.is_main:
                 progress.log_samples(0, _samples(state.model, prep.tokenizer, cfg))
         while state.step < cfg.max_steps:
@@ -353,7 +364,9 @@ def _run(prep: Prepared, out_dir: Path, info: DistInfo) -> RunSummary:
             if state.step % cfg.log_every == 0 or state.step == cfg.max_steps or evaluate_now:
                 summary.last_loss = step_loss
                 val_loss = validator.validate(state) if evaluate_now else None
-                summary.tokens_per_s = progress.log_step(state.step, step_loss, lr, step_grad_norm, val_loss)
+                summary.tokens_per_s = progress.log_step(
+                    state.step, step_loss, lr, step_grad_norm, val_loss, validator.by_source if evaluate_now else None
+                )
             if cfg.sample_every and state.step % cfg.sample_every == 0 and info.is_main:
                 progress.log_samples(state.step, _samples(state.model, prep.tokenizer, cfg))
             stopping = state.step < cfg.max_steps and stop.requested(info)

@@ -42,6 +42,10 @@ class StepRecord:
     val_loss: float | None = None
 
 
+def _per_source(val_by_source: dict[str, float] | None) -> dict[str, float]:
+    return {f"val_loss/{name}": loss for name, loss in (val_by_source or {}).items()}
+
+
 class MetricsFile:
     """Append-only `OUT/metrics.jsonl`, one JSON object per line, flushed per record."""
 
@@ -161,8 +165,17 @@ class Progress:
         if self.bar is not None:
             self.bar.update(1)
 
-    def log_step(self, step: int, loss: float, lr: float, grad_norm: float, val_loss: float | None = None) -> float:
-        """Report a logged step; returns the tokens/s since the previous one."""
+    def log_step(
+        self,
+        step: int,
+        loss: float,
+        lr: float,
+        grad_norm: float,
+        val_loss: float | None = None,
+        val_by_source: dict[str, float] | None = None,
+    ) -> float:
+        """Report a logged step; returns the tokens/s since the previous one. `val_by_source` (a mixture's
+        validation loss per source) is written as `val_loss/<name>`."""
         tokens_per_s = self.tokens_per_step * self.window_steps / self.window_seconds if self.window_seconds else 0.0
         mfu = self.mfu(tokens_per_s)
         elapsed = time.perf_counter() - self.t_start
@@ -172,12 +185,15 @@ class Progress:
         r = StepRecord(step, loss, lr, grad_norm, tokens_per_s, mfu, elapsed, eta, val_loss)
         if not self.enabled:
             return tokens_per_s
-        self.metrics.write({k: v for k, v in asdict(r).items() if v is not None})
+        per_source = _per_source(val_by_source)
+        self.metrics.write({k: v for k, v in asdict(r).items() if v is not None} | per_source)
         if self.tb is not None:
             for key in ("loss", "lr", "grad_norm", "tokens_per_s", "mfu", "val_loss"):
                 value = getattr(r, key)
                 if value is not None:
                     self.tb.add_scalar(f"train/{key}" if key != "val_loss" else "val/loss", value, step)
+            for key, value in per_source.items():
+                self.tb.add_scalar(key.replace("val_loss", "val/loss", 1), value, step)
             self.tb.flush()
         if self.gauges is not None:
             self.gauges.update(r)
@@ -203,13 +219,16 @@ class Progress:
             )
         return tokens_per_s
 
-    def log_eval(self, step: int, val_loss: float) -> None:
+    def log_eval(self, step: int, val_loss: float, val_by_source: dict[str, float] | None = None) -> None:
         """A validation loss measured outside a logged step (step 0: the weights before any update)."""
         if not self.enabled:
             return
-        self.metrics.write({"step": step, "val_loss": val_loss})
+        per_source = _per_source(val_by_source)
+        self.metrics.write({"step": step, "val_loss": val_loss} | per_source)
         if self.tb is not None:
             self.tb.add_scalar("val/loss", val_loss, step)
+            for key, value in per_source.items():
+                self.tb.add_scalar(key.replace("val_loss", "val/loss", 1), value, step)
             self.tb.flush()
         log.info("step %d | val %.4f", step, val_loss)
 

@@ -20,6 +20,7 @@ from trainer.config import TrainConfig
 from trainer.data import WindowSampler
 from trainer.distributed import DistInfo
 from trainer.init_source import ModelSource, build_model
+from trainer.mixture import Mixture, MixtureSampler
 from trainer.optim import apply_hyperparameters, build_optimizer
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,7 @@ class TrainState:
     step: int
     model: Transformer
     optimizer: torch.optim.Optimizer
-    sampler: WindowSampler | ChatBatches
+    sampler: WindowSampler | ChatBatches | MixtureSampler
     resumed_from: Path | None = None
     last_eval: Evaluation | None = None
     saved: dict[str, Any] = field(default_factory=dict)  # the loaded trainer state (empty on a fresh start)
@@ -65,7 +66,11 @@ class TrainState:
 
 
 def restore_or_init(
-    cfg: TrainConfig, source: ModelSource, train_tokens: np.ndarray | PackedRows, out_dir: Path, info: DistInfo
+    cfg: TrainConfig,
+    source: ModelSource,
+    train_tokens: np.ndarray | PackedRows | Mixture,
+    out_dir: Path,
+    info: DistInfo,
 ) -> TrainState:
     """Resume from the newest checkpoint in `out_dir` that loads completely, else start fresh from `source`.
 
@@ -98,10 +103,15 @@ def restore_or_init(
     return TrainState(step, model, optimizer, sampler, resumed_from, saved=saved)
 
 
-def make_sampler(train_data: np.ndarray | PackedRows, cfg: TrainConfig, info: DistInfo) -> WindowSampler | ChatBatches:
-    """Random windows of a token stream (text), or packed conversation rows in a seeded order (chat)."""
+def make_sampler(
+    train_data: np.ndarray | PackedRows | Mixture, cfg: TrainConfig, info: DistInfo
+) -> WindowSampler | ChatBatches | MixtureSampler:
+    """Random windows of a token stream (text) or of weighted sources (a mixture), or packed conversation rows
+    in a seeded order (chat)."""
     if isinstance(train_data, PackedRows):
         return ChatBatches(train_data, cfg.batch_size, cfg.seed, info.rank, info.world_size)
+    if isinstance(train_data, Mixture):
+        return train_data.sampler(cfg.data.seq_len, cfg.batch_size, cfg.seed, info.rank, info.world_size)
     return WindowSampler(train_data, cfg.data.seq_len, cfg.batch_size, cfg.seed, info.rank, info.world_size)
 
 
