@@ -81,7 +81,29 @@ def resolve_sources(sources: list[str], max_files: int | None = None) -> list[Pa
     return files
 
 
+def _parquet_texts(path: Path, text_field: str) -> Iterator[str]:
+    # pyarrow's batch iterator rather than `datasets`: its memory stays bounded on large files (see
+    # trainer.hf_datasets for the measurement).
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises several unrelated types for a bad file
+        raise DataError(f"{path}: unreadable parquet file: {e}") from None
+    if text_field not in pf.schema_arrow.names:
+        raise DataError(f"{path}: no column {text_field!r} (columns: {pf.schema_arrow.names})")
+    kind = pf.schema_arrow.field(text_field).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        raise DataError(f"{path}: column {text_field!r} holds {kind}, not text")
+    for batch in pf.iter_batches(columns=[text_field], batch_size=1024):
+        yield from (t for t in batch.column(0).to_pylist() if t)
+
+
 def _documents(path: Path, text_field: str, hf_cache: Path | None = None) -> Iterator[str]:
+    if path.suffix == ".parquet":
+        yield from _parquet_texts(path, text_field)
+        return
     if path.suffix not in hf_datasets.BUILDERS:  # `.txt`, and the standard library's `.py` files
         yield path.read_text(encoding="utf-8", errors="replace")
         return
