@@ -32,7 +32,7 @@ from trainer.distributed import DistInfo
 from trainer.init_source import ModelSource, build_model, resolve_model_source
 from trainer.loss import lm_loss, logits_output, use_hidden_states_output
 from trainer.mfu import MfuMeter, device_peak, flops_per_token
-from trainer.mixture import HeldOut, Mixture, load_mixture, log_mixture
+from trainer.mixture import HeldOut, Mixture, MixtureSampler, load_mixture, log_mixture
 from trainer.nonfinite import NonFiniteGuard
 from trainer.optim import build_optimizer, lr_at, set_lr
 from trainer.out_lock import OutputLock
@@ -43,7 +43,7 @@ from trainer.state import Evaluation, TrainState, restore_or_init
 
 log = logging.getLogger(__name__)
 
-Sampler = WindowSampler | ChatBatches
+Sampler = WindowSampler | ChatBatches | MixtureSampler
 ValData = np.ndarray | PackedRows | HeldOut  # held-out text tokens, chat rows, or each mixture source's tail
 
 
