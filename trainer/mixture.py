@@ -105,7 +105,7 @@ def load_mixture(cfg: DataConfig, tokenizer: Any, eos_id: int) -> Mixture:
             tokens = tokenize_files(files, cfg, tokenizer, sep_id, [spec.path])
             train, val = split_tokens(tokens.tokens, cfg.val_fraction, cfg.seq_len)
         except DataError as e:
-            raise DataError(f"{where}: {e}") from None
+            raise DataError(f"{where}: {str(e).removeprefix('data.sources: ')}") from None
         sources.append(Source(spec.name, spec.path, spec.weight, train, val, tokens.n_docs, tokens.from_cache))
     return Mixture(sources)
 

@@ -121,6 +121,9 @@ def test_each_source_is_tokenized_and_split_on_its_own(two_sources, tokenizer, t
     small = DataConfig(sources=[str(web), {"path": str(code), "name": "py"}], seq_len=4000, cache_dir=cfg.cache_dir)
     with pytest.raises(DataError, match=r"data\.sources\[0\] \(web\): the corpus has \d+ tokens: too few"):
         load_mixture(small, tokenizer, eos_id=0)
+    missing = DataConfig(sources=[{"path": str(tmp_path / "nowhere"), "name": "x"}], cache_dir=cfg.cache_dir)
+    with pytest.raises(DataError, match=r"^data\.sources\[0\] \(x\): \S*nowhere: no such file or directory$"):
+        load_mixture(missing, tokenizer, eos_id=0)
 
 
 def test_training_on_a_mixture_reports_each_source_records_the_mixture_and_resumes_exactly(
