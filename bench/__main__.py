@@ -1,8 +1,10 @@
 """`python -m bench`: serving and training speed of smollm next to transformers and llama.cpp, in one run.
 
-Sections (select with --only): ceiling (machine bandwidth and FLOP/s), serving (our server over HTTP at each
-concurrency and dtype), anchors (transformers generate(), llama-cpp-python, llama-server under the same load),
-training (our step vs transformers' on the same config). Prints a table, writes JSON and a PNG plot.
+Sections (select with --only, drop with --skip): ceiling (machine bandwidth and FLOP/s), serving (our server over
+HTTP at each concurrency and dtype), anchors (transformers generate(), llama-cpp-python, llama-server under the same
+load), training (our step vs transformers' on the same config), prefix_reuse (second-turn / first-turn TTFT of a
+~1,500-token conversation) and structured (the llguidance mask's cost per decode step), the last two through the
+engine in-process on the model loaded as the server loads it. Prints a table, writes JSON and a PNG plot.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Any
 import httpx
 import torch
 
-from bench import anchors, report, training
+from bench import anchors, prefix_reuse, report, structured, training
 from bench.ceiling import measure_ceiling
 from bench.loadgen import LoadConfig, run_load_sync
 from bench.machine import describe_machine, machine_line
@@ -29,7 +31,7 @@ from model.quant import QUANT_MODES
 
 log = logging.getLogger("bench")
 
-SECTIONS = ("ceiling", "serving", "anchors", "training")
+SECTIONS = ("ceiling", "serving", "anchors", "training", "prefix_reuse", "structured")
 
 
 def _int_list(text: str) -> list[int]:
@@ -62,6 +64,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=list(SECTIONS),
         help=f"comma-separated sections to run ({','.join(SECTIONS)})",
     )
+    p.add_argument("--skip", type=_choice_list(SECTIONS), default=[], help="comma-separated sections not to run")
     p.add_argument("--concurrency", type=_int_list, default=None, help="streams per level (default 1,4,16,64)")
     p.add_argument("--dtypes", type=_choice_list(tuple(DTYPES)), default=["bfloat16", "float32"])
     p.add_argument(
@@ -83,7 +86,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--threads",
         type=int,
         default=None,
-        help="threads for llama.cpp and in-process anchors (default: torch's thread count)",
+        help="threads for llama.cpp, in-process anchors and the in-process sections (default: torch's thread count)",
+    )
+    p.add_argument(
+        "--prefix-tokens",
+        type=int,
+        default=1500,
+        help="prefix_reuse: the first turn's prompt in tokens (the issue's target is for ~1,500)",
+    )
+    p.add_argument(
+        "--structured-tokens",
+        type=int,
+        default=None,
+        help="structured: tokens per constrained request at most (default 48, --quick 24)",
     )
     p.add_argument("--checkpoint", type=Path, default=None, help="model to serve (default: the embedded one)")
     p.add_argument("--out", type=Path, default=Path("bench/results"))
@@ -97,6 +112,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.concurrency = args.concurrency or ([1, 4] if args.quick else [1, 4, 16, 64])
     args.max_tokens = args.max_tokens or (16 if args.quick else 128)
     args.min_requests = args.min_requests or (2 if args.quick else 4)
+    args.structured_tokens = args.structured_tokens or (24 if args.quick else 48)
+    args.only = [s for s in args.only if s not in args.skip]
+    if not args.only:
+        p.error("--skip leaves no section to run")
+    if args.prefix_tokens < 16 or args.structured_tokens < 2:
+        p.error("--prefix-tokens must be >= 16 and --structured-tokens >= 2")
     if args.max_tokens < 1:
         p.error("--max-tokens must be >= 1")
     if args.time_limit <= 0:
@@ -247,6 +268,38 @@ def run_anchors(args: argparse.Namespace, checkpoint: Path, logs: Path, threads:
     return out
 
 
+def run_engine_sections(args: argparse.Namespace, checkpoint: Path, threads: int) -> dict[str, Any]:
+    """The in-process sections asked for (prefix_reuse, structured), on the model loaded as the server loads it
+    (SMOLLM_DTYPE=auto, weights packed for oneDNN), with `threads` torch threads: results keyed by section, each
+    `skipped` with the reason when it could not run."""
+    from service.loading import make_loader, resolve_precision
+    from service.settings import Settings
+
+    wanted = [s for s in ("prefix_reuse", "structured") if s in args.only]
+    torch.set_num_threads(threads)
+    try:
+        settings = Settings(checkpoint=str(checkpoint), dtype="auto", reload_interval=0)
+        model, tokenizer = make_loader(settings, resolve_precision(settings))(checkpoint)
+    except Exception as e:  # the other sections' results still count
+        log.exception("could not load %s in-process", checkpoint)
+        return {s: {"skipped": f"model not loaded: {type(e).__name__}: {e}"} for s in wanted}
+    out: dict[str, Any] = {}
+    if "prefix_reuse" in wanted:
+        out["prefix_reuse"] = _anchor(
+            "prefix_reuse",
+            prefix_reuse.measure,
+            model,
+            tokenizer,
+            prompt_tokens=args.prefix_tokens,
+            runs=1 if args.quick else 3,
+        )
+    if "structured" in wanted:
+        out["structured"] = _anchor(
+            "structured", structured.measure, model, tokenizer, max_tokens=args.structured_tokens
+        )
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.device == "cuda":
@@ -284,6 +337,7 @@ def main(argv: list[str] | None = None) -> int:
             "quants": args.quants,
             "threads": threads,
             "quick": args.quick,
+            "sections": args.only,
         }
     }
 
@@ -304,6 +358,8 @@ def main(argv: list[str] | None = None) -> int:
     if "training" in args.only:
         peak = {d: g * 1e9 for d, g in results.get("ceiling", {}).get("matmul_gflops", {}).items()}
         results["training"] = _anchor("training", training.run_training, quick=args.quick, peak_flops=peak)
+    if "prefix_reuse" in args.only or "structured" in args.only:
+        results.update(run_engine_sections(args, checkpoint, threads))
 
     json_path = report.write_json(results, args.out / f"{stamp}.json")
     text = report.format_report(results)

@@ -14,6 +14,8 @@ log = logging.getLogger(__name__)
 TARGET_ONE_STREAM = 60.0
 TARGET_16_STREAMS = 400.0
 TARGET_TTFT_P50_MS = 300.0
+# From the API issue: the second turn of a ~1,500-token conversation starts in at most this share of the first's TTFT.
+TARGET_PREFIX_RATIO = 0.3
 
 
 def _f(x: float | None, digits: int = 1) -> str:
@@ -189,6 +191,64 @@ def _training_section(training: dict[str, Any]) -> str:
     )
 
 
+def _prefix_reuse_section(pr: dict[str, Any]) -> str:
+    if reason := _skipped(pr):
+        return f"Prefix reuse: not measured ({reason})"
+    rows = [
+        ["1", str(pr["turn1_prompt_tokens"]), "0", _f(pr["turn1_ttft_ms"], 0)],
+        ["2", str(pr["turn2_prompt_tokens"]), str(pr["turn2_reused_tokens"]), _f(pr["turn2_ttft_ms"], 0)],
+        ["2, cold", str(pr["turn2_prompt_tokens"]), "0", _f(pr.get("turn2_cold_ttft_ms"), 0)],
+    ]
+    ratio, target = pr["ratio"], pr.get("target_ratio", TARGET_PREFIX_RATIO)
+    head = (
+        f"Prefix reuse (engine in-process, {pr['dtype']}, {pr['threads']} threads, prefill chunk "
+        f"{pr['prefill_chunk']}, median of {pr['runs']}; cold = the same prompt on a fresh engine):"
+    )
+    verdict = (
+        f"  turn 2 / turn 1 TTFT {ratio:.2f}x (target <= {target:g}x on a ~1,500-token conversation): "
+        f"{'PASS' if ratio <= target else 'MISS'}"
+    )
+    return "\n".join([head, _table(["turn", "prompt tok", "reused", "TTFT ms"], rows), verdict])
+
+
+def _structured_section(st: dict[str, Any]) -> str:
+    if reason := _skipped(st):
+        return f"Structured output: not measured ({reason})"
+    rows = []
+    for name, f in st.get("formats", {}).items():
+        rows.append(
+            [
+                name,
+                _f(f["compile_ms"]),
+                _f(f["first_mask_ms"], 2),
+                f"{_f(f['mask_ms_p50'], 3)}/{_f(f['mask_ms_p95'], 3)}",
+                _f(f.get("fill_ms_p50"), 3),
+                _f(f.get("accept_ms_p50"), 3),
+                str(f["steps"]),
+                _f(f.get("decode_ms_per_token")),
+                _f(st.get("plain_decode_ms_per_token")),
+                "yes" if f.get("valid_json") else "no",
+            ]
+        )
+    head = (
+        f"Structured output (llguidance mask per decode step, engine in-process, greedy, {st['dtype']}, "
+        f"{st['threads']} threads; tokenizer table {_f(st.get('tokenizer_table_ms'), 0)} ms once per model):"
+    )
+    header = [
+        "format",
+        "compile ms",
+        "1st mask ms",
+        "mask ms/step p50/p95",
+        "llg fill p50",
+        "accept p50",
+        "steps",
+        "decode ms/tok",
+        "plain ms/tok",
+        "JSON",
+    ]
+    return head + "\n" + _table(header, rows)
+
+
 def format_report(results: dict[str, Any]) -> str:
     meta = results.get("meta", {})
     parts = [
@@ -201,6 +261,8 @@ def format_report(results: dict[str, Any]) -> str:
         _serving_section(results) if "serving" in results or "anchors" in results else "",
         _targets_section(results),
         _training_section(results.get("training", {})),
+        _prefix_reuse_section(results["prefix_reuse"]) if "prefix_reuse" in results else "",
+        _structured_section(results["structured"]) if "structured" in results else "",
     ):
         if section:
             parts.append(section)

@@ -88,6 +88,24 @@ def completion_logprobs(lps: list[TokenLogprobs], texts: TokenText, offset: int 
     }
 
 
+def echo_logprobs(prompt_ids: list[int], lps: list[TokenLogprobs], texts: TokenText) -> dict:
+    """OpenAI completions' `logprobs` of an echoed prompt (the shape of `completion_logprobs`, offsets from 0):
+    token 0 has `null` logprob and `null` top_logprobs (nothing predicts it), `lps` scores tokens 1.. (the
+    engine's `Sequence.prompt_token_logprobs`)."""
+    scored = completion_logprobs(lps, texts, len(texts.text(prompt_ids[0])))
+    return {
+        "tokens": [texts.text(prompt_ids[0]), *scored["tokens"]],
+        "token_logprobs": [None, *scored["token_logprobs"]],
+        "top_logprobs": [None, *scored["top_logprobs"]],
+        "text_offset": [0, *scored["text_offset"]],
+    }
+
+
+def join_logprobs(first: dict, then: dict) -> dict:
+    """Two completions `logprobs` objects (the echoed prompt's, then the completion's) as one."""
+    return {key: first[key] + then[key] for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset")}
+
+
 def chat_logprobs(lps: list[TokenLogprobs], texts: TokenText) -> dict:
     """OpenAI chat's `logprobs`: `{"content": [{token, logprob, bytes, top_logprobs: [{token, logprob,
     bytes}]}]}`."""

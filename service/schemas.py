@@ -232,8 +232,10 @@ class CompletionRequest(_OpenAIBase):
     prompt: str | list[str] | list[int] | list[list[int]] = Field(
         ..., description=f"a string, token ids, or a list of either (one choice per prompt, at most {MAX_PROMPTS})"
     )
-    max_tokens: int | None = Field(16, ge=1)
-    echo: bool = Field(False, description="prepend the prompt to each choice's text")
+    max_tokens: int | None = Field(16, ge=0, description="0 only with echo: score the prompt, generate nothing")
+    echo: bool = Field(
+        False, description="prepend the prompt to each choice's text; with logprobs, its tokens' logprobs too"
+    )
     best_of: int | None = Field(
         None, ge=1, description="generate best_of >= n per prompt, return the n of highest cumulative logprob"
     )

@@ -31,13 +31,13 @@ from typing import TYPE_CHECKING, Any
 import llguidance
 import llguidance.hf
 import llguidance.torch
+import numpy as np
 import torch
 
 if TYPE_CHECKING:
     from llguidance._lib import JsonCompileOptions
 
 _JSON_OPTIONS: JsonCompileOptions = {"whitespace_flexible": False}
-_BIT_SHIFTS = torch.arange(32, dtype=torch.int32)
 
 _tokenizers: weakref.WeakKeyDictionary[Any, dict[int | None, llguidance.LLTokenizer]] = weakref.WeakKeyDictionary()
 _tokenizers_lock = threading.Lock()
@@ -119,8 +119,11 @@ class StructuredOutput:
     def allowed_tokens(self) -> torch.Tensor:
         """Bool (vocab_size,): the tokens that keep the output a valid prefix (the end token once complete)."""
         self.fill_bitmask(self._bitmask)
-        bits = (self._bitmask[0].unsqueeze(1) >> _BIT_SHIFTS) & 1  # (ceil(V / 32), 32)
-        return bits.view(-1)[: self.vocab_size].bool()
+        # numpy, not torch shifts: torch spread this 49k-element op over its intra-op threads, and with 2 threads
+        # on the busy 2-core machine a step's mask took 60-70 ms instead of 0.06 (bench `structured`); unpackbits
+        # takes ~0.02 ms on any thread count. Little-endian words: bit t of the row is bit t % 8 of byte t // 8.
+        raw = self._bitmask[0].numpy().view(np.uint8)
+        return torch.from_numpy(np.unpackbits(raw, bitorder="little")[: self.vocab_size].view(np.bool_))
 
     def accept(self, token_id: int) -> bool:
         """Advance past the generated token; False (and `error` set) if the grammar forbids it, which only

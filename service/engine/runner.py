@@ -10,6 +10,7 @@ import torch
 from model.kv_cache import CacheBatch, KVCache
 from model.llama import Transformer
 from model.sampling import TokenLogprobs, sample, sample_with_logprobs
+from service.engine import prompt_logprobs
 from service.engine.scheduler import Batch
 from service.engine.sequence import Sequence
 
@@ -134,8 +135,14 @@ class ModelRunner:
             if it is items[-1]:
                 length, furthest = length + n_pad, min(furthest + n_pad, max_pos)
             segments.append((it.seq.slot, length, self._kv_len(furthest)))
-        cache_batch = CacheBatch.build_packed(self.cache, segments, positions, logits_index=last)
+        # Echo with logprobs: the logits of the prompt positions to score come after the last-token rows.
+        scored = prompt_logprobs.plan([(it.seq, it.start, it.end) for it in items], last)
+        index = last + [r for s in scored for r in s.rows]
+        cache_batch = CacheBatch.build_packed(self.cache, segments, positions, logits_index=index)
         logits = self.model(torch.tensor([row], dtype=torch.long, device=self.device), batch=cache_batch)
+        if scored:
+            prompt_logprobs.collect(logits[len(last) :], scored)
+            logits = logits[: len(last)]
         # (len(items), vocab)
         logits_row = {id(it.seq): i for i, it in enumerate(items) if it.completes_prompt}
         # Only rows that finish their prompt sample, so a seeded row draws the same numbers however its

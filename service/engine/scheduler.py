@@ -134,7 +134,8 @@ class Scheduler:
                 for s in group:
                     self.waiting.remove(s)
                     if s.share_from is None:
-                        s.slot, hit = self.cache.allocate_for(s.prompt_ids)
+                        # A prompt to be scored (prompt_logprobs) needs the logits of every position: no reuse.
+                        s.slot, hit = self.cache.allocate_for(s.prompt_ids if s.prompt_logprobs is None else ())
                         # At least one prompt token is computed: its logits give the first output token.
                         s.prefix_hit = min(hit, s.num_prompt - 1)
                         s.num_cached = s.prefix_hit

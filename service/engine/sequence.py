@@ -88,6 +88,10 @@ class Sequence:
     siblings: list[Sequence] = field(default_factory=list)
     share_from: Sequence | None = None
     prefix_hit: int = 0  # prompt positions reused from the previous owner of the slot (prefix cache)
+    # Echo with logprobs: score the prompt's own tokens with this many top alternatives each (None: do not). The
+    # prefill fills `prompt_token_logprobs` for tokens 1.. of the prompt (see prompt_logprobs.py).
+    prompt_logprobs: int | None = None
+    prompt_token_logprobs: list[TokenLogprobs] = field(default_factory=list)
 
     arrival_time: float = field(default_factory=time.monotonic)
     admitted_time: float | None = None

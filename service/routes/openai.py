@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from service.generation import (
     EventStream,
     Generation,
     GenerationError,
+    GenerationResult,
     build_sequence,
     chat_ids_async,
     choice_seeds,
@@ -32,7 +33,7 @@ from service.generation import (
     structured_output_async,
     submit,
 )
-from service.logprobs import chat_logprobs, completion_logprobs, token_text
+from service.logprobs import chat_logprobs, completion_logprobs, echo_logprobs, join_logprobs, token_text
 from service.schemas import (
     MAX_PROMPTS,
     ChatCompletionRequest,
@@ -112,11 +113,11 @@ def check_choices(engine, k: int, field: str, prompts: int = 1) -> None:
         )
 
 
-def _usage(gens: list[Generation]) -> dict:
+def _usage(gens: list[Generation], scoring: bool = False) -> dict:
     """Prompt tokens counted once per distinct prompt sequence (the n choices of one prompt share it), completion
-    tokens over every choice."""
+    tokens over every choice (none when `scoring`: echo with max_tokens 0 drops the one token it sampled)."""
     p = sum(g.prompt_tokens for g in gens if g.counts_prompt)
-    c = sum(g.completion_tokens for g in gens)
+    c = 0 if scoring else sum(g.completion_tokens for g in gens)
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
 
@@ -142,12 +143,12 @@ async def models(engine: EngineDep, request: Request) -> dict:
 @router.post("/v1/completions", response_model=CompletionResponse, responses=_STREAM)
 async def completions(body: CompletionRequest, request: Request, engine: EngineDep, settings: SettingsDep):
     check_request(body, engine)
-    if body.echo and body.logprobs is not None:
+    # OpenAI's echo with max_tokens 0 scores the prompt and generates nothing. The engine always samples one token
+    # after a prefill (at no extra forward pass); it is dropped, as vLLM does.
+    scoring = body.max_tokens == 0
+    if scoring and not body.echo:
         raise ApiError(
-            400,
-            "echo: prompt log-probabilities are not computed by this server; use echo or logprobs, not both",
-            param="echo",
-            code="unsupported_parameter",
+            400, "max_tokens: 0 generates nothing; it is only useful with echo (scoring the prompt)", param="max_tokens"
         )
     prompts = body.prompts()
     many = len(prompts) > 1
@@ -162,8 +163,10 @@ async def completions(body: CompletionRequest, request: Request, engine: EngineD
     check_choices(engine, best_of, "best_of" if body.best_of else "n", len(prompts))
     # Ranking by cumulative logprob needs each token's logprob even when the client asked for none.
     logprobs = body.logprobs if best_of == n or body.logprobs is not None else 0
+    # With echo, the prompt's own tokens are scored too (from the prefill's logits; no prefix reuse for them).
+    score_prompt = body.logprobs if body.echo else None
     structured = await structured_output_async(engine, body.response_format)
-    texts, seqs = [], []
+    texts, prompt_ids, seqs = [], [], []
     for i, prompt in enumerate(prompts):
         field = f"prompt.{i}" if many else "prompt"
         if isinstance(prompt, str):
@@ -173,23 +176,24 @@ async def completions(body: CompletionRequest, request: Request, engine: EngineD
             ids = list(prompt)
             text = None
         for seed in choice_seeds(body.seed, best_of):
-            seqs.append(
-                build_sequence(
-                    engine,
-                    ids,
-                    sampling_params(body, engine.vocab_size, logprobs=logprobs, seed=seed),
-                    max_tokens=body.max_tokens,
-                    max_tokens_explicit=body.max_tokens is not None,
-                    stop=body.stop,
-                    timeout=settings.request_timeout,
-                    prompt_field=field,
-                    ignore_eos=body.ignore_eos,
-                    structured=None if structured is None else structured.copy(),
-                )
+            seq = build_sequence(
+                engine,
+                ids,
+                sampling_params(body, engine.vocab_size, logprobs=None if scoring else logprobs, seed=seed),
+                max_tokens=1 if scoring else body.max_tokens,
+                max_tokens_explicit=body.max_tokens is not None,
+                stop=body.stop,
+                timeout=settings.request_timeout,
+                prompt_field=field,
+                ignore_eos=body.ignore_eos,
+                structured=None if structured is None else structured.copy(),
             )
+            seq.prompt_logprobs = score_prompt
+            seqs.append(seq)
         if body.echo and text is None:
             text = await asyncio.to_thread(engine.tokenizer.decode, ids)
         texts += [text or ""] * n
+        prompt_ids.append(ids)
     gens = submit(engine, seqs, group=best_of)
     created, model = int(time.time()), engine.info.name
     rid = f"cmpl-{gens[0].id}"
@@ -197,11 +201,16 @@ async def completions(body: CompletionRequest, request: Request, engine: EngineD
     token_texts = token_text(engine.tokenizer)
     offsets = [len(e) for e in echo]  # where each choice's next token starts in its text (text_offset)
 
-    def chunk(index: int, text: str, finish: str | None, lp: TokenLogprobs | None = None) -> dict:
-        logprobs = None
-        if lp is not None:
-            logprobs = completion_logprobs([lp], token_texts, offsets[index])
-            offsets[index] += len(logprobs["tokens"][0])
+    def prompt_lps(p: int) -> dict | None:
+        """The echoed prompt `p`'s logprobs (None unless echo with logprobs). Its choices share one prefill: the
+        sequence that computed it holds the scores (the others were given a copy of its KV)."""
+        if score_prompt is None:
+            return None
+        group = gens[p * best_of : (p + 1) * best_of]
+        scores = max((g.seq.prompt_token_logprobs for g in group), key=len)
+        return echo_logprobs(prompt_ids[p], scores, token_texts)
+
+    def choice_chunk(index: int, text: str, logprobs: dict | None, finish: str | None) -> dict:
         return {
             "id": rid,
             "object": "text_completion",
@@ -210,38 +219,59 @@ async def completions(body: CompletionRequest, request: Request, engine: EngineD
             "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}],
         }
 
+    def chunk(index: int, text: str, finish: str | None, lp: TokenLogprobs | None = None) -> dict | None:
+        if scoring:  # the token sampled after the prefill is not part of the answer
+            return None if finish is None else choice_chunk(index, "", None, "length")
+        logprobs = None
+        if lp is not None:
+            logprobs = completion_logprobs([lp], token_texts, offsets[index])
+            offsets[index] += len(logprobs["tokens"][0])
+        return choice_chunk(index, text, logprobs, finish)
+
+    def opening(index: int) -> dict | None:
+        """The echo chunk, sent just before the choice's first event: by then the prefill has scored the prompt."""
+        return choice_chunk(index, echo[index], prompt_lps(index // best_of), None) if echo[index] else None
+
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        first = [chunk(i, e, None) for i, e in enumerate(echo) if e]
         return EventStream(
-            _openai_stream(gens, chunk, include_usage, rid, created, model, "text_completion", first=first),
+            _openai_stream(
+                gens, chunk, include_usage, rid, created, model, "text_completion", opening=opening, scoring=scoring
+            ),
             send_timeout=settings.sse_send_timeout,
         )
     results = await _results(gens, request)
     if results is None:
         return Response(status_code=CLIENT_CLOSED)
+    ranked = list(enumerate(results))  # (index in gens, result)
     if best_of > n:  # keep each prompt's n best, best first
-        results = [
-            r
-            for start in range(0, len(results), best_of)
-            for r in sorted(results[start : start + best_of], key=lambda r: -sum(lp.logprob for lp in r.logprobs))[:n]
-        ]
-    choices = [
-        {
-            "index": i,
-            "text": echo[i] + r.text,
-            "finish_reason": _finish(r.finish_reason),
-            "logprobs": None if body.logprobs is None else completion_logprobs(r.logprobs, token_texts, len(echo[i])),
-        }
-        for i, r in enumerate(results)
-    ]
+
+        def rank(kr: tuple[int, GenerationResult]) -> float:
+            return -sum(lp.logprob for lp in kr[1].logprobs)
+
+        ranked = [kr for s in range(0, len(ranked), best_of) for kr in sorted(ranked[s : s + best_of], key=rank)[:n]]
+    choices = []
+    for i, (k, r) in enumerate(ranked):
+        lps = None
+        if body.logprobs is not None:
+            lps = completion_logprobs([] if scoring else r.logprobs, token_texts, len(echo[i]))
+            if (scored := prompt_lps(k // best_of)) is not None:
+                lps = join_logprobs(scored, lps)
+        choices.append(
+            {
+                "index": i,
+                "text": echo[i] + ("" if scoring else r.text),
+                "finish_reason": "length" if scoring else _finish(r.finish_reason),
+                "logprobs": lps,
+            }
+        )
     return {
         "id": rid,
         "object": "text_completion",
         "created": created,
         "model": model,
         "choices": choices,
-        "usage": _usage(gens),
+        "usage": _usage(gens, scoring=scoring),
     }
 
 
@@ -340,23 +370,30 @@ async def _openai_stream(
     created: int,
     model: str,
     obj: str,
-    first: Sequence[dict] = (),
+    opening: Callable[[int], dict | None] | None = None,
+    scoring: bool = False,
 ):
-    """`data: {chunk}` lines (`first` ones, then each choice's deltas as they come, tagged with its index), a
-    chunk with finish_reason per choice, the usage chunk if asked, then `data: [DONE]`. An error in any choice
-    ends the stream with an error chunk."""
+    """`data: {chunk}` lines: each choice's deltas as they come, tagged with its index (`opening(index)` first,
+    when given and not None, just before the choice's first event; `chunk` returning None drops a delta), a chunk
+    with finish_reason per choice, the usage chunk if asked, then `data: [DONE]`. An error in any choice ends the
+    stream with an error chunk."""
+    opened: set[int] = set()
     try:
-        for c in first:
-            yield ServerSentEvent(data=json.dumps(c))
         async for i, event in merged_events(gens):
-            if event.finish_reason is None:
-                yield ServerSentEvent(data=json.dumps(chunk(i, event.text, None, event.logprobs)))
-                continue
-            error = finish_error(gens[i], event)
+            error = None if event.finish_reason is None else finish_error(gens[i], event)
             if error is not None:
                 yield ServerSentEvent(data=json.dumps(error_body(error.status, str(error), openai=True)))
                 break
-            yield ServerSentEvent(data=json.dumps(chunk(i, "", _finish(event.finish_reason))))
+            if opening is not None and i not in opened:
+                opened.add(i)
+                if (first := opening(i)) is not None:
+                    yield ServerSentEvent(data=json.dumps(first))
+            if event.finish_reason is None:
+                data = chunk(i, event.text, None, event.logprobs)
+            else:
+                data = chunk(i, "", _finish(event.finish_reason))
+            if data is not None:
+                yield ServerSentEvent(data=json.dumps(data))
         else:
             if include_usage:
                 yield ServerSentEvent(
@@ -367,7 +404,7 @@ async def _openai_stream(
                             "created": created,
                             "model": model,
                             "choices": [],
-                            "usage": _usage(gens),
+                            "usage": _usage(gens, scoring=scoring),
                         }
                     )
                 )

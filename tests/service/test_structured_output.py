@@ -91,6 +91,18 @@ def test_first_step_allows_only_an_object_opening(tokenizer):
     assert not allowed[tokenizer.eos_token_id]
 
 
+def test_allowed_tokens_reads_the_bitmask_bit_by_bit(tokenizer):
+    matcher = StructuredOutput.from_response_format(_schema_format(SMALL), tokenizer, 49160)  # not a multiple of 32
+    for t in tokenizer.encode('{"a":4'):
+        matcher.accept(t)
+    allowed = matcher.allowed_tokens()
+    words = torch.zeros(1, (49160 + 31) // 32, dtype=torch.int32)
+    matcher.fill_bitmask(words)
+    want = [(int(words[0, t // 32]) >> (t % 32)) & 1 == 1 for t in range(49160)]
+    assert allowed.dtype == torch.bool and allowed.tolist() == want
+    assert 0 < sum(want) < 100  # a digit, or what may follow one
+
+
 def test_end_token_allowed_exactly_when_complete(tokenizer):
     matcher = StructuredOutput.from_response_format(_schema_format(SMALL), tokenizer)
     ids = tokenizer.encode('{"a":42,"b":true,"c":"yz"}')

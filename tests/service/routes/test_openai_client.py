@@ -10,6 +10,7 @@ import math
 import httpx
 import openai
 import pytest
+import torch
 
 from tests.service.conftest import parse_sse, slow_down, wait_until
 
@@ -278,7 +279,8 @@ def test_chat_logprobs(oai):
     ("route", "body", "param"),
     [
         ("completions", {"logprobs": 6}, "logprobs"),
-        ("completions", {"logprobs": 2, "echo": True}, "echo"),
+        ("completions", {"max_tokens": 0}, "max_tokens"),
+        ("completions", {"max_tokens": -1}, "max_tokens"),
         ("chat", {"top_logprobs": 21, "logprobs": True}, "top_logprobs"),
         ("chat", {"top_logprobs": 2}, "top_logprobs"),
     ],
@@ -292,6 +294,105 @@ def test_bad_logprobs_are_400(oai, route, body, param):
         else:
             oai.completions.create(model="smollm", prompt="Hi", max_tokens=2, extra_body=body)
     assert e.value.body["param"] == param
+
+
+def _prompt_logprobs(model, ids: list[int]) -> list[float]:
+    """A direct forward pass: the logprob of each prompt token 1..T-1 is the log-softmax of the previous
+    position's logits."""
+    with torch.inference_mode():
+        logits = model(torch.tensor([ids]))[0].float()  # (T, V)
+    return torch.log_softmax(logits[:-1], dim=-1).gather(1, torch.tensor(ids[1:]).unsqueeze(1)).squeeze(1).tolist()
+
+
+def _check_offsets(lp, text: str) -> None:
+    assert lp.text_offset == sorted(lp.text_offset)
+    for token, start in zip(lp.tokens, lp.text_offset, strict=True):
+        assert text[start : start + len(token)] == token
+
+
+def test_echo_with_logprobs_scores_the_prompt_then_the_completion(oai, live, tokenizer):
+    prompt = "The cat sat on the mat"
+    ids = _ids(tokenizer, prompt)
+    plain = oai.completions.create(model="smollm", prompt=prompt, logprobs=2, **GREEDY)
+    out = oai.completions.create(model="smollm", prompt=prompt, logprobs=2, echo=True, **GREEDY)
+    c, T = out.choices[0], len(ids)
+    assert c.text == prompt + plain.choices[0].text and out.usage == plain.usage
+    lp = c.logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == T + 6
+    assert "".join(lp.tokens[:T]) == prompt
+    # Nothing predicts the first prompt token: null logprob, null alternatives (OpenAI's and vLLM's shape).
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None and lp.text_offset[0] == 0
+    assert lp.token_logprobs[1:T] == pytest.approx(_prompt_logprobs(live.engine.runner.model, ids), abs=1e-4)
+    for chosen, top in zip(lp.token_logprobs[1:T], lp.top_logprobs[1:T], strict=True):
+        values = list(top.values())
+        assert len(top) == 2 and values == sorted(values, reverse=True) and chosen <= values[0] + 1e-5
+    # Then the completion, exactly as without echo, its offsets shifted by the echoed prompt.
+    want = plain.choices[0].logprobs
+    assert lp.tokens[T:] == want.tokens and lp.token_logprobs[T:] == pytest.approx(want.token_logprobs)
+    assert lp.top_logprobs[T:] == want.top_logprobs
+    assert lp.text_offset[T:] == [len(prompt) + o for o in want.text_offset]
+    _check_offsets(lp, c.text)
+    # Token-id prompts too, and logprobs=0: the prompt's logprobs without alternatives.
+    by_ids = oai.completions.create(model="smollm", prompt=ids, logprobs=0, echo=True, **GREEDY).choices[0]
+    assert by_ids.logprobs.token_logprobs[1:] == pytest.approx(lp.token_logprobs[1:], abs=1e-4)
+    assert by_ids.logprobs.top_logprobs == [None] + [{}] * (T + 5)
+
+
+def test_echo_with_logprobs_streamed_and_with_n_choices(oai, tokenizer):
+    prompt = "Once upon a time"
+    T = len(_ids(tokenizer, prompt))
+    full = oai.completions.create(model="smollm", prompt=prompt, logprobs=1, echo=True, **GREEDY).choices[0]
+    chunks = list(oai.completions.create(model="smollm", prompt=prompt, logprobs=1, echo=True, stream=True, **GREEDY))
+    first = chunks[0].choices[0]
+    # The echo chunk comes first, with the prompt's logprobs (known once the prefill ran), then a chunk a token.
+    assert first.text == prompt and first.logprobs.tokens == full.logprobs.tokens[:T]
+    assert first.logprobs.token_logprobs[0] is None
+    assert first.logprobs.token_logprobs[1:] == pytest.approx(full.logprobs.token_logprobs[1:T], abs=1e-4)
+    tokens, offsets = [], []
+    for chunk in chunks:
+        c = chunk.choices[0]
+        if c.logprobs is not None:
+            tokens += c.logprobs.tokens
+            offsets += c.logprobs.text_offset
+    assert "".join(c.choices[0].text for c in chunks) == full.text
+    assert tokens == full.logprobs.tokens and offsets == full.logprobs.text_offset
+    # n = 2 sampled choices share one prefill: both carry the prompt's logprobs.
+    two = oai.completions.create(
+        model="smollm", prompt=prompt, logprobs=1, echo=True, n=2, temperature=1.0, seed=5, max_tokens=4
+    )
+    for c in two.choices:
+        assert c.text.startswith(prompt)
+        assert c.logprobs.token_logprobs[1:T] == pytest.approx(full.logprobs.token_logprobs[1:T], abs=1e-4)
+        _check_offsets(c.logprobs, c.text)
+
+
+def test_echo_with_max_tokens_0_scores_the_prompt_only(oai, live, tokenizer):
+    prompt = "The cat sat on the mat"
+    ids = _ids(tokenizer, prompt)
+    out = oai.completions.create(model="smollm", prompt=prompt, max_tokens=0, echo=True, logprobs=1)
+    c = out.choices[0]
+    assert c.text == prompt and c.finish_reason == "length"
+    assert (out.usage.prompt_tokens, out.usage.completion_tokens) == (len(ids), 0)
+    assert c.logprobs.tokens == [tokenizer.decode([t]) for t in ids]
+    assert c.logprobs.token_logprobs[1:] == pytest.approx(_prompt_logprobs(live.engine.runner.model, ids), abs=1e-4)
+    _check_offsets(c.logprobs, c.text)
+    bare = oai.completions.create(model="smollm", prompt=prompt, max_tokens=0, echo=True)
+    assert bare.choices[0].text == prompt and bare.choices[0].logprobs is None
+    chunks = list(
+        oai.completions.create(
+            model="smollm",
+            prompt=prompt,
+            max_tokens=0,
+            echo=True,
+            logprobs=1,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert [ch.choices[0].text for ch in chunks if ch.choices] == [prompt, ""]
+    assert chunks[0].choices[0].logprobs.tokens == c.logprobs.tokens
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices] == [None, "length"]
+    assert chunks[-1].usage.completion_tokens == 0
 
 
 def test_generate_logprobs_extension(live):
