@@ -2,7 +2,13 @@
 (DCP, `step-*/sharded/`) next to a plain Hugging Face directory the server and `transformers` load, and a resume
 from the shards continues exactly."""
 
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,13 +16,13 @@ from safetensors.torch import load_file
 
 from model.checkpoint import WEIGHTS_FILE, CheckpointError, load_model
 from model.run_dir import STATE_FILE, SUMMARY_FILE, read_latest, recorded_val_loss
-from trainer.checkpointing import SHARDED_DIR
+from trainer.checkpointing import PAUSE_ENV, SHARDED_DIR
 from trainer.config import ConfigError
 from trainer.loop import fsdp_param_dtype, prepare, run
 from trainer.progress import METRICS_FILE, read_metrics
 from trainer.sharded_checkpoint import export_hf_from_sharded, is_complete_sharded
 
-from .test_ddp import torchrun_trainer
+from .test_ddp import REPO, torchrun_trainer
 
 CPU = torch.device("cpu")
 
@@ -85,8 +91,8 @@ def test_two_processes_match_one_resume_exactly_and_export_for_the_server(config
     # gather the whole model onto rank 0.
     overrides = ["max_steps=4", "checkpoint_every=2", "batch_size=4", "grad_accum=2", "loss_chunk_tokens=16"]
     overrides += ["data.val_fraction=0.2", "eval_every=2", "eval_steps=2", "sample_every=4", "sample_tokens=4"]
-    single = tmp_path / "single"
-    run(prepare(make_config(*overrides)), single)
+    single = tmp_path / "single"  # one process: nothing wrapped, the sharded checkpoint layout
+    run(prepare(make_config(*overrides, "parallel=fsdp")), single)
 
     out = tmp_path / "fsdp"
     config = config_file(*overrides, "parallel=fsdp")
@@ -127,8 +133,64 @@ def test_two_processes_match_one_resume_exactly_and_export_for_the_server(config
         torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(served(x), ours, rtol=1e-4, atol=1e-4)
 
-    # Resume from the shards of step 2 in fresh processes: the uninterrupted run's losses, exactly.
-    _move_back_to_step_2(out)
-    assert "resuming from" in torchrun_trainer(config, out).stderr
-    assert losses(out) == got
-    assert _val_losses(out) == val_got
+    # kill -9 of every process while rank 0 holds the checkpoint of step 4 complete but hidden (all shards
+    # written): the rerun clears it, resumes from the shards of step 2 in fresh processes, and gives the
+    # uninterrupted run's losses, exactly.
+    killed = tmp_path / "killed"
+    _kill_during_the_write_of_step_4(config, killed)
+    assert read_latest(killed) == "step-000002" and not (killed / "step-000004").exists()
+    assert "resuming from" in torchrun_trainer(config, killed).stderr
+    assert losses(killed) == got
+    assert _val_losses(killed) == val_got
+    assert not [p for p in killed.iterdir() if p.name.startswith(".step-")]
+
+    # The one process's checkpoint of step 2, resumed by 2 processes: its shards redistributed, rank 1 taking
+    # rank 0's data position; the one process's losses within tolerance.
+    grown = tmp_path / "grown"
+    grown.mkdir()
+    shutil.copytree(single / "step-000002", grown / "step-000002")
+    (grown / "latest").write_text("step-000002\n")
+    torchrun_trainer(config, grown)
+    for step in (3, 4):
+        assert abs(losses(grown)[step] - expected[step]) < 1e-4, (step, losses(grown)[step], expected[step])
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below `pid` (torchrun starts its workers in sessions of their own: no process group reaches
+    them)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _kill_during_the_write_of_step_4(config, out):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "trainer"]
+    cmd += ["--config", str(config), "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", PAUSE_ENV: "4:120"}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 240
+        while not list(out.glob(".step-000004.tmp-*/sharded/.metadata")) or not list(
+            out.glob(".step-000004.tmp-*/trainer_summary.json")
+        ):
+            assert proc.poll() is None and time.monotonic() < deadline, "the job never reached the write of step 4"
+            time.sleep(0.1)
+        workers = _descendants(proc.pid)
+        assert len(workers) >= 2, workers
+        for pid in workers:
+            os.kill(pid, signal.SIGKILL)
+        proc.kill()
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
