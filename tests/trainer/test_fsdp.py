@@ -39,6 +39,31 @@ def test_fsdp_gathers_parameters_in_bf16_only_when_computing_in_bf16(make_config
     assert fsdp_param_dtype(make_config("parallel=fsdp", "dtype=float32"), CPU) is None
 
 
+@pytest.mark.parametrize(("dtype", "gathered"), [("bfloat16", torch.bfloat16), ("float32", torch.float32)])
+def test_parallelize_shards_with_bf16_gathers_when_computing_in_bf16(make_config, tmp_path, dtype, gathered):
+    """`parallelize` under torchrun (a one-rank gloo group here, told it is one of two): the blocks and the root are
+    FSDP units whose weights are gathered in the compute dtype, while the sharded masters stay fp32."""
+    import torch.distributed as dist
+
+    from model.config import ModelConfig
+    from model.llama import Transformer
+    from trainer.distributed import DistInfo
+    from trainer.loop import parallelize
+    from trainer.parallel import is_fsdp
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        model = Transformer(ModelConfig.from_name("tiny"))
+        parallelize(model, make_config("parallel=fsdp", f"dtype={dtype}"), DistInfo(0, 2, 0, CPU))
+        assert is_fsdp(model) and all(is_fsdp(block) for block in model.layers)
+        assert model.norm.weight.dtype == torch.float32 and type(model.norm.weight).__name__ == "DTensor"
+        with torch.no_grad():
+            model(torch.arange(8).unsqueeze(0))
+        assert model.norm.weight.dtype == gathered  # the root stays gathered after its forward
+    finally:
+        dist.destroy_process_group()
+
+
 def _val_losses(out):
     return {r["step"]: r["val_loss"] for r in read_metrics(out / METRICS_FILE) if r.get("val_loss") is not None}
 
