@@ -64,14 +64,25 @@ def test_parallelize_shards_with_bf16_gathers_when_computing_in_bf16(make_config
         dist.destroy_process_group()
 
 
+def test_a_failed_shard_write_leaves_the_previous_checkpoint_latest(make_config, tmp_path, monkeypatch):
+    from trainer import sharded_checkpoint
+    from trainer.checkpointing import CheckpointWriteError
+
+    out = tmp_path / "out"
+    run(prepare(make_config("max_steps=2", "checkpoint_every=2", "parallel=fsdp")), out)
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(sharded_checkpoint.dcp, "save", disk_full)
+    with pytest.raises(CheckpointWriteError, match=r"step-000004: .*No space.*step-000002 is intact"):
+        run(prepare(make_config("max_steps=4", "checkpoint_every=2", "parallel=fsdp")), out)
+    assert read_latest(out) == "step-000002"
+    assert sorted(p.name for p in out.iterdir() if "step-" in p.name) == ["step-000002"]  # no hidden debris
+
+
 def _val_losses(out):
     return {r["step"]: r["val_loss"] for r in read_metrics(out / METRICS_FILE) if r.get("val_loss") is not None}
-
-
-def _move_back_to_step_2(out):
-    """What a crash after the checkpoint of step 2 leaves: step 4 was never written."""
-    shutil.rmtree(out / "step-000004")
-    (out / "latest").write_text("step-000002\n")
 
 
 def test_one_process_writes_the_sharded_layout_and_resumes_from_it(make_config, tmp_path, losses):
@@ -91,10 +102,12 @@ def test_one_process_writes_the_sharded_layout_and_resumes_from_it(make_config, 
     a, b = load_file(step4 / WEIGHTS_FILE), load_file(plain / "step-000004" / WEIGHTS_FILE)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
+    # Step 4's shards lost their DCP metadata: the resume skips it for step 2 and rewrites step 4 exactly.
     expected = losses(out)
-    _move_back_to_step_2(out)
+    (step4 / SHARDED_DIR / ".metadata").unlink()
     assert run(prepare(job), out).start_step == 2
     assert losses(out) == expected
+    assert is_complete_sharded(step4 / SHARDED_DIR)
 
     with pytest.raises(CheckpointError, match="written with parallel: fsdp, this run has parallel: ddp"):
         run(prepare(make_config(*overrides, "max_steps=6")), out)
