@@ -3,7 +3,8 @@
 A batch job: it validates the config, the model source and the data (exit code 2 with a one-line
 `error: ...` if any is wrong, before training starts), trains, writes checkpoints into OUT and exits.
 Rerunning the same command resumes from the newest complete checkpoint in OUT. Under
-`torchrun --nproc_per_node N -m trainer ...` it trains with DistributedDataParallel.
+`torchrun --nproc_per_node N -m trainer ...` it trains with DistributedDataParallel, or with
+FSDP2 sharding and sharded checkpoints given `parallel=fsdp`.
 """
 
 from __future__ import annotations

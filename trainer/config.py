@@ -229,6 +229,13 @@ class TrainConfig(_Strict):
     tensorboard: bool = False
     """Also write the logged scalars (loss, lr, grad norm, tokens/s, MFU, validation loss) to `OUT/tb/` for
     TensorBoard (needs the `tensorboard` package)."""
+    parallel: Literal["ddp", "fsdp"] = "ddp"
+    """How `torchrun` processes share the model. `ddp`: DistributedDataParallel, a full copy of the weights and
+    optimizer state per process, rank 0 writes each checkpoint. `fsdp`: FSDP2 (`fully_shard`), each process holds a
+    1/N shard of the weights, gradients and optimizer state, and writes its shards of each checkpoint
+    (`torch.distributed.checkpoint`, under `step-*/sharded/`) next to the plain Hugging Face files the server reads.
+    With one process nothing is wrapped either way; `fsdp` still writes the sharded layout, so the run can be
+    resumed under torchrun with any number of processes."""
     compile: bool = False
     """torch.compile each transformer block for training (in place: checkpoints keep plain parameter names)."""
     activation_checkpointing: bool = False

@@ -7,7 +7,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from model.device import CpuCapability, cpu_capability, dtype_name, pick_device, resolve_dtype
@@ -30,15 +31,16 @@ from trainer.config import ConfigError, TrainConfig
 from trainer.data import WindowSampler, load_tokens, split_tokens
 from trainer.distributed import DistInfo
 from trainer.init_source import ModelSource, build_model, resolve_model_source
-from trainer.loss import lm_loss, logits_output, use_hidden_states_output
+from trainer.loss import HiddenStatesOutput, lm_loss, logits_output, use_hidden_states_output
 from trainer.mfu import MfuMeter, device_peak, flops_per_token
 from trainer.mixture import HeldOut, Mixture, MixtureSampler, load_mixture, log_mixture
 from trainer.nonfinite import NonFiniteGuard
 from trainer.optim import build_optimizer, lr_at, set_lr
 from trainer.out_lock import OutputLock
-from trainer.parallel import apply_activation_checkpointing, maybe_compile
+from trainer.parallel import apply_activation_checkpointing, apply_fsdp, is_fsdp, maybe_compile, reshard
 from trainer.preemption import StopRequest
 from trainer.progress import Progress
+from trainer.sharded_checkpoint import gather_full_model
 from trainer.state import Evaluation, TrainState, restore_or_init
 
 log = logging.getLogger(__name__)
@@ -115,6 +117,13 @@ def compute_dtype(
     return resolve_dtype(cfg.dtype, device, capability)
 
 
+def fsdp_param_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """The dtype FSDP gathers parameters in for the forward and backward (`MixedPrecisionPolicy.param_dtype`):
+    bf16 when the compute dtype is bf16 (half the all-gather traffic; the sharded masters, the optimizer and the
+    gradient reduction stay fp32), else None (fp32 throughout)."""
+    return torch.bfloat16 if compute_dtype(cfg, device) == torch.bfloat16 else None
+
+
 def autocast_context(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager:
     if compute_dtype(cfg, device) == torch.bfloat16:
         return torch.autocast(device.type, dtype=torch.bfloat16)
@@ -178,11 +187,23 @@ def train_step(
                     loss = F.cross_entropy(logits.flatten(0, 1), y.flatten()) / grad_accum
             loss.backward()
         loss_sum += loss.detach()
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+    grad_norm = _clip_grad_norm(model, grad_clip)
     if _finite_everywhere(loss_sum, grad_norm, info):
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return loss_sum, grad_norm
+
+
+def _clip_grad_norm(model: nn.Module, grad_clip: float) -> torch.Tensor:
+    """`clip_grad_norm_` that also works on FSDP's sharded gradients: each rank's norm is of its shards (a DTensor
+    with a pending reduction), made the global norm (`full_tensor`, an all-reduce) before the clipping factor is
+    taken from it, so every rank scales by the same factor. Returns the global norm as a plain 0-d tensor."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    if isinstance(grad_norm, DTensor):
+        grad_norm = grad_norm.full_tensor()
+    torch.nn.utils.clip_grads_with_norm_(params, grad_clip if grad_clip > 0 else float("inf"), grad_norm)
+    return grad_norm
 
 
 def _finite_everywhere(loss: torch.Tensor, grad_norm: torch.Tensor, info: DistInfo | None) -> bool:
@@ -255,6 +276,37 @@ def _samples(model: Transformer, tokenizer: Any, cfg: TrainConfig) -> list[dict[
         return generate_samples(m, tokenizer, cfg)
 
 
+def _samples_on_main(model: Transformer, tokenizer: Any, cfg: TrainConfig, info: DistInfo) -> list | None:
+    """Sample generations on rank 0 (None elsewhere). A sharded model is gathered onto rank 0 first (a collective,
+    so every rank calls this) and generates there as a plain model: generation runs on one rank only."""
+    if is_fsdp(model):
+        plain = gather_full_model(model)
+        return None if plain is None else generate_samples(plain.to(info.device), tokenizer, cfg)
+    return _samples(model, tokenizer, cfg) if info.is_main else None
+
+
+@contextlib.contextmanager
+def _logits_model(model: Transformer) -> Iterator[nn.Module]:
+    """`model` returning logits, for evaluation. Under FSDP the output projection's weight is only whole between a
+    forward and the next reshard, so the logits are the hidden states times the weight read right after the
+    forward (the root module stays gathered after its forward) rather than a swapped-in head."""
+    if is_fsdp(model) and isinstance(model.output, HiddenStatesOutput):
+        yield _ProjectAfterForward(model)
+    else:
+        with logits_output(model) as m:
+            yield m
+
+
+class _ProjectAfterForward(nn.Module):
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        hidden = self.model(*args, **kwargs)  # (B, T, n_embd)
+        return hidden @ self.model.output.weight.T  # (B, T, vocab)
+
+
 def prepare_model(model: Transformer, cfg: TrainConfig) -> Transformer:
     """Apply the training-only changes `cfg` asks for, in place and in torchtitan's order (`trainer.parallel`):
     the hidden-states head for the chunked loss, activation checkpointing, torch.compile. The parameters and
@@ -264,6 +316,15 @@ def prepare_model(model: Transformer, cfg: TrainConfig) -> Transformer:
     if cfg.activation_checkpointing:
         apply_activation_checkpointing(model)
     maybe_compile(model, cfg.compile)
+    return model
+
+
+def parallelize(model: Transformer, cfg: TrainConfig, info: DistInfo) -> Transformer:
+    """`prepare_model`, then FSDP2 sharding over every process when `cfg.parallel` is `fsdp` and there are several
+    (bf16 mixed precision when the compute dtype is bf16). DDP wraps later, around the optimizer's model."""
+    prepare_model(model, cfg)
+    if cfg.parallel == "fsdp" and info.enabled:
+        apply_fsdp(model, mixed_precision_dtype=fsdp_param_dtype(cfg, info.device))
     return model
 
 
@@ -278,13 +339,14 @@ class Validator:
         return bool(self.cfg.eval_every and step % self.cfg.eval_every == 0 and self.val_tokens is not None)
 
     def validate(self, state: TrainState) -> float:
-        with logits_output(state.model) as model:
+        with _logits_model(state.model) as model:
             if isinstance(self.val_tokens, HeldOut):
                 loss, self.by_source = self.val_tokens.evaluate(
                     lambda tokens: evaluate(model, tokens, self.cfg, self.info, self.autocast)
                 )
             else:
                 loss = evaluate(model, self.val_tokens, self.cfg, self.info, self.autocast)
+        reshard(state.model)  # free the gathered root weights that no backward follows to free
         state.last_eval = Evaluation(state.step, loss)
         return loss
 
@@ -324,9 +386,9 @@ def run(prep: Prepared, out_dir: Path) -> RunSummary:
 def _run(prep: Prepared, out_dir: Path, info: DistInfo) -> RunSummary:
     cfg = prep.cfg
     _clear_debris(out_dir, info)
-    state = restore_or_init(cfg, prep.source, prep.train_tokens, out_dir, info)
-    prepare_model(state.model, cfg)
-    model: nn.Module = DistributedDataParallel(state.model) if info.enabled else state.model
+    state = restore_or_init(cfg, prep.source, prep.train_tokens, out_dir, info, lambda m: parallelize(m, cfg, info))
+    ddp = info.enabled and cfg.parallel == "ddp"
+    model: nn.Module = DistributedDataParallel(state.model) if ddp else state.model
     autocast = autocast_context(cfg, info.device)
     validator = Validator(prep.val_tokens, cfg, info, autocast)
     checkpointer = Checkpointer(out_dir, cfg, prep.tokenizer, info)
@@ -338,8 +400,10 @@ def _run(prep: Prepared, out_dir: Path, info: DistInfo) -> RunSummary:
             # The weights before any update: the "before" figures of a fine-tune, in metrics.jsonl.
             if cfg.eval_every and validator.val_tokens is not None:
                 progress.log_eval(0, validator.validate(state), validator.by_source)
-            if cfg.sample_every and info.is_main:
-                progress.log_samples(0, _samples(state.model, prep.tokenizer, cfg))
+            if cfg.sample_every:
+                samples = _samples_on_main(state.model, prep.tokenizer, cfg, info)
+                if samples is not None:
+                    progress.log_samples(0, samples)
         while state.step < cfg.max_steps:
             lr = lr_at(state.step, cfg.optim, cfg.max_steps)
             set_lr(state.optimizer, lr)
@@ -367,8 +431,10 @@ def _run(prep: Prepared, out_dir: Path, info: DistInfo) -> RunSummary:
                 summary.tokens_per_s = progress.log_step(
                     state.step, step_loss, lr, step_grad_norm, val_loss, validator.by_source if evaluate_now else None
                 )
-            if cfg.sample_every and state.step % cfg.sample_every == 0 and info.is_main:
-                progress.log_samples(state.step, _samples(state.model, prep.tokenizer, cfg))
+            if cfg.sample_every and state.step % cfg.sample_every == 0:
+                samples = _samples_on_main(state.model, prep.tokenizer, cfg, info)
+                if samples is not None:
+                    progress.log_samples(state.step, samples)
             stopping = state.step < cfg.max_steps and stop.requested(info)
             if checkpointer.due(state.step, stopping):
                 checkpointer.save(state, lr, validator.current(state))

@@ -98,3 +98,14 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 
 def is_fsdp(model: nn.Module) -> bool:
     return isinstance(model, FSDPModule)
+
+
+def reshard(model: nn.Module) -> nn.Module:
+    """Put every FSDP unit of `model` back into its sharded state (a no-op for other models). The root unit stays
+    gathered after a forward (`apply_fsdp`), which a no-grad forward (evaluation) never follows with the backward
+    that would free it: its parameters are then plain full tensors, not the DTensor shards that a checkpoint, the
+    optimizer or a state-dict gather expect. Returns `model`."""
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+    return model

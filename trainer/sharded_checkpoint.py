@@ -30,6 +30,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from model.checkpoint import CONFIG_FILE, CheckpointError, atomic_directory, read_config, save_checkpoint
 from model.llama import Transformer
+from trainer.parallel import reshard
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ def save_sharded(
     """Collective (every rank calls it): write the model and optimizer shards of each rank, `trainer_state`
     (rank 0's) and each rank's `rank_state` to the directory `target`, atomically. Returns `target`."""
     rank, world = _dist()
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    model_sd, optim_sd = get_state_dict(reshard(model), optimizer)
     state = {"model": model_sd, "optim": optim_sd}
     config = _config_of(model)
 
@@ -117,6 +118,7 @@ def load_sharded(
             f"{TRAINER_STATE_FILE} and {CONFIG_FILE} are required)"
         )
     rank, _ = _dist()
+    reshard(model)
     if optimizer is None:
         state = {"model": get_model_state_dict(model)}
     else:
@@ -131,9 +133,24 @@ def load_sharded(
     )
     # Our own files: they hold numpy and python RNG states besides tensors, hence weights_only=False.
     trainer_state = torch.load(path / TRAINER_STATE_FILE, map_location="cpu", weights_only=False)
-    rank_path = path / _rank_file(rank)
-    rank_state = torch.load(rank_path, map_location="cpu", weights_only=False) if rank_path.is_file() else None
-    return trainer_state, rank_state
+    return trainer_state, read_rank_state(path, rank)
+
+
+def read_rank_state(path: str | os.PathLike[str], rank: int) -> dict[str, Any] | None:
+    """The `rank_state` rank `rank` wrote into the `save_sharded` checkpoint at `path`, None if it wrote none
+    (a checkpoint of fewer ranks): a resume on more ranks than the writer had reads rank 0's instead."""
+    rank_path = Path(path) / _rank_file(rank)
+    return torch.load(rank_path, map_location="cpu", weights_only=False) if rank_path.is_file() else None
+
+
+def gather_full_model(model: nn.Module) -> Transformer | None:
+    """Collective: the full (unsharded) weights of a live, possibly FSDP-sharded `model`, gathered onto rank 0 in
+    CPU memory, as a plain Transformer (its parameters' dtype, no wrappers). Returns None on the other ranks."""
+    rank, _ = _dist()
+    config = _config_of(model)
+    # cpu_offload: rank 0 alone receives the tensors, one at a time onto the CPU; the others get an empty dict.
+    full = get_model_state_dict(reshard(model), options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return _plain_model(config, full) if rank == 0 else None
 
 
 def export_hf(
@@ -142,12 +159,10 @@ def export_hf(
     """Collective: gather the full (unsharded) weights of a live, possibly FSDP-sharded `model` onto rank 0 (in
     CPU memory) and write them there as a Hugging Face directory (`model.checkpoint.save_checkpoint`, atomic).
     Returns the path on rank 0, None on the others."""
-    rank, _ = _dist()
-    config = _config_of(model)
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    plain = gather_full_model(model)
     path = None
-    if rank == 0:
-        path = save_checkpoint(target, _plain_model(config, full), tokenizer=tokenizer, dtype=dtype)
+    if plain is not None:
+        path = save_checkpoint(target, plain, tokenizer=tokenizer, dtype=dtype)
     _barrier()
     return path
 
