@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,36 +58,25 @@ def resolve_precision(settings: Settings) -> Precision:
     return Precision(device=device, dtype=dtype, quant=settings.quant, cpu_isa=isa, native_bf16=native)
 
 
-def _quantizer(mode: str) -> Callable[[torch.nn.Module, str], object] | None:
-    if mode == "none":
-        return None
-    try:
-        from model.quant import quantize_model
-    except ImportError as e:
-        raise ValueError(f"quant: {mode} needs model.quant, which this build lacks ({e}); use quant none") from None
-    return quantize_model
-
-
 def make_loader(settings: Settings, precision: Precision | None = None) -> Loader:
     """`load(path) -> (model, tokenizer)` in `precision` (default: resolved from `settings`): quantized when
     asked, then the remaining linear weights packed for oneDNN where it computes that dtype."""
     from model.checkpoint import load_model
     from model.packed_linear import pack_linears
+    from model.quant import quantize_model
     from model.tokenizer import load_tokenizer
 
     precision = precision or resolve_precision(settings)
-    quantize = _quantizer(precision.quant)
 
     def load(path: Path) -> tuple[Transformer, Tokenizer]:
         model = load_model(path, dtype=precision.dtype, device=precision.device)
-        if quantize is not None:
-            quantize(model, precision.quant)
+        quantized = quantize_model(model, precision.quant)  # 0 for quant none
         if settings.pack_weights:
             # pack_linears asks can_pack first: it packs nothing where oneDNN would emulate the dtype (bf16 on AVX2).
             packed = pack_linears(model)
             if packed:
                 log.info("packed %d linear layers for oneDNN (%s)", packed, dtype_name(precision.dtype))
-            elif quantize is None:
+            elif not quantized:
                 log.info("weights not packed: oneDNN has no native %s path here", dtype_name(precision.dtype))
         return model, load_tokenizer(path)
 
