@@ -162,6 +162,8 @@ def reload_timeline(log_text: str, step_name: str) -> dict[str, Any]:
             out["moved"] = int(mv.group(1))
         elif msg.startswith("now serving") and step_name in msg:
             out["swapped"] = t
+            if sw := re.search(r"swap ([\d.]+) s", msg):
+                out["swap_s"] = float(sw.group(1))
     out.setdefault("moved", 0)
     return out
 
@@ -176,7 +178,9 @@ def swap_profile(timeline: dict[str, Any], published: float, streams: list[Reque
     if picked is not None and loaded is not None:
         prof["load_s"] = loaded - picked
     if loaded is not None and swapped is not None:
-        prof["drain_s"] = swapped - loaded
+        # The engine logs when the swap ended and how long it took (clearing the KV cache, moving the running).
+        prof["swap_s"] = timeline.get("swap_s", 0.0)
+        prof["drain_s"] = swapped - prof["swap_s"] - loaded
     if swapped is not None:
         prof["publish_to_swap_s"] = swapped - published
         stalls, resumed = [], []
@@ -224,8 +228,9 @@ def format_report(results: dict[str, Any]) -> str:
 
     lines.append(
         f"swap: picked up {s('pick_up_s')} after publication, load+check {s('load_s')}, drain {s('drain_s')}, "
-        f"{prof.get('moved', 0)} streams moved, longest stream stall {s('stream_stall_max_s')}, recompute done "
-        f"{s('recompute_done_s')} after the swap; reload window {results['reload_window_s']:.2f} s"
+        f"swap {s('swap_s')}, {prof.get('moved', 0)} streams moved, longest stream stall "
+        f"{s('stream_stall_max_s')}, recompute done {s('recompute_done_s')} after the swap; "
+        f"reload window {results['reload_window_s']:.2f} s"
     )
 
     def r(x: float | None) -> str:
@@ -447,7 +452,9 @@ def run_reload_bench(cfg: ReloadBenchConfig, workdir: Path, log_path: Path) -> d
             [round(p.start - raw["published"], 3), None if p.ttft is None else round(p.ttft * 1e3, 1)]
             for p in raw["baseline"] + raw["during"]
         ],
-        "timeline_s": {k: round(v - raw["published"], 3) for k, v in timeline.items() if k != "moved"},
+        "timeline_s": {
+            k: round(v - raw["published"], 3) for k, v in timeline.items() if k in ("picked_up", "loaded", "swapped")
+        },
         "reload_failures": swap_failures,
         "failed_requests": len(errors),
         "error_samples": sorted(set(errors))[:5],

@@ -98,3 +98,18 @@ def test_quant_setting_quantizes_after_loading(tiny_checkpoint):
     assert any(isinstance(m, Int8Linear) for m in model.modules())
     model, _ = make_loader(tiny_settings(tiny_checkpoint, quant="none"))(tiny_checkpoint)
     assert not any(isinstance(m, Int8Linear) for m in model.modules())
+
+
+def test_a_checkpoint_with_the_same_tokenizer_files_reuses_the_loaded_tokenizer(tiny_checkpoint, tmp_path):
+    import shutil
+
+    load = make_loader(tiny_settings(tiny_checkpoint))
+    _, first = load(tiny_checkpoint)
+    copy = shutil.copytree(tiny_checkpoint, tmp_path / "step-000002")
+    model, again = load(copy)
+    assert again is first and model.config.vocab_size == 49152
+    # Another tokenizer (here: one more chat template line) is loaded from its own files.
+    (copy / "chat_template.jinja").write_text((copy / "chat_template.jinja").read_text() + "\n")
+    _, other = load(copy)
+    assert other is not first
+    assert other.chat_template == (copy / "chat_template.jinja").read_text()
