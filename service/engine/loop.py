@@ -225,7 +225,8 @@ class Engine:
     def swap_model(self, model: Transformer, tokenizer: Tokenizer, info: ModelInfo) -> Future[ModelInfo]:
         """Serve `model` once the running sequences have finished on the old one, or after `drain_timeout`
         seconds, when those still running move to the new model (their prompt and output so far are prefilled
-        again on it; none fails). New requests wait meanwhile.
+        again on it; none fails). New requests wait meanwhile, but not for a drain that cannot succeed: once
+        requests wait and no running sequence could end within what is left of it, the swap happens then.
 
         All or nothing: the returned future gets `info` once the new model serves, or the exception that stopped
         the swap (the old model then keeps serving; the failure is logged and counted as reason "swap"). A swap
