@@ -167,28 +167,38 @@ def _training_section(training: dict[str, Any]) -> str:
         return ""
     if reason := _skipped(training):
         return f"Training: not measured ({reason})"
+
+    def mem(r: dict[str, Any]) -> str:  # peak RSS (what the steps added on top of the built model)
+        if r.get("peak_rss_mib") is None:
+            return "-"
+        return f"{r['peak_rss_mib']:.0f}" + (f" (+{r['train_mib']:.0f})" if r.get("train_mib") is not None else "")
+
     rows = []
     for name, t in training.get("runs", {}).items():
-        ours, hf = t.get("ours", {}), t.get("transformers", {})
-        rows.append(
-            [
-                name,
-                f"{t['batch_size']}x{t['seq_len']}",
-                _f(ours.get("tokens_per_s"), 0),
-                _f(ours.get("mfu_pct"), 1),
-                _f(hf.get("tokens_per_s"), 0),
-                _f(hf.get("mfu_pct"), 1),
-                _ratio(ours.get("tokens_per_s"), hf.get("tokens_per_s")),
-            ]
-        )
+        hf = t.get("transformers", {})
+        # Our trainer's options (compile, activation checkpointing, chunked loss) each get a row next to the anchor.
+        variants = [(f"{name} +{v}", r) for v, r in t.get("ours_variants", {}).items()]
+        for label, ours in [(name, t.get("ours", {})), *variants]:
+            rows.append(
+                [
+                    label,
+                    f"{t['batch_size']}x{t['seq_len']}",
+                    _f(ours.get("tokens_per_s"), 0),
+                    _f(ours.get("mfu_pct"), 1),
+                    mem(ours),
+                    _f(hf.get("tokens_per_s"), 0),
+                    _f(hf.get("mfu_pct"), 1),
+                    mem(hf),
+                    _ratio(ours.get("tokens_per_s"), hf.get("tokens_per_s")),
+                ]
+            )
     head = (
         f"Training step (forward, backward, clip, fused AdamW; fp32 weights, bf16 = autocast; "
-        f"MFU against measured matmul FLOP/s)\n  ours: {training.get('ours_impl')}\n"
-        f"  anchor: {training.get('anchor_impl')}"
+        f"MFU against measured matmul FLOP/s; MiB = peak RSS (+ added by the steps), one process per row)\n"
+        f"  ours: {training.get('ours_impl')}\n  anchor: {training.get('anchor_impl')}"
     )
-    return (
-        head + "\n" + _table(["config", "batch", "ours tok/s", "ours MFU %", "HF tok/s", "HF MFU %", "ours/HF"], rows)
-    )
+    header = ["config", "batch", "ours tok/s", "ours MFU %", "ours MiB", "HF tok/s", "HF MFU %", "HF MiB", "ours/HF"]
+    return head + "\n" + _table(header, rows)
 
 
 def _prefix_reuse_section(pr: dict[str, Any]) -> str:

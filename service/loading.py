@@ -4,9 +4,9 @@ around the first model."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,38 +59,62 @@ def resolve_precision(settings: Settings) -> Precision:
     return Precision(device=device, dtype=dtype, quant=settings.quant, cpu_isa=isa, native_bf16=native)
 
 
-def _quantizer(mode: str) -> Callable[[torch.nn.Module, str], object] | None:
-    if mode == "none":
-        return None
-    try:
-        from model.quant import quantize_model
-    except ImportError as e:
-        raise ValueError(f"quant: {mode} needs model.quant, which this build lacks ({e}); use quant none") from None
-    return quantize_model
+# What AutoTokenizer reads from a checkpoint directory (config.json: the tokenizer class may be resolved from it).
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "vocab.json",
+    "merges.txt",
+    "config.json",
+)
+
+
+def tokenizer_digest(path: Path) -> str:
+    """A digest of the tokenizer's files in checkpoint `path` (absent files count as absent)."""
+    h = hashlib.sha256()
+    for name in TOKENIZER_FILES:
+        f = path / name
+        h.update(name.encode() + b"\0")
+        h.update(f.read_bytes() if f.is_file() else b"\0absent")
+    return h.hexdigest()
 
 
 def make_loader(settings: Settings, precision: Precision | None = None) -> Loader:
     """`load(path) -> (model, tokenizer)` in `precision` (default: resolved from `settings`): quantized when
-    asked, then the remaining linear weights packed for oneDNN where it computes that dtype."""
+    asked, then the remaining linear weights packed for oneDNN where it computes that dtype. A checkpoint whose
+    tokenizer files are byte for byte those of the previous load gets the same tokenizer object back."""
     from model.checkpoint import load_model
     from model.packed_linear import pack_linears
+    from model.quant import quantize_model
     from model.tokenizer import load_tokenizer
 
     precision = precision or resolve_precision(settings)
-    quantize = _quantizer(precision.quant)
+    # A trainer writes the same tokenizer into every checkpoint. Building it again took 0.6 s on the 2-core machine,
+    # mostly holding the GIL, so the engine thread stalled for it during each hot reload (bench/reload.py).
+    last: dict[str, Tokenizer] = {}
+
+    def tokenizer_of(path: Path) -> Tokenizer:
+        digest = tokenizer_digest(path)
+        if digest not in last:
+            last.clear()
+            last[digest] = load_tokenizer(path)
+        return last[digest]
 
     def load(path: Path) -> tuple[Transformer, Tokenizer]:
         model = load_model(path, dtype=precision.dtype, device=precision.device)
-        if quantize is not None:
-            quantize(model, precision.quant)
+        quantized = quantize_model(model, precision.quant)  # 0 for quant none
         if settings.pack_weights:
             # pack_linears asks can_pack first: it packs nothing where oneDNN would emulate the dtype (bf16 on AVX2).
             packed = pack_linears(model)
             if packed:
                 log.info("packed %d linear layers for oneDNN (%s)", packed, dtype_name(precision.dtype))
-            elif quantize is None:
+            elif not quantized:
                 log.info("weights not packed: oneDNN has no native %s path here", dtype_name(precision.dtype))
-        return model, load_tokenizer(path)
+        return model, tokenizer_of(path)
 
     return load
 

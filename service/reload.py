@@ -109,6 +109,7 @@ class CheckpointWatcher:
         if time.monotonic() < self._retry_at.get(newest, 0.0):
             return False
         log.info("loading new checkpoint %s", newest)
+        started = time.monotonic()
         try:
             self._gate_on_val_loss(newest)
             model, tokenizer = run_in_passing_thread(self._load_checked, newest)
@@ -118,6 +119,8 @@ class CheckpointWatcher:
         except Exception as e:  # any load failure: keep serving the old model
             self._refuse(newest, "load", f"{type(e).__name__}: {e}")
             return False
+        # bench/reload.py reads this line: loading and checking are one part of what a reload costs.
+        log.info("loaded and checked %s in %.2f s; handing it to the engine", newest, time.monotonic() - started)
         self._pending = newest
         future = self.engine.swap_model(model, tokenizer, ModelInfo(str(newest), step_of(newest), newest.name))
         future.add_done_callback(lambda f: self._swap_done(newest, f))

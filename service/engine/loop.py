@@ -112,6 +112,7 @@ class Engine:
         self._aio_loop: asyncio.AbstractEventLoop | None = None
         self.steps = 0
         self.last_progress = time.monotonic()  # the last completed step, or the last idle wake-up
+        self.step_seconds = 0.0  # a moving average of the step time: how many steps a drain has left
 
     # ---- public interface (any thread) ----
 
@@ -224,7 +225,8 @@ class Engine:
     def swap_model(self, model: Transformer, tokenizer: Tokenizer, info: ModelInfo) -> Future[ModelInfo]:
         """Serve `model` once the running sequences have finished on the old one, or after `drain_timeout`
         seconds, when those still running move to the new model (their prompt and output so far are prefilled
-        again on it; none fails). New requests wait meanwhile.
+        again on it; none fails). New requests wait meanwhile, but not for a drain that cannot succeed: once
+        requests wait and no running sequence could end within what is left of it, the swap happens then.
 
         All or nothing: the returned future gets `info` once the new model serves, or the exception that stopped
         the swap (the old model then keeps serving; the failure is logged and counted as reason "swap"). A swap
@@ -311,14 +313,24 @@ class Engine:
         swap = self._pending_swap
         if swap is None:
             return False
-        return not self.scheduler.running or now - swap.requested >= self.drain_timeout
+        running = self.scheduler.running
+        left = swap.requested + self.drain_timeout - now
+        if not running or left <= 0:
+            return True
+        # New requests wait while the drain lasts. Once every running sequence needs more steps than the drain has
+        # left (long streams), waiting on gains nothing: they move to the new model at the timeout anyway. Measured
+        # with bench/reload.py: under 16 long streams each reload held new requests for the whole drain.
+        if not self.scheduler.waiting or self.step_seconds <= 0:
+            return False
+        steps_left = left / self.step_seconds
+        return all(s.max_tokens - len(s.output_ids) > steps_left for s in running)
 
     def step(self) -> StepStats:
         """One engine step: expire/cancel, maybe swap the model, admit, run one batch, postprocess.
 
         What the step collected is delivered even when it raises: a request that finished or expired before the
         failure gets its events, the ones still running are failed by the caller (`_run`)."""
-        now = time.monotonic()
+        now = started = time.monotonic()
         stats = StepStats()
         events: list[tuple[Sequence, StreamEvent]] = []
         try:
@@ -338,6 +350,8 @@ class Engine:
                     self._emit_token(seq, now, stats, events)
             self.steps += 1
             self.last_progress = time.monotonic()
+            if batch is not None:
+                self.step_seconds = 0.8 * self.step_seconds + 0.2 * (self.last_progress - started)
         finally:
             self._publish(stats, events)
         return stats
@@ -419,6 +433,7 @@ class Engine:
 
     def _swap(self, model: Transformer, tokenizer: Tokenizer, info: ModelInfo, events: list, stats: StepStats) -> None:
         """Everything that can fail comes before anything changes: a failed swap leaves the old model serving."""
+        started = time.monotonic()
         stop_ids = self._stop_ids(model, tokenizer)
         old_context = self.runner.context
         self.runner.set_model(model)  # all or nothing; clears the KV cache
@@ -435,7 +450,8 @@ class Engine:
         self.model_version += 1
         self.scheduler.admit_paused = False
         self._recheck_waiting(events, stats)
-        log.info("now serving %s (step %s)", info.checkpoint, info.step or "-")
+        # bench/reload.py reads this line (the swap's own time: clearing the KV cache, moving the running).
+        log.info("now serving %s (step %s); swap %.3f s", info.checkpoint, info.step or "-", time.monotonic() - started)
 
     def _move_running(self, events: list, stats: StepStats) -> list[Sequence]:
         """The sequences still running when the drain ended continue on the new model (whose cache no longer holds

@@ -164,6 +164,9 @@ class Scheduler:
             if s.share_from is not None and s.share_from.finished and not s.share_from.prefilled:
                 s.share_from = None  # its lead ended before prefilling the prompt: prefill it itself
         pending = [s for s in self.running if not s.prefilled and s.share_from is None]
+        # New prompts before the recompute of sequences a model swap moved (those have output already): a new
+        # request's first token would otherwise wait for every moved stream's prompt + output to be prefilled.
+        pending.sort(key=lambda s: bool(s.output_ids))
         ready = [s for s in self.running if s.prefilled]
         if pending and not (ready and self._last_was_prefill):
             self._last_was_prefill = True

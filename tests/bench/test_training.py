@@ -2,7 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from bench.training import TrainCase, run_training, train_config
+from bench import report
+from bench.training import VARIANTS, TrainCase, run_training, train_config
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -34,3 +35,24 @@ def test_bad_case_is_refused_by_the_trainers_validation():
         train_config(TrainCase("tiny", 1, 0))
     with pytest.raises(ConfigError, match="block size"):
         run_training(peak_flops={"bfloat16": 1e11}, cases=[TrainCase("tiny", 1, 1024, steps=1, warmup=0)])
+
+
+def test_each_trainer_option_gets_a_row_with_speed_and_memory_next_to_transformers():
+    case = TrainCase("tiny", 2, 32, dtype="float32", steps=1, warmup=1, variants=tuple(VARIANTS))
+    out = run_training(peak_flops={"float32": 1e11}, cases=[case])
+    run = out["runs"]["tiny float32"]
+    assert set(run["ours_variants"]) == set(VARIANTS)
+    for r in [run["ours"], run["transformers"], *run["ours_variants"].values()]:
+        assert r["tokens_per_s"] > 0 and r["mfu_pct"] > 0
+        # Each row is its own process: the peak is at least what its training steps added (gradients, AdamW state).
+        assert r["peak_rss_mib"] > r["train_mib"] > 0
+    text = report.format_report({"training": out})
+    assert "ours MiB" in text and "HF MiB" in text
+    for v in VARIANTS:
+        [line] = [x for x in text.splitlines() if x.lstrip().startswith(f"tiny float32 +{v} ")]
+        assert "-" not in line.split()[2:]  # every figure measured
+
+
+def test_unknown_option_is_refused_by_name():
+    with pytest.raises(ValueError, match="variants: unknown fast"):
+        TrainCase("tiny", 1, 16, variants=("fast",))

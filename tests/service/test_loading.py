@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import logging
-import sys
-import types
 
 import pytest
 import torch
@@ -92,18 +90,26 @@ def test_quant_setting_is_validated():
         Settings(quant="int3")
 
 
-def test_quant_calls_model_quant_after_loading(monkeypatch, tiny_checkpoint):
-    calls = []
-    fake = types.ModuleType("model.quant")
-    fake.quantize_model = lambda model, mode: calls.append((model.dtype, mode))
-    monkeypatch.setitem(sys.modules, "model.quant", fake)
-    make_loader(tiny_settings(tiny_checkpoint, quant="int8"))(tiny_checkpoint)
-    assert calls == [(torch.float32, "int8")]
-    make_loader(tiny_settings(tiny_checkpoint, quant="none"))(tiny_checkpoint)
-    assert len(calls) == 1
+def test_quant_setting_quantizes_after_loading(tiny_checkpoint):
+    from model.quant import Int8Linear
+
+    model, _ = make_loader(tiny_settings(tiny_checkpoint, quant="int8"))(tiny_checkpoint)
+    assert model.dtype == torch.float32
+    assert any(isinstance(m, Int8Linear) for m in model.modules())
+    model, _ = make_loader(tiny_settings(tiny_checkpoint, quant="none"))(tiny_checkpoint)
+    assert not any(isinstance(m, Int8Linear) for m in model.modules())
 
 
-def test_quant_without_model_quant_is_a_clear_error(monkeypatch, tiny_checkpoint):
-    monkeypatch.setitem(sys.modules, "model.quant", None)  # import fails as if the module were absent
-    with pytest.raises(ValueError, match="quant: int4"):
-        make_loader(tiny_settings(tiny_checkpoint, quant="int4"))
+def test_a_checkpoint_with_the_same_tokenizer_files_reuses_the_loaded_tokenizer(tiny_checkpoint, tmp_path):
+    import shutil
+
+    load = make_loader(tiny_settings(tiny_checkpoint))
+    _, first = load(tiny_checkpoint)
+    copy = shutil.copytree(tiny_checkpoint, tmp_path / "step-000002")
+    model, again = load(copy)
+    assert again is first and model.config.vocab_size == 49152
+    # Another tokenizer (here: one more chat template line) is loaded from its own files.
+    (copy / "chat_template.jinja").write_text((copy / "chat_template.jinja").read_text() + "\n")
+    _, other = load(copy)
+    assert other is not first
+    assert other.chat_template == (copy / "chat_template.jinja").read_text()

@@ -179,3 +179,22 @@ def test_empty_batch_postprocess_records_nothing():
     stats = StepStats()
     assert sched.postprocess(Batch(prefill=[], decode=[]), [], 0.0, stats) == []
     assert stats.generation_tokens == 0 and stats.finished == []
+
+
+def test_new_prompts_are_prefilled_before_the_recompute_of_moved_sequences():
+    sched = make(prefill_chunk=16)
+    moved = [seq(prompt_len=6, max_tokens=50), seq(prompt_len=6, max_tokens=50)]
+    for s in moved:
+        sched.add(s)
+    sched.admit(0.0)
+    prefill_all(sched, [7, 7])
+    sched.prefill_chunk = 8
+    for s in moved:  # a model swap: prompt + output so far must be prefilled again
+        s.recompute()
+        sched.cache.set_tokens(s.slot, 0)
+    newcomer = seq(prompt_len=3)
+    sched.add(newcomer)
+    sched.admit(2.0)
+    batch = sched.schedule()
+    # The newcomer's whole prompt comes first; the moved sequences take what is left of the budget, in order.
+    assert [(it.seq, it.start, it.end) for it in batch.prefill] == [(newcomer, 0, 3), (moved[0], 0, 5)]

@@ -115,3 +115,42 @@ def test_a_reload_during_long_streams_fails_nothing_and_admits_within_the_drain(
         assert cut >= 20  # the old model's greedy tokens up to the swap, the new model's after
     assert engine.cache_manager.num_free == 12
     assert all(torch.isfinite(torch.tensor(s.output_ids, dtype=torch.float)).all() for s in streams)
+
+
+def test_the_drain_ends_early_for_waiting_requests_once_no_running_sequence_can_finish_in_it(make_engine, tokenizer):
+    """Under long streams a new request does not wait the whole drain out (they would move to the new model at its
+    end anyway); a short request running at the swap still finishes on the old model first."""
+    drain = 3.0
+    engine = make_engine(max_batch_size=8, drain_timeout=drain)
+    real_run = engine.runner.run
+
+    def slow_run(batch):  # steps of >= 20 ms: 300 tokens take 6 s, twice the drain
+        time.sleep(0.02)
+        return real_run(batch)
+
+    engine.runner.run = slow_run
+    ps = prompts(tokenizer, 4)
+    streams = [Sequence(p, 300, GREEDY, ignore_eos=True, timeout=120) for p in ps]
+    short = Sequence(ps[1], 10, GREEDY, ignore_eos=True, timeout=120)
+    engine.start()
+    try:
+        for s in streams:
+            engine.submit(s)
+        assert wait(lambda: all(len(s.output_ids) >= 20 for s in streams))
+        engine.submit(short)
+        assert wait(lambda: short.first_token_time is not None)
+        swapped_at = time.monotonic()
+        future = engine.swap_model(tiny_model(1), tokenizer, ModelInfo("step 2", "2"))
+        newcomer = Sequence(ps[0], 5, GREEDY, ignore_eos=True, timeout=120)
+        engine.submit(newcomer)
+        assert wait(lambda: newcomer.first_token_time is not None, timeout=30)
+        assert newcomer.first_token_time - swapped_at < drain - 1.0
+        assert future.done() and future.exception() is None and newcomer.model_version == 1
+        # The swap waited for the short request (it could end within the drain), not for the streams.
+        assert short.finish_reason is FinishReason.LENGTH and short.model_version == 0
+        assert all(s.finish_reason is None for s in streams)
+        assert wait(lambda: all(s.finish_reason is not None for s in streams), timeout=60)
+    finally:
+        engine.stop()
+    assert all(s.finish_reason is FinishReason.LENGTH and len(s.output_ids) == 300 for s in streams)
+    assert all(s.model_version == 1 for s in streams)
