@@ -211,6 +211,22 @@ class CacheBatch:
         )
 
     @classmethod
+    def decode(cls, cache: KVCache, slots: torch.Tensor, positions: torch.Tensor, kv_len: int) -> CacheBatch:
+        """One token per row from tensors already on the cache's device: row b writes and reads slot `slots[b]`
+        (B,) at position `positions[b, 0]` (B, 1), attending keys 0..kv_len-1 (masked beyond its position).
+
+        Nothing is checked and nothing leaves the device, so this traces into a compiled graph (torch.compile):
+        the caller guarantees 0 <= position < kv_len <= cache.max_len and valid slots, as `build` would check."""
+        return cls(
+            cache=cache,
+            positions=positions,
+            flat_index=_flat_index(slots.view(-1, 1), positions, cache),
+            slot_index=slots,
+            kv_len=kv_len,
+            mask=_attend_mask(positions, kv_len, cache.n_rep),
+        )
+
+    @classmethod
     def build_packed(
         cls,
         cache: KVCache,

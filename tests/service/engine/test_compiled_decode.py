@@ -1,0 +1,78 @@
+"""SMOLLM_COMPILE=decode: the torch.compile'd decode step gives eager's greedy tokens, alone and in a padded batch
+of mixed lengths, and a failed compile falls back to eager with a warning."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from service.engine import FinishReason, Sequence
+from service.engine.compiled_decode import batch_buckets, bucket
+from service.engine.runner import ModelRunner
+from tests.service.engine.conftest import GREEDY, prompts, run
+
+# max_context 64 keeps every step in one key bucket, so the whole module compiles two graphs (batch 1 and 4).
+OPTS = dict(max_batch_size=4, max_context=64)
+
+
+def generate(engine, token_lists: list[list[int]], max_tokens: int = 8) -> list[list[int]]:
+    seqs = [Sequence(p, max_tokens, GREEDY, ignore_eos=True) for p in token_lists]
+    run(engine, seqs)
+    assert all(s.finish_reason is FinishReason.LENGTH for s in seqs)
+    return [s.output_ids for s in seqs]
+
+
+def test_buckets():
+    assert batch_buckets(64) == [1, 2, 4, 8, 16, 32, 64]
+    assert batch_buckets(6) == [1, 2, 4, 6]
+    assert batch_buckets(1) == [1]
+    assert [bucket(n, [1, 2, 4, 6]) for n in (1, 2, 3, 5, 6)] == [1, 2, 4, 6, 6]
+    with pytest.raises(ValueError, match="exceeds"):
+        bucket(7, [1, 2, 4, 6])
+
+
+def test_unknown_mode_is_refused(make_engine):
+    model = make_engine().runner.model
+    with pytest.raises(ValueError, match="compile: 'graphs'"):
+        ModelRunner(model, 4, 64, compile="graphs")
+
+
+def test_compiled_decode_gives_eager_tokens_alone_and_in_a_batch(make_engine, tokenizer):
+    ps = prompts(tokenizer, 3)  # three prompt lengths
+    assert len({len(p) for p in ps}) == 3
+    eager = make_engine(**OPTS)
+    alone_eager = generate(eager, ps[2:])
+    batch_eager = generate(eager, ps)
+
+    engine = make_engine(compile="decode", **OPTS)
+    compiled = engine.runner.compiled
+    assert compiled is not None
+    # The scratch slot that padding rows write lies past the scheduler's slots.
+    assert engine.runner.cache.max_slots == 5 and compiled.scratch_slot == 4
+    assert generate(engine, ps[2:]) == alone_eager
+    assert generate(engine, ps) == batch_eager  # 3 rows padded to 4
+    assert not compiled.failed
+    assert compiled.seen == {(1, 64), (4, 64)}
+    assert batch_eager[2] == alone_eager[0]  # and the property itself: alone == in a batch
+
+
+def test_failed_compile_falls_back_to_eager_with_a_warning(make_engine, tokenizer, monkeypatch, caplog):
+    def broken_backend(gm, example_inputs):
+        raise RuntimeError("injected compiler failure")
+
+    monkeypatch.setattr(
+        "service.engine.compiled_decode.compile_options",
+        lambda device: {"backend": broken_backend, "dynamic": False},
+    )
+    ps = prompts(tokenizer, 2)
+    expected = generate(make_engine(**OPTS), ps)
+    engine = make_engine(compile="decode", **OPTS)
+    with caplog.at_level(logging.WARNING, logger="service.engine.compiled_decode"):
+        assert generate(engine, ps) == expected
+    assert engine.runner.compiled is not None and engine.runner.compiled.failed
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "decoding eagerly from now on" in warnings[0].getMessage()
+    assert "injected compiler failure" in caplog.text
+    torch._dynamo.reset()
