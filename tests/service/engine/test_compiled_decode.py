@@ -8,9 +8,11 @@ import logging
 import pytest
 import torch
 
-from service.engine import FinishReason, Sequence
+from service.engine import Engine, FinishReason, Sequence
 from service.engine.compiled_decode import batch_buckets, bucket
+from service.engine.loop import ModelInfo
 from service.engine.runner import ModelRunner
+from tests.service.conftest import tiny_model
 from tests.service.engine.conftest import GREEDY, prompts, run
 
 # max_context 64 keeps every step in one key bucket, so the whole module compiles two graphs (batch 1 and 4).
@@ -75,4 +77,29 @@ def test_failed_compile_falls_back_to_eager_with_a_warning(make_engine, tokenize
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "decoding eagerly from now on" in warnings[0].getMessage()
     assert "injected compiler failure" in caplog.text
+    torch._dynamo.reset()
+
+
+def test_a_swapped_model_decodes_with_its_own_weights(make_engine, tokenizer, monkeypatch):
+    # dynamo with its eager backend: the same guards and graph capture as inductor without its compile time.
+    monkeypatch.setattr(
+        "service.engine.compiled_decode.compile_options",
+        lambda device: {"backend": "eager", "dynamic": False, "fullgraph": True},
+    )
+    ps = prompts(tokenizer, 2)
+    other = tiny_model(1)
+    expected_first = generate(make_engine(**OPTS), ps)
+    expected_other = generate(
+        Engine(other, tokenizer, info=ModelInfo("other"), max_queue=8, prefill_chunk=512, **OPTS), ps
+    )
+    assert expected_other != expected_first
+    engine = make_engine(compile="decode", **OPTS)
+    assert generate(engine, ps) == expected_first
+    first = engine.runner.compiled
+    future = engine.swap_model(other, tokenizer, ModelInfo("other", "2"))
+    engine.step()  # idle: the swap happens at once
+    assert future.result(timeout=0).step == "2"
+    assert engine.runner.compiled is not first and engine.runner.compiled.cache is engine.runner.cache
+    assert generate(engine, ps) == expected_other
+    assert engine.runner.compiled.seen and not engine.runner.compiled.failed
     torch._dynamo.reset()
