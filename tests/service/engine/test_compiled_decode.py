@@ -4,12 +4,14 @@ of mixed lengths, and a failed compile falls back to eager with a warning."""
 from __future__ import annotations
 
 import logging
+import re
 
 import pytest
 import torch
+from torch._inductor.utils import run_and_get_code
 
 from service.engine import Engine, FinishReason, Sequence
-from service.engine.compiled_decode import batch_buckets, bucket
+from service.engine.compiled_decode import CompiledDecode, batch_buckets, bucket
 from service.engine.loop import ModelInfo
 from service.engine.runner import ModelRunner
 from tests.service.conftest import tiny_model
@@ -102,4 +104,20 @@ def test_a_swapped_model_decodes_with_its_own_weights(make_engine, tokenizer, mo
     assert engine.runner.compiled is not first and engine.runner.compiled.cache is engine.runner.cache
     assert generate(engine, ps) == expected_other
     assert engine.runner.compiled.seen and not engine.runner.compiled.failed
+    torch._dynamo.reset()
+
+
+def test_the_compiled_step_writes_only_the_rows_it_decodes(make_engine):
+    model = make_engine().runner.model
+    cache = model.new_kv_cache(max_slots=5, max_len=256)
+    step = CompiledDecode(model, cache, scratch_slot=4, pad_id=0, kv_align=64)
+    with torch.inference_mode():
+        logits, code = run_and_get_code(step, [7], [2], [3], 64)
+    assert logits is not None and logits.shape == (1, model.config.vocab_size) and not step.failed
+    # A write through a view of the cache compiled into a copy of every layer's whole cache each step: loops
+    # `for(x0=0; x0<40960L; ...)` over a layer here. The generated code must have no loop of a layer's size.
+    layer_numel = cache.k[0].numel()
+    assert not re.search(rf"<static_cast<int64_t>\({layer_numel}L\)", "\n".join(code))
+    written = cache.k.abs().sum(dim=(0, 2, 4)) > 0  # (slots, positions)
+    assert written[2, 3] and written.sum() == 1
     torch._dynamo.reset()
