@@ -73,9 +73,9 @@ class Settings(BaseSettings):
     compile: Literal["off", "decode"] = Field(
         "off",
         description="decode: run decode steps through torch.compile (CUDA graphs on CUDA, ~27x faster per step on an "
-        "H200; on the AVX2 CPU no faster), one graph per batch and key-count bucket, compiled on first use; prefill "
-        "stays eager; CPU weights are then not packed (inductor cannot trace oneDNN's packed layout); a failed compile "
-        "logs a warning and decodes eagerly",
+        "H200; on the 2-core AVX2 CPU ~2x slower), one graph per batch and key-count bucket, compiled on first use; "
+        "prefill stays eager; CPU weights are then not packed (inductor cannot trace oneDNN's packed layout); a "
+        "failed compile logs a warning and decodes eagerly",
     )
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: all cores)")
 

@@ -10,10 +10,12 @@ Why it is built this way:
 - The KV-cache write stays inside the graph as the cache's `index_copy_` on the preallocated buffers, which
   inductor lowers to an in-place scatter; on CUDA the buffers are marked static so CUDA graphs (mode
   "reduce-overhead") replay against the same memory instead of copying the cache in.
-- Lazy, not at start-up: compiling one graph of the 135M model took ~10 min on the shared, loaded 2-core AVX2 CPU
-  (2026-11-29, `python -m bench.profile --compile`), so warming every bucket before /readyz would hold a server
+- Lazy, not at start-up: compiling one graph of the 135M model took 4-12 min on the shared, loaded 2-core AVX2
+  CPU (2026-11-29, `python -m bench.profile --compile`), so warming every bucket before /readyz would hold a server
   unready for hours there; each first use is logged instead. Prefill stays eager: its shapes vary with every
   prompt.
+- Off by default: on that CPU the compiled fp32 step was ~2x slower than the eager one (batch 1 and 16, measured
+  interleaved in one process); the win is on CUDA, where the eager step is launch-bound.
 """
 
 from __future__ import annotations
