@@ -5,6 +5,8 @@ Two views of the same workload:
   the share of samples per thread and the functions with the most self time, written as collapsed stacks
   (`<out>/pyspy-c<N>.txt`, for flamegraph.pl or speedscope) and summarised on stdout;
 - `torch.profiler` over the model's batched decode step alone (the engine's hot path, no HTTP), op by op.
+`--compile` instead times the eager decode step against the engine's torch.compile'd one (SMOLLM_COMPILE=decode),
+interleaved in one process: `python -m bench.profile --compile --dtype float32 [--quant int8] [--batches 1,16]`.
 py-spy is optional (`pip install py-spy`); without it only the second view runs.
 """
 
@@ -17,6 +19,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -129,6 +132,70 @@ def profile_decode(checkpoint: Path, dtype: str, batch: int, context: int, steps
     )
 
 
+@torch.inference_mode()
+def compare_compiled(
+    checkpoint: Path, dtype: str, batch: int, context: int, quant: str = "none", rounds: int = 3, steps: int = 5
+) -> str:
+    """Milliseconds per batched decode step, eager (plain and oneDNN-packed weights) against the engine's compiled
+    step (service/engine/compiled_decode.py, SMOLLM_COMPILE=decode), interleaved round by round in one process so
+    a shared machine's load falls on all of them alike; the ratio is of the medians."""
+    import copy
+    import statistics
+
+    from model.checkpoint import load_model
+    from model.kv_cache import CacheBatch
+    from model.packed_linear import pack_linears
+    from service.engine.compiled_decode import CompiledDecode
+    from service.engine.runner import KV_ALIGN
+
+    model = load_model(checkpoint, dtype=DTYPES[dtype])
+    if quant != "none":
+        from model.quant import quantize_model
+
+        quantize_model(model, quant)
+    packed = copy.deepcopy(model)
+    pack_linears(packed)
+    cache = model.new_kv_cache(batch + 1, context + KV_ALIGN)  # + the compiled step's scratch slot
+    slots = list(range(batch))
+    kv_len = -(-(context + 1) // KV_ALIGN) * KV_ALIGN  # as the runner rounds it
+    compiled = CompiledDecode(model, cache, batch, 0, KV_ALIGN)
+
+    def eager(m: torch.nn.Module) -> Callable[[], object]:
+        return lambda: m(
+            torch.zeros(batch, 1, dtype=torch.long),
+            batch=CacheBatch.build(cache, slots, [[context]] * batch, kv_len=kv_len),
+        )
+
+    variants: dict[str, Callable[[], object]] = {
+        "eager": eager(model),
+        "eager packed": eager(packed),
+        "compiled": lambda: compiled([0] * batch, slots, [context] * batch, kv_len),
+    }
+    t0 = time.perf_counter()
+    if variants["compiled"]() is None:
+        return f"decode step, batch {batch}: compile failed (see the log)"
+    compile_s = time.perf_counter() - t0
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(rounds):
+        for name, fn in variants.items():
+            fn()
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                fn()
+            times[name].append(1000 * (time.perf_counter() - t0) / steps)
+    med = {name: statistics.median(ts) for name, ts in times.items()}
+    lines = [f"decode step, batch {batch}, context {context}, {dtype}, quant {quant}: compile {compile_s:.0f} s"]
+    lines += [
+        f"  {name:13s} {med[name]:8.1f} ms/step (rounds: {', '.join(f'{t:.0f}' for t in ts)})"
+        for name, ts in times.items()
+    ]
+    lines.append(
+        f"  compiled / eager {med['compiled'] / med['eager']:.2f}, compiled / eager packed "
+        f"{med['compiled'] / med['eager packed']:.2f}"
+    )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.profile", description=__doc__.splitlines()[0])
     p.add_argument("--concurrency", type=int, default=16)
@@ -138,6 +205,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoint", type=Path, default=None)
     p.add_argument("--out", type=Path, default=Path("bench/results/profile"))
     p.add_argument("--skip-server", action="store_true", help="only the torch.profiler view")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="instead of profiling: eager vs the torch.compile'd decode step (SMOLLM_COMPILE=decode), interleaved",
+    )
+    p.add_argument("--quant", choices=["none", "int8", "int4"], default="none", help="with --compile")
+    p.add_argument("--batches", default=None, help="with --compile: comma-separated batch sizes (default 1,16)")
     args = p.parse_args(argv)
     if args.concurrency < 1 or args.seconds < 5:
         p.error("--concurrency must be >= 1 and --seconds >= 5")
@@ -148,6 +222,11 @@ def main(argv: list[str] | None = None) -> int:
     checkpoint = args.checkpoint or default_checkpoint()
     args.out.mkdir(parents=True, exist_ok=True)
     parts = []
+    if args.compile:
+        for batch in [int(b) for b in (args.batches or "1,16").split(",")]:
+            parts.append(compare_compiled(checkpoint, args.dtype, batch, args.context, args.quant))
+            sys.stdout.write(parts[-1] + "\n")
+        return 0
     if not args.skip_server:
         parts.append(profile_server(checkpoint, args.dtype, args.concurrency, args.seconds, args.out))
     for batch in sorted({1, args.concurrency}):

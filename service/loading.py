@@ -107,7 +107,8 @@ def make_loader(settings: Settings, precision: Precision | None = None) -> Loade
     def load(path: Path) -> tuple[Transformer, Tokenizer]:
         model = load_model(path, dtype=precision.dtype, device=precision.device)
         quantized = quantize_model(model, precision.quant)  # 0 for quant none
-        if settings.pack_weights:
+        # inductor cannot trace oneDNN's opaque packed weights: a compiled decode step needs plain ones.
+        if settings.pack_weights and settings.compile == "off":
             # pack_linears asks can_pack first: it packs nothing where oneDNN would emulate the dtype (bf16 on AVX2).
             packed = pack_linears(model)
             if packed:
@@ -167,6 +168,7 @@ def build_engine(settings: Settings) -> tuple[Engine, CheckpointWatcher | None]:
         info=ModelInfo(str(path), resolved.step or step_of(path), path.name),
         stall_timeout=settings.stall_timeout,
         drain_timeout=settings.drain_timeout,
+        compile=settings.compile,
     )
     watcher = None
     if resolved.watch_dir is not None and settings.reload_interval > 0:

@@ -82,8 +82,9 @@ class Engine:
         backstop_timeout: float = 3600.0,
         stall_timeout: float = 60.0,
         drain_timeout: float = 2.0,
+        compile: str = "off",
     ) -> None:
-        self.runner = ModelRunner(model, max_batch_size, max_context)
+        self.runner = ModelRunner(model, max_batch_size, max_context, compile=compile)
         self.tokenizer = tokenizer
         self.info = info
         self.model_version = 0

@@ -11,6 +11,7 @@ from model.kv_cache import CacheBatch, KVCache
 from model.llama import Transformer
 from model.sampling import TokenLogprobs, sample, sample_with_logprobs
 from service.engine import prompt_logprobs
+from service.engine.compiled_decode import COMPILE_MODES, CompiledDecode
 from service.engine.scheduler import Batch
 from service.engine.sequence import Sequence
 
@@ -52,9 +53,15 @@ def sample_rows(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], 
 
 
 class ModelRunner:
-    def __init__(self, model: Transformer, max_slots: int, max_context: int) -> None:
+    def __init__(self, model: Transformer, max_slots: int, max_context: int, compile: str = "off") -> None:
+        """`compile="decode"` runs decode steps through torch.compile (see compiled_decode.py); the KV cache then
+        has one slot more than `max_slots`, a scratch slot for the rows that pad a batch to its bucket."""
+        if compile not in COMPILE_MODES:
+            raise ValueError(f"compile: {compile!r} is not one of {', '.join(COMPILE_MODES)}")
         self.max_slots = max_slots
         self.max_context = max_context
+        self.compile = compile
+        self.compiled: CompiledDecode | None = None
         self.model = model
         self.cache: KVCache = self._cache_for(model, None)
         self._use(model)
@@ -73,7 +80,8 @@ class ModelRunner:
         """`current` when its shape, dtype and device fit `model`, else a new cache."""
         c = model.config
         max_len = min(_round_up(self.max_context, KV_ALIGN), c.block_size)  # room for the rounding in `_kv_len`
-        shape = (c.n_layer, self.max_slots, c.n_kv_head, max_len, c.head_dim)
+        slots = self.max_slots + (self.compile == "decode")  # the compiled step's scratch slot
+        shape = (c.n_layer, slots, c.n_kv_head, max_len, c.head_dim)
         if (
             current is not None
             and tuple(current.k.shape) == shape
@@ -82,7 +90,7 @@ class ModelRunner:
             and current.n_rep == c.n_rep
         ):
             return current
-        return model.new_kv_cache(max_slots=self.max_slots, max_len=max_len)
+        return model.new_kv_cache(max_slots=slots, max_len=max_len)
 
     def _use(self, model: Transformer) -> None:
         c = model.config
@@ -90,6 +98,11 @@ class ModelRunner:
         self.context = min(self.max_context, c.block_size)  # tokens a sequence may hold, prompt included
         self.device = model.device
         self.pad_id = c.pad_token_id if c.pad_token_id is not None and 0 <= c.pad_token_id < c.vocab_size else 0
+        if self.compile == "decode":
+            if self.compiled is not None:
+                # The old model's graphs hold its weights: drop them; the new model compiles on first use.
+                torch._dynamo.reset()
+            self.compiled = CompiledDecode(model, self.cache, self.max_slots, self.pad_id, KV_ALIGN)
 
     @property
     def max_len(self) -> int:
@@ -173,11 +186,15 @@ class ModelRunner:
     def _decode(self, batch: Batch) -> RunOutput:
         seqs = batch.decode
         last_pos = [s.total_len - 1 for s in seqs]
+        kv_len = self._kv_len(max(last_pos))
+        if self.compiled is not None:
+            compiled = self.compiled([s.output_ids[-1] for s in seqs], [s.slot for s in seqs], last_pos, kv_len)
+            if compiled is not None:
+                tokens, logprobs = sample_rows(compiled, seqs)
+                return RunOutput([*tokens], logprobs)
         idx = torch.tensor([s.output_ids[-1] for s in seqs], dtype=torch.long, device=self.device).view(-1, 1)
         # Positions go in as host ints: the batch checks them against the cache without a device sync.
-        cache_batch = CacheBatch.build(
-            self.cache, [s.slot for s in seqs], [[p] for p in last_pos], kv_len=self._kv_len(max(last_pos))
-        )
+        cache_batch = CacheBatch.build(self.cache, [s.slot for s in seqs], [[p] for p in last_pos], kv_len=kv_len)
         logits = self.model(idx, batch=cache_batch)
         logits = logits[:, 0]  # (B, vocab)
         tokens, logprobs = sample_rows(logits, seqs)

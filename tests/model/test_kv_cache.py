@@ -171,6 +171,27 @@ def test_positions_outside_the_cache_are_refused(tiny_model):
     assert not cache.k.any() and not cache.v.any()
 
 
+@torch.no_grad()
+def test_decode_batch_from_device_tensors_matches_build(tiny_model):
+    """`CacheBatch.decode` (the traceable constructor of the compiled decode step) writes and reads where `build`
+    does: same logits, same cache contents, for scattered slots at different positions."""
+    g = torch.Generator().manual_seed(3)
+    prompt = torch.randint(0, tiny_model.config.vocab_size, (3, 6), generator=g)
+    slots, positions = [2, 0, 3], [[5], [2], [4]]
+    idx = prompt[torch.arange(3), torch.tensor(positions).view(-1)].view(-1, 1)
+    results = []
+    for make in (
+        lambda cache: CacheBatch.build(cache, slots, positions, kv_len=8),
+        lambda cache: CacheBatch.decode(cache, torch.tensor(slots), torch.tensor(positions), 8),
+    ):
+        cache = tiny_model.new_kv_cache(max_slots=4, max_len=8)
+        cached(tiny_model, prompt, cache, [2, 0, 3], [list(range(6))] * 3)  # the prompts' keys
+        results.append((tiny_model(idx, batch=make(cache)), cache.k.clone(), cache.v.clone()))
+    (logits, k, v), (logits_d, k_d, v_d) = results
+    torch.testing.assert_close(logits_d, logits, atol=0, rtol=0)
+    assert torch.equal(k_d, k) and torch.equal(v_d, v)
+
+
 def test_a_cache_batch_owns_its_positions(tiny_model):
     cache = tiny_model.new_kv_cache(max_slots=1, max_len=8)
     batch = CacheBatch.build(cache, [0], [[0, 1]])
