@@ -360,7 +360,11 @@ def cache_key(train_files: list[Path], val_files: list[Path], tokenizer: Any, sp
 
 
 def _save(path: Path, train: PackedRows, val: PackedRows | None) -> None:
-    arrays = {"train_tokens": train.tokens, "train_labels": train.labels, "train_positions": train.positions}
+    arrays: dict[str, Any] = {
+        "train_tokens": train.tokens,
+        "train_labels": train.labels,
+        "train_positions": train.positions,
+    }
     meta = {"train": asdict(train.stats)}
     if val is not None:
         arrays.update(val_tokens=val.tokens, val_labels=val.labels, val_positions=val.positions)
@@ -405,6 +409,7 @@ def load_chat_data(spec: ChatDataSpec, tokenizer: Any) -> ChatData:
     val_files = _chat_files(spec.val_sources, cache) if spec.val_sources else []
     key = cache_key(train_files, val_files, tokenizer, spec)
     path = cache / f"{key}.npz"
+    val: PackedRows | None
     with exclusive_lock(cache / f"{key}.lock"):
         loaded = _load(path) if path.is_file() else None
         from_cache = loaded is not None
@@ -549,7 +554,7 @@ def answer(model: Any, tokenizer: Any, question: str, max_new_tokens: int = 48) 
 def main(argv: list[str] | None = None) -> int:
     """`python -m trainer.chat_data --checkpoint DIR --data FILE`: the assistant-token loss of a checkpoint on a
     chat file (fp32, each conversation on its own), the before/after figure of a fine-tune."""
-    p = argparse.ArgumentParser(prog="python -m trainer.chat_data", description=main.__doc__.split(":")[0])
+    p = argparse.ArgumentParser(prog="python -m trainer.chat_data", description=(main.__doc__ or "").split(":")[0])
     p.add_argument("--checkpoint", help="Hugging Face checkpoint directory (default: the embedded model)")
     p.add_argument("--data", required=True, nargs="+", help="chat .jsonl/.parquet files or stdlib-qa:heldout")
     p.add_argument("--seq-len", type=int, default=512)

@@ -21,7 +21,7 @@ import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -52,6 +52,8 @@ from trainer.sharded_checkpoint import (
 )
 
 if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
+
     from trainer.config import TrainConfig
     from trainer.distributed import DistInfo
     from trainer.state import Evaluation, TrainState
@@ -291,8 +293,13 @@ def _nonfinite_parameter(model: torch.nn.Module, info: DistInfo) -> str | None:
     agree on the first bad name, so every rank raises together."""
     if not is_fsdp(model):
         return first_nonfinite_parameter(model)
+    # Under FSDP every parameter is a DTensor (torch types named_parameters as plain Parameters).
     mine = next(
-        (name for name, p in reshard(model).named_parameters() if not p.detach().to_local().isfinite().all()),
+        (
+            name
+            for name, p in reshard(model).named_parameters()
+            if not cast("DTensor", p.detach()).to_local().isfinite().all()
+        ),
         None,
     )  # host sync per shard: only at checkpoint time
     return next((name for name in distributed.all_gather_object(mine, info) if name is not None), None)
@@ -337,6 +344,7 @@ class Checkpointer:
             save_sharded(tmp / SHARDED_DIR, state.model, state.optimizer, trainer_state, rank_state)
 
         if self.info.is_main:
+            assert plain is not None  # rank 0 receives the gathered weights
             save(self.out_dir, state.step, plain, self.tokenizer, trainer_state, self.cfg.keep_last, write_shards)
         else:
             try:

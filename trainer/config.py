@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -46,12 +47,16 @@ def default_source_name(path: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", name) or "source"
 
 
+def _default_sources() -> list[str | SourceConfig]:
+    return ["stdlib"]
+
+
 class DataConfig(_Strict):
     format: Literal["text", "chat"] = "text"
     """`text`: continued pretraining on raw text windows. `chat`: supervised fine-tuning on conversations
     (`trainer.chat_data`: OpenAI-style `messages`, rendered with the checkpoint's chat template, loss on assistant
     tokens only, several conversations packed per row with attention kept inside each)."""
-    sources: list[str | SourceConfig] = Field(default_factory=lambda: ["stdlib"], min_length=1)
+    sources: list[str | SourceConfig] = Field(default_factory=_default_sources, min_length=1)
     """`.txt`, `.jsonl`, `.parquet` or `.arrow` files, directories or globs, or `stdlib` (the Python standard
     library): plain strings are one token stream. An entry written as a mapping `{path, weight, name}` makes the
     sources a weighted mixture (`trainer.mixture`): each source is tokenized and split on its own, windows are
@@ -135,6 +140,7 @@ class DataConfig(_Strict):
                 raise ValueError("data.sources: the weights sum to 0; give at least one source a positive weight")
             seen: dict[str, int] = {}
             for i, s in enumerate(specs):
+                assert s.name is not None  # mixture_sources fills in every name
                 if s.name in seen:
                     raise ValueError(
                         f"data.sources[{i}].name: {s.name!r} is also the name of data.sources[{seen[s.name]}]; "
@@ -290,7 +296,7 @@ def apply_override(raw: dict[str, Any], override: str) -> None:
     node[path[-1]] = value
 
 
-def build_config(raw: dict[str, Any], overrides: list[str] = ()) -> TrainConfig:
+def build_config(raw: dict[str, Any], overrides: Sequence[str] = ()) -> TrainConfig:
     """Validate a raw mapping after applying `overrides`; errors name the key."""
     raw = dict(raw)
     for o in overrides:
@@ -309,7 +315,7 @@ def build_config(raw: dict[str, Any], overrides: list[str] = ()) -> TrainConfig:
     return cfg
 
 
-def load_config(path: str | os.PathLike[str] | None, overrides: list[str] = ()) -> TrainConfig:
+def load_config(path: str | os.PathLike[str] | None, overrides: Sequence[str] = ()) -> TrainConfig:
     """Read a YAML config file (or just defaults when `path` is None) and apply `key=value` overrides."""
     raw: Any = {}
     if path is not None:

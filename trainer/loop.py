@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -76,6 +76,8 @@ def prepare(cfg: TrainConfig) -> Prepared:
         raise ConfigError(
             f"the tokenizer has {len(tokenizer)} tokens, more than the model's vocab_size {source.config.vocab_size}"
         )
+    train: np.ndarray | PackedRows | Mixture
+    val: ValData | None
     if cfg.data.format == "chat":
         chat = load_chat_data(ChatDataSpec.from_data_config(cfg.data), tokenizer)
         train, val = chat.train, chat.val
@@ -168,7 +170,7 @@ def train_step(
             positions = positions.to(device, non_blocking=True)
         # DDP all-reduces gradients on the last micro-batch only.
         sync = micro == grad_accum - 1 or not isinstance(model, DistributedDataParallel)
-        with contextlib.nullcontext() if sync else model.no_sync():
+        with contextlib.nullcontext() if sync else cast(DistributedDataParallel, model).no_sync():
             if loss_chunk_tokens is not None:
                 with autocast:
                     loss = lm_loss(
@@ -199,7 +201,7 @@ def _clip_grad_norm(model: nn.Module, grad_clip: float) -> torch.Tensor:
     with a pending reduction), made the global norm (`full_tensor`, an all-reduce) before the clipping factor is
     taken from it, so every rank scales by the same factor. Returns the global norm as a plain 0-d tensor."""
     params = [p for p in model.parameters() if p.grad is not None]
-    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
     if isinstance(grad_norm, DTensor):
         grad_norm = grad_norm.full_tensor()
     torch.nn.utils.clip_grads_with_norm_(params, grad_clip if grad_clip > 0 else float("inf"), grad_norm)
@@ -215,9 +217,12 @@ def _finite_everywhere(loss: torch.Tensor, grad_norm: torch.Tensor, info: DistIn
 
 
 @torch.no_grad()
-def evaluate(model: Transformer, val_data: ValData, cfg: TrainConfig, info: DistInfo, autocast: Any) -> float:
-    """Validation loss, the same batches every time. Text: the mean over `eval_steps` batches of windows (a
-    private, freshly seeded sampler). Chat: the mean over the assistant tokens of the first
+def evaluate(
+    model: nn.Module, val_data: np.ndarray | PackedRows, cfg: TrainConfig, info: DistInfo, autocast: Any
+) -> float:
+    """Validation loss of `model` (a Transformer, or anything that returns its logits: `_logits_model`), the
+    same batches every time; a mixture's `HeldOut` calls it once per source. Text: the mean over `eval_steps`
+    batches of windows (a private, freshly seeded sampler). Chat: the mean over the assistant tokens of the first
     `eval_steps * batch_size` held-out rows (all of them if fewer), in order, conversations attending only to
     themselves; ranks split the rows."""
     if isinstance(val_data, PackedRows):
@@ -232,7 +237,7 @@ def evaluate(model: Transformer, val_data: ValData, cfg: TrainConfig, info: Dist
     return distributed.all_reduce_mean(total / cfg.eval_steps, info).item()  # host sync: logged
 
 
-def _evaluate_chat(model: Transformer, rows: PackedRows, cfg: TrainConfig, info: DistInfo, autocast: Any) -> float:
+def _evaluate_chat(model: nn.Module, rows: PackedRows, cfg: TrainConfig, info: DistInfo, autocast: Any) -> float:
     n_rows = min(len(rows), cfg.eval_steps * cfg.batch_size)
     mine = np.arange(info.rank, n_rows, info.world_size)
     local = cfg.batch_size // info.world_size
@@ -304,7 +309,8 @@ class _ProjectAfterForward(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         hidden = self.model(*args, **kwargs)  # (B, T, n_embd)
-        return hidden @ self.model.output.weight.T  # (B, T, vocab)
+        # Only built for a model whose `output` is a HiddenStatesOutput (`_logits_model`).
+        return hidden @ cast(HiddenStatesOutput, self.model.output).weight.T  # (B, T, vocab)
 
 
 def prepare_model(model: Transformer, cfg: TrainConfig) -> Transformer:
@@ -339,6 +345,7 @@ class Validator:
         return bool(self.cfg.eval_every and step % self.cfg.eval_every == 0 and self.val_tokens is not None)
 
     def validate(self, state: TrainState) -> float:
+        assert self.val_tokens is not None  # every caller checks it first (`due`, `current`)
         with _logits_model(state.model) as model:
             if isinstance(self.val_tokens, HeldOut):
                 loss, self.by_source = self.val_tokens.evaluate(

@@ -18,11 +18,14 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import Any, TypeVar, cast
 
 import torch
 from torch import nn
 
 IGNORE_INDEX = -100
+
+M = TypeVar("M", bound=nn.Module)
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
@@ -51,6 +54,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 g.scatter_add_(1, t.unsqueeze(1), torch.full_like(lse, -1.0).unsqueeze(1))
                 g.mul_(v.unsqueeze(1))
                 g = g.to(h.dtype)
+                assert grad_hidden is not None and grad_weight is not None  # allocated when with_grad
                 grad_hidden[start:end] = g @ weight
                 if h.dtype == torch.float32:
                     grad_weight.addmm_(g.T, h)
@@ -58,6 +62,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                     grad_weight += (g.T @ h).float()
         ctx.mark_non_differentiable(count)
         if with_grad:
+            assert grad_weight is not None
             ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
         return loss_sum, count
 
@@ -133,11 +138,12 @@ def use_hidden_states_output(model: nn.Module) -> None:
     """Make `model(x)` return final hidden states (B, T, n_embd) instead of logits, for `lm_loss`. Call it before
     `apply_fsdp`/`maybe_compile` (they capture the module tree)."""
     if not isinstance(model.output, HiddenStatesOutput):
-        model.output = HiddenStatesOutput(model.output.weight)
+        # A Transformer's `output` is an nn.Linear; torch types a module attribute as `Tensor | Module`.
+        model.output = HiddenStatesOutput(cast(nn.Parameter, cast(nn.Linear, model.output).weight))
 
 
 @contextlib.contextmanager
-def logits_output(model: nn.Module) -> Iterator[nn.Module]:
+def logits_output(model: M) -> Iterator[M]:
     """Temporarily give back a `use_hidden_states_output` model its logits (for sampling or a logits check);
     the linear layer shares the same weight. Not for FSDP-sharded models."""
     head = model.output
@@ -171,5 +177,6 @@ def lm_loss(
     """
     hidden = model(idx) if positions is None else model(idx, positions)  # (B, T, n_embd)
     if weight is None:
-        weight = getattr(model, "module", model).output.weight
+        inner: Any = getattr(model, "module", model)  # a Transformer (DDP's `module`): its `output` has a weight
+        weight = inner.output.weight
     return chunked_cross_entropy(hidden, weight, targets, chunk_size=chunk_size, reduction=reduction)

@@ -99,6 +99,7 @@ def load_mixture(cfg: DataConfig, tokenizer: Any, eos_id: int) -> Mixture:
     sep_id = separator_id(cfg, tokenizer, eos_id)
     sources = []
     for i, spec in enumerate(cfg.mixture_sources()):
+        assert spec.name is not None  # mixture_sources fills in every name
         where = f"data.sources[{i}] ({spec.name})"
         try:
             files = resolve_sources([spec.path], cfg.max_files)

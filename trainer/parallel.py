@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from typing import cast
 
 import torch
 from torch import nn
@@ -19,6 +20,11 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint
 
 log = logging.getLogger(__name__)
+
+
+def _blocks(model: nn.Module) -> nn.ModuleList:
+    # A Transformer's `layers` is an nn.ModuleList; torch types a module attribute as `Tensor | Module`.
+    return cast(nn.ModuleList, model.layers)
 
 
 def apply_fsdp(
@@ -43,7 +49,7 @@ def apply_fsdp(
         if mixed_precision_dtype is not None
         else MixedPrecisionPolicy()
     )
-    blocks = list(model.layers)
+    blocks = list(_blocks(model))
     for i, block in enumerate(blocks):
         # The last block's parameters are needed again first thing in backward: keeping them saves a gather.
         reshard = reshard_after_forward and i < len(blocks) - 1
@@ -63,7 +69,7 @@ def apply_activation_checkpointing(model: nn.Module) -> nn.Module:
     torch.utils.checkpoint): activation memory drops to one block's inputs per layer, at the cost of a second
     forward of each block. The block's `forward` is replaced on the instance, so module names and the state
     dict are unchanged and FSDP's hooks (on the module call) run outside the recomputed region."""
-    for block in model.layers:
+    for block in _blocks(model):
         if isinstance(block.forward, functools.partial):
             continue  # already applied
         block.forward = functools.partial(_checkpointed, block.forward)
@@ -79,7 +85,7 @@ def maybe_compile(model: nn.Module, enabled: bool = True, whole_model: bool = Fa
     if whole_model:
         model.compile()
     else:
-        for block in model.layers:
+        for block in _blocks(model):
             block.compile()
     return model
 

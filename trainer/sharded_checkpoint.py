@@ -15,7 +15,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -119,6 +119,7 @@ def load_sharded(
         )
     rank, _ = _dist()
     reshard(model)
+    state: dict[str, Any]
     if optimizer is None:
         state = {"model": get_model_state_dict(model)}
     else:
@@ -150,7 +151,8 @@ def gather_full_model(model: nn.Module) -> Transformer | None:
     config = _config_of(model)
     # cpu_offload: rank 0 alone receives the tensors, one at a time onto the CPU; the others get an empty dict.
     full = get_model_state_dict(reshard(model), options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return _plain_model(config, full) if rank == 0 else None
+    # A full state dict holds plain tensors (no DTensor or ShardedTensor).
+    return _plain_model(config, cast(dict[str, torch.Tensor], full)) if rank == 0 else None
 
 
 def export_hf(

@@ -11,7 +11,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator
 from itertools import chain, islice
 from typing import Any
 
@@ -60,7 +60,7 @@ def _chunks(docs: Iterable[str], size: int) -> Iterator[list[str]]:
 
 def encoded_chunks(
     docs: Iterable[str], backend: Any, sep_id: int, num_proc: int, chunk_docs: int = CHUNK_DOCS
-) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+) -> Generator[tuple[np.ndarray, np.ndarray], None, None]:
     """`encode_chunk` results for consecutive chunks of `docs`, in order, computed by `num_proc` processes
     (inline for 1, or when the documents fit in one chunk). Closing the iterator early stops the workers."""
     rest = _chunks(docs, chunk_docs)
