@@ -7,9 +7,10 @@ Why it is built this way:
   2048-token, 64-slot server compiles at most 7 x 6 graphs, whatever the traffic.
 - Padding rows write their keys into one scratch slot the runner keeps past the scheduler's slots (position 0),
   so they never touch a live sequence; their logits are dropped.
-- The KV-cache write stays inside the graph as the cache's `index_copy_` on the preallocated buffers, which
-  inductor lowers to an in-place scatter; on CUDA the buffers are marked static so CUDA graphs (mode
-  "reduce-overhead") replay against the same memory instead of copying the cache in.
+- The KV-cache write stays inside the graph as an `index_put_` on the preallocated buffers (`KVCache.write`
+  under compile), which inductor lowers to an in-place scatter of the rows written; on CUDA the buffers are
+  marked static so CUDA graphs (mode "reduce-overhead") replay against the same memory instead of copying the
+  cache in.
 - Lazy, not at start-up: compiling one graph of the 135M model took 4-12 min on the shared, loaded 2-core AVX2
   CPU (2026-11-29, `python -m bench.profile --compile`), so warming every bucket before /readyz would hold a server
   unready for hours there; each first use is logged instead. Prefill stays eager: its shapes vary with every

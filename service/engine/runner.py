@@ -185,17 +185,16 @@ class ModelRunner:
 
     def _decode(self, batch: Batch) -> RunOutput:
         seqs = batch.decode
+        next_ids = [s.output_ids[-1] for s in seqs]
+        slots = [s.slot for s in seqs]
         last_pos = [s.total_len - 1 for s in seqs]
         kv_len = self._kv_len(max(last_pos))
-        if self.compiled is not None:
-            compiled = self.compiled([s.output_ids[-1] for s in seqs], [s.slot for s in seqs], last_pos, kv_len)
-            if compiled is not None:
-                tokens, logprobs = sample_rows(compiled, seqs)
-                return RunOutput([*tokens], logprobs)
-        idx = torch.tensor([s.output_ids[-1] for s in seqs], dtype=torch.long, device=self.device).view(-1, 1)
-        # Positions go in as host ints: the batch checks them against the cache without a device sync.
-        cache_batch = CacheBatch.build(self.cache, [s.slot for s in seqs], [[p] for p in last_pos], kv_len=kv_len)
-        logits = self.model(idx, batch=cache_batch)
-        logits = logits[:, 0]  # (B, vocab)
+        # None when not compiling, or once compilation failed: then the eager step.
+        logits = None if self.compiled is None else self.compiled(next_ids, slots, last_pos, kv_len)
+        if logits is None:
+            idx = torch.tensor(next_ids, dtype=torch.long, device=self.device).view(-1, 1)
+            # Positions go in as host ints: the batch checks them against the cache without a device sync.
+            cache_batch = CacheBatch.build(self.cache, slots, [[p] for p in last_pos], kv_len=kv_len)
+            logits = self.model(idx, batch=cache_batch)[:, 0]  # (B, vocab)
         tokens, logprobs = sample_rows(logits, seqs)
         return RunOutput([*tokens], logprobs)
