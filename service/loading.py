@@ -168,6 +168,7 @@ def build_engine(settings: Settings) -> tuple[Engine, CheckpointWatcher | None]:
         info=ModelInfo(str(path), resolved.step or step_of(path), path.name),
         stall_timeout=settings.stall_timeout,
         drain_timeout=settings.drain_timeout,
+        recompute_chunk=settings.recompute_chunk,
         compile=settings.compile,
     )
     watcher = None

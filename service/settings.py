@@ -67,6 +67,9 @@ class Settings(BaseSettings):
         60.0, gt=0, description="/healthz fails when work is pending and the engine made no step for this long"
     )
     prefill_chunk: int = Field(512, ge=1, description="prompt tokens per prefill step")
+    recompute_chunk: int = Field(
+        64, ge=1, description="tokens per step recomputed for the requests a hot reload moved to the new model"
+    )
     log_level: str = Field("INFO", description="logging level")
     shutdown_grace: float = Field(30.0, ge=0, description="seconds SIGTERM waits for running requests")
     pack_weights: bool = Field(True, description="CPU: reorder linear weights for oneDNN once at load (faster steps)")

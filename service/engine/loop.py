@@ -82,6 +82,7 @@ class Engine:
         backstop_timeout: float = 3600.0,
         stall_timeout: float = 60.0,
         drain_timeout: float = 2.0,
+        recompute_chunk: int = 64,
         compile: str = "off",
     ) -> None:
         self.runner = ModelRunner(model, max_batch_size, max_context, compile=compile)
@@ -89,7 +90,7 @@ class Engine:
         self.info = info
         self.model_version = 0
         self.cache_manager = CacheManager(max_batch_size, self.runner.context)
-        self.scheduler = Scheduler(self.cache_manager, max_queue, prefill_chunk)
+        self.scheduler = Scheduler(self.cache_manager, max_queue, prefill_chunk, recompute_chunk)
         self.stop_ids = self._stop_ids(model, tokenizer)
         # A request submitted without a timeout still ends by this many seconds: no client can wait forever.
         self.backstop_timeout = backstop_timeout

@@ -12,10 +12,14 @@ import threading
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Literal
 
 from model.sampling import TokenLogprobs
 from service.engine.cache_manager import CacheManager
 from service.engine.sequence import FinishReason, Sequence, Status
+
+
+_Kind = Literal["prompt", "recompute", "decode"]
 
 
 class QueueFullError(RuntimeError):
@@ -69,17 +73,26 @@ class StepStats:
 
 
 class Scheduler:
-    def __init__(self, cache: CacheManager, max_queue: int, prefill_chunk: int) -> None:
+    def __init__(
+        self, cache: CacheManager, max_queue: int, prefill_chunk: int, recompute_chunk: int | None = None
+    ) -> None:
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+        if recompute_chunk is not None and recompute_chunk < 1:
+            raise ValueError(f"recompute_chunk must be >= 1, got {recompute_chunk}")
         self.cache = cache
         self.max_queue = max_queue
         self.prefill_chunk = prefill_chunk
+        # Tokens one step may recompute for the sequences a model swap moved (default: prefill_chunk). Smaller than
+        # a prompt chunk: a request arriving during the recompute waits for the step in progress, so that step's
+        # length is what the reload adds to its first token.
+        self.recompute_chunk = recompute_chunk or prefill_chunk
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         # `add` is called from the HTTP thread, everything else from the engine thread.
         self._lock = threading.Lock()
-        self._last_was_prefill = False
+        self._last: _Kind | None = None  # what the previous step did
+        self._recompute_owed = False  # the last prefill step took new prompts while a recompute waited
         self.admit_paused = False  # set while a model swap waits for running sequences to drain
 
     @property
@@ -156,36 +169,48 @@ class Scheduler:
     def schedule(self) -> Batch | None:
         """The next step's work, or None when nothing is running.
 
-        Prompt chunks and decode steps alternate when both are pending, so a long prompt (cut into chunks of
-        at most `prefill_chunk` tokens) delays running streams by one chunk at a time, never by the whole
-        prompt.
+        Three kinds of step: prompt chunks of new requests (at most `prefill_chunk` tokens), the recompute of
+        sequences a model swap moved (prompt + output so far, at most `recompute_chunk` tokens), and one decode
+        step of every sequence that is ready. While some are ready, a prefill step never follows a step of its
+        own kind: a long prompt or a long recompute delays running streams by one chunk at a time. New prompts
+        go before the recompute (a new request's first token does not wait for the moved streams' history),
+        except right after a prompt step, so that a steady arrival of requests cannot starve the moved streams.
         """
         for s in self.running:
             if s.share_from is not None and s.share_from.finished and not s.share_from.prefilled:
                 s.share_from = None  # its lead ended before prefilling the prompt: prefill it itself
-        pending = [s for s in self.running if not s.prefilled and s.share_from is None]
-        # New prompts before the recompute of sequences a model swap moved (those have output already): a new
-        # request's first token would otherwise wait for every moved stream's prompt + output to be prefilled.
-        pending.sort(key=lambda s: bool(s.output_ids))
-        ready = [s for s in self.running if s.prefilled]
-        if pending and not (ready and self._last_was_prefill):
-            self._last_was_prefill = True
-            return Batch(prefill=self._prefill_items(pending), decode=[])
-        self._last_was_prefill = False
+        pending: dict[_Kind, list[Sequence]] = {"prompt": [], "recompute": []}
+        ready = []
+        for s in self.running:
+            if s.prefilled:
+                ready.append(s)
+            elif s.share_from is None:
+                # A sequence with output is one a swap moved; one moved before its first token is a new prompt.
+                pending["recompute" if s.output_ids else "prompt"].append(s)
+        order: tuple[_Kind, _Kind] = ("recompute", "prompt") if self._recompute_owed else ("prompt", "recompute")
+        for kind in order:
+            # With streams ready, a prompt chunk may follow anything but a prompt chunk (a new request need not
+            # wait for a decode step after a recompute step), a recompute chunk only a decode step.
+            allowed = not ready or (self._last != "prompt" if kind == "prompt" else self._last == "decode")
+            if pending[kind] and allowed:
+                self._last = kind
+                self._recompute_owed = kind == "prompt" and bool(pending["recompute"])
+                budget = self.prefill_chunk if kind == "prompt" else self.recompute_chunk
+                return Batch(prefill=self._prefill_items(pending[kind], budget), decode=[])
         if not ready:
             return None
+        self._last = "decode"
         # Slot order keeps the batch contiguous in the cache when possible (a view instead of a gather).
         ready.sort(key=lambda s: s.slot)
         return Batch(prefill=[], decode=ready)
 
-    def _prefill_items(self, pending: list[Sequence]) -> list[PrefillItem]:
-        """Prompt chunks for one step, first come first served, at most `prefill_chunk` tokens in all.
+    def _prefill_items(self, pending: list[Sequence], budget: int) -> list[PrefillItem]:
+        """Prompt chunks for one step, first come first served, at most `budget` tokens in all.
 
         The runner packs the chunks back to back with no padding between them, so the cost is the token count;
         the last prompt that fits only in part is cut, and the rest of it comes in the next prefill step.
         """
         items: list[PrefillItem] = []
-        budget = self.prefill_chunk
         for seq in pending:
             if budget == 0:
                 break

@@ -181,20 +181,81 @@ def test_empty_batch_postprocess_records_nothing():
     assert stats.generation_tokens == 0 and stats.finished == []
 
 
-def test_new_prompts_are_prefilled_before_the_recompute_of_moved_sequences():
-    sched = make(prefill_chunk=16)
-    moved = [seq(prompt_len=6, max_tokens=50), seq(prompt_len=6, max_tokens=50)]
+def moved_after_a_swap(sched: Scheduler, n: int, prompt_len: int = 6) -> list[Sequence]:
+    """`n` running sequences with one output token each, then moved to a new model (their KV to recompute)."""
+    moved = [seq(prompt_len=prompt_len, max_tokens=50) for _ in range(n)]
     for s in moved:
         sched.add(s)
     sched.admit(0.0)
-    prefill_all(sched, [7, 7])
-    sched.prefill_chunk = 8
+    while any(not s.output_ids for s in moved):
+        prefill_all(sched)
     for s in moved:  # a model swap: prompt + output so far must be prefilled again
         s.recompute()
         sched.cache.set_tokens(s.slot, 0)
+    return moved
+
+
+def test_new_prompts_are_prefilled_before_the_recompute_of_moved_sequences_and_apart_from_it():
+    sched = make(prefill_chunk=16)
+    moved = moved_after_a_swap(sched, 2)
     newcomer = seq(prompt_len=3)
     sched.add(newcomer)
     sched.admit(2.0)
     batch = sched.schedule()
-    # The newcomer's whole prompt comes first; the moved sequences take what is left of the budget, in order.
-    assert [(it.seq, it.start, it.end) for it in batch.prefill] == [(newcomer, 0, 3), (moved[0], 0, 5)]
+    # The newcomer's prompt alone: a step that also recomputed the moved sequences would delay its first token.
+    assert [(it.seq, it.start, it.end) for it in batch.prefill] == [(newcomer, 0, 3)]
+    sched.postprocess(batch, [7], 2.0)
+    batch = sched.schedule()
+    assert batch.decode == [newcomer]  # a running stream between two prefill steps, as for any prompt
+    sched.postprocess(batch, [7], 2.0)
+    batch = sched.schedule()
+    assert [(it.seq, it.start, it.end) for it in batch.prefill] == [(moved[0], 0, 7), (moved[1], 0, 7)]
+
+
+def test_the_recompute_goes_in_chunks_of_recompute_chunk_tokens_between_decode_steps_and_new_prompts():
+    """No step of a recompute computes more than `recompute_chunk` tokens, the moved sequences that are done decode
+    between its chunks, and a request that arrives meanwhile is prefilled at the next step (not after the
+    recompute): the reload adds at most one short step to its first token."""
+    sched = Scheduler(CacheManager(8, 256), max_queue=8, prefill_chunk=128, recompute_chunk=8)
+    moved = moved_after_a_swap(sched, 4, prompt_len=10)
+    kinds, t = [], 2.0
+    newcomers: list[Sequence] = []
+    while any(not s.prefilled for s in moved):
+        if len(kinds) in (3, 8):  # requests arriving in the middle of the recompute
+            newcomers.append(seq(prompt_len=20))
+            sched.add(newcomers[-1])
+            sched.admit(t)
+        batch = sched.schedule()
+        assert batch is not None
+        if batch.is_prefill and batch.prefill[0].seq in newcomers:
+            kinds.append("prompt")
+            assert [it.seq for it in batch.prefill] == [newcomers[-1]]  # alone, the whole 20-token prompt
+        elif batch.is_prefill:
+            kinds.append("recompute")
+            assert sum(it.end - it.start for it in batch.prefill) <= 8
+        else:
+            kinds.append("decode")
+            assert all(s.prefilled for s in batch.decode)
+        sched.postprocess(batch, [7] * batch.size, t)
+        t += 0.01
+    # 4 x 11 tokens in chunks of 8: six chunks, a decode step between two once the first moved sequence is done,
+    # and each newcomer's prompt at the step it arrived in (after a recompute chunk it needs no decode step first).
+    assert kinds == [
+        *["recompute", "recompute", "decode", "prompt", "decode", "recompute", "decode"],
+        *["recompute", "prompt", "decode", "recompute", "decode", "recompute"],
+    ]
+    assert [n.first_token_time for n in newcomers] == pytest.approx([2.03, 2.08])
+
+
+def test_a_steady_stream_of_new_prompts_does_not_starve_the_recompute():
+    sched = Scheduler(CacheManager(16, 256), max_queue=16, prefill_chunk=64, recompute_chunk=8)
+    moved = moved_after_a_swap(sched, 1, prompt_len=20)
+    recomputed_steps = 0
+    for i in range(12):  # a new request before every step
+        sched.add(seq(prompt_len=4, max_tokens=100))
+        sched.admit(float(i))
+        batch = sched.schedule()
+        assert batch is not None
+        recomputed_steps += any(it.seq is moved[0] for it in batch.prefill)
+        sched.postprocess(batch, [7] * batch.size, float(i))
+    assert moved[0].prefilled and recomputed_steps == 3  # 21 tokens in chunks of 8, between the new prompts

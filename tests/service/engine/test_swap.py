@@ -49,6 +49,48 @@ def test_running_sequences_continue_on_the_new_model_by_recompute(make_engine, t
     assert engine.cache_manager.num_free == 4
 
 
+def test_the_recompute_runs_in_short_steps_and_a_new_request_is_served_in_the_middle_of_it(make_engine, tokenizer):
+    """After a swap no step recomputes more than `recompute_chunk` tokens, and a request that arrives while the moved
+    streams are recomputed gets its first token before the recompute is over; every output is what it would have
+    been without the swap (same weights, greedy)."""
+    ps = prompts(tokenizer, 4)
+    newcomer_prompt = tokenizer.encode("A newcomer asks something" + " else" * 30, add_special_tokens=False)
+    assert len(newcomer_prompt) > 16  # more than a recompute chunk: new prompts keep their own budget
+    reference = [Sequence(p, 60, GREEDY, ignore_eos=True) for p in ps]
+    run(make_engine(), reference)
+    alone = Sequence(newcomer_prompt, 8, GREEDY, ignore_eos=True)
+    run(make_engine(), [alone])
+    engine = make_engine(drain_timeout=0.0, max_batch_size=6, recompute_chunk=16)
+    streams = [Sequence(p, 60, GREEDY, ignore_eos=True) for p in ps]
+    for s in streams:
+        engine.submit(s)
+    for _ in range(30):
+        engine.step()
+    assert all(len(s.output_ids) > 20 for s in streams)
+    newcomer = Sequence(newcomer_prompt, 8, GREEDY, ignore_eos=True)
+    recomputed: list[int] = []  # tokens of the moved streams each prefill step computed
+    real_run = engine.runner.run
+
+    def recording_run(batch):
+        if batch.is_prefill:
+            recomputed.append(sum(it.end - it.start for it in batch.prefill if it.seq is not newcomer))
+        return real_run(batch)
+
+    engine.runner.run = recording_run
+    to_recompute = sum(s.total_len for s in streams)
+    engine.swap_model(same_weights(engine.runner.model), tokenizer, ModelInfo("twin", "2"))
+    engine.step()  # the swap, and the first recompute chunk
+    engine.submit(newcomer)
+    engine.step()
+    # Its prompt went in the step after its arrival, while the moved streams still wait for their history.
+    assert newcomer.output_ids and sum(not s.prefilled for s in streams) >= 3
+    drive(engine, [*streams, newcomer])
+    assert sum(recomputed) == to_recompute and max(recomputed) <= 16
+    assert [s.output_ids for s in streams] == [r.output_ids for r in reference]
+    assert newcomer.output_ids == alone.output_ids
+    assert engine.cache_manager.num_free == 6
+
+
 def test_moved_sequences_that_no_longer_fit_end_cleanly(make_engine, tokenizer):
     engine = make_engine(drain_timeout=0.0, max_context=512)
     long = Sequence(list(range(1, 40)), 100, GREEDY, ignore_eos=True)
