@@ -18,7 +18,6 @@ from model.sampling import TokenLogprobs
 from service.engine.cache_manager import CacheManager
 from service.engine.sequence import FinishReason, Sequence, Status
 
-
 _Kind = Literal["prompt", "recompute", "decode"]
 
 
