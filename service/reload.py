@@ -51,7 +51,11 @@ def non_finite_weights(model: torch.nn.Module) -> list[str]:
     with torch.no_grad():
         for name, t in tensors:
             dense = t.to_dense() if t.is_mkldnn else t
-            if not bool(torch.isfinite(dense).all()):
+            # A NaN or an infinity makes the sum non-finite, so a finite sum proves the tensor finite in one cheap
+            # reduction; only a sum that is not (a non-finite element, or finite ones overflowing) is checked element
+            # by element. The elementwise check of every weight took 2 s of the reload's CPU time on the 135M model
+            # (2 cores, shared with the engine serving meanwhile); the sums take ~0.1 s.
+            if not bool(torch.isfinite(dense.sum())) and not bool(torch.isfinite(dense).all()):
                 bad.append(name)
     return bad
 

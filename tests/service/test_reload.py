@@ -184,6 +184,23 @@ def test_nan_weights_are_found_in_packed_linears_too(tmp_path, tokenizer):
     assert non_finite_weights(model) == ["layers.1.feed_forward.w2.packed"]
 
 
+def test_infinities_are_found_and_huge_finite_weights_are_not_refused():
+    """The check sums each tensor first: an infinity (or a +inf/-inf pair) is still found, and finite weights whose
+    sum overflows are checked element by element rather than refused."""
+    import torch
+
+    from service.reload import non_finite_weights
+    from tests.service.conftest import tiny_model
+
+    model = tiny_model(0)
+    with torch.no_grad():
+        model.layers[0].attention.wo.weight.fill_(3e38)  # finite, but its sum is inf
+        assert non_finite_weights(model) == []
+        model.layers[1].feed_forward.w2.weight[0, :2] = torch.tensor([float("inf"), float("-inf")])
+        model.norm.weight[0] = float("-inf")
+    assert non_finite_weights(model) == ["layers.1.feed_forward.w2.weight", "norm.weight"]
+
+
 def test_a_failed_swap_is_retried_and_the_checkpoint_becomes_current_only_when_served(tmp_path, save_tiny, tokenizer):
     out, engine, watcher, loads = _watched(tmp_path, save_tiny, tokenizer, retry_after=3600)
     second = save_tiny(out / "step-000002", seed=1)
