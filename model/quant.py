@@ -75,6 +75,7 @@ class Int8Linear(nn.Module):
 
     qweight: torch.Tensor
     scales: torch.Tensor
+    _bounds: torch.Tensor  # (1, 2): +-FBGEMM_BOUND, fbgemm only
 
     def __init__(self, weight: torch.Tensor, act_dtype: torch.dtype, kernel: str = "aten") -> None:
         super().__init__()
