@@ -248,3 +248,17 @@ def test_int8_kernel_falls_back_to_aten_without_fbgemm(monkeypatch):
     assert {m.kernel for m in model.modules() if isinstance(m, Int8Linear)} == {"aten"}
     with pytest.raises(ValueError, match="int8 kernel: expected one of aten, fbgemm, got 'mkl'"):
         Int8Linear(torch.randn(16, 32), torch.bfloat16, "mkl")
+
+
+@needs_fbgemm
+def test_fbgemm_layer_runs_under_inference_mode_then_no_grad_and_any_row_count():
+    gen = torch.Generator().manual_seed(8)
+    layer = Int8Linear(torch.randn(32, 64, generator=gen), torch.float32, "fbgemm")
+    x = torch.randn(3, 64, generator=gen)
+    with torch.inference_mode():
+        first = layer(x)  # the reused input buffer is made here
+    with torch.no_grad():
+        assert torch.equal(layer(x), first)
+        big = torch.randn(100, 64, generator=gen)  # more rows than are kept between calls
+        assert torch.equal(layer(big)[:3], layer(big[:3]))
+        assert torch.equal(layer(x), first)
