@@ -17,7 +17,7 @@ packed: the aten kernels' fp32-input path is their slow path (int8 1.7x, int4 2.
 while bf16 inputs (the kernels widen them to fp32 inside, so bf16 being emulated on that CPU does not matter)
 make int8 0.64x and int4 0.36x of it. So an fp32 model hands the aten kernels bf16 activations and takes fp32
 results back. fbgemm keeps the activations in fp32 (about 14 bits reach the integer products, see `Int8Linear`):
-+0.16% perplexity against aten's +0.49%, and at 16 rows a decode step 0.77x of aten int8's; the 49152-row output
++0.16% perplexity against aten's +0.49%, and at 16 rows a decode step 0.68-0.77x of aten int8's; the 49152-row output
 projection 8.1 -> 3.5 ms for one row and 60 -> 13 ms for 16 (1 thread, loaded machine, 2026-11-30).
 
 A Q4_1 GGUF (the embedded model) needs no special path: its blocks are 32 wide with a scale and a minimum, and
