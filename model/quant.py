@@ -6,13 +6,19 @@ and the embedding table are untouched. Every linear layer is quantized, and so i
 tied to the embedding, so it gets its own quantized copy (int8 in both modes) and the table keeps the compute
 dtype.
 
-The kernels are PyTorch's own (`aten._weight_int8pack_mm`, `aten._weight_int4pack_mm_for_cpu`); torchao 0.18
-(the release for torch 2.13) ships no CPU kernels of its own: its int4 CPU layout calls the same aten kernel and
-its int8 weight-only path dequantizes the whole weight before a plain matmul. Measured on the AVX2-only EPYC
-(bench/README.md, 2026-11-29), one decode step of the 135M model relative to fp32 packed: the kernels' fp32-input
-path is their slow path (int8 1.7x, int4 2.6x slower than fp32 packed), while bf16 inputs (the kernels widen them
-to fp32 inside, so bf16 being emulated on that CPU does not matter) make int8 0.64x and int4 0.36x of it. So an
-fp32 model hands the kernels bf16 activations and takes fp32 results back.
+The int4 kernel is PyTorch's own (`aten._weight_int4pack_mm_for_cpu`); int8 has two (`Int8Linear`), chosen by the
+CPU (`pick_int8_kernel`): `aten._weight_int8pack_mm` where bf16 is native, and fbgemm's dynamic-quantized GEMM
+(shipped in torch's x86 builds, reached through torch.ao's deprecated quantized ops) where it is emulated.
+torchao 0.18 (the release for torch 2.13) ships no CPU kernels of its own: its int4 CPU layout calls the same aten
+kernel and its int8 weight-only path dequantizes the whole weight before a plain matmul.
+
+Measured on the AVX2-only EPYC (bench/README.md, 2026-11-29), one decode step of the 135M model relative to fp32
+packed: the aten kernels' fp32-input path is their slow path (int8 1.7x, int4 2.6x slower than fp32 packed),
+while bf16 inputs (the kernels widen them to fp32 inside, so bf16 being emulated on that CPU does not matter)
+make int8 0.64x and int4 0.36x of it. So an fp32 model hands the aten kernels bf16 activations and takes fp32
+results back. fbgemm keeps the activations in fp32 (about 14 bits reach the integer products, see `Int8Linear`):
++0.16% perplexity against aten's +0.49%, and at 16 rows a decode step 0.68-0.77x of aten int8's; the 49152-row output
+projection 8.1 -> 3.5 ms for one row and 60 -> 13 ms for 16 (1 thread, loaded machine, 2026-11-30).
 
 A Q4_1 GGUF (the embedded model) needs no special path: its blocks are 32 wide with a scale and a minimum, and
 every block spans the full 0..15 range, so requantizing the dequantized weights here reproduces them exactly
@@ -21,12 +27,25 @@ every block spans the full 0..15 range, so requantizing the dequantized weights 
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
+from model.device import CpuCapability, cpu_capability
 from model.packed_linear import PackedLinear
 
 QUANT_MODES = ("none", "int8", "int4")
+INT8_KERNELS = ("aten", "fbgemm")
+# fbgemm (reduce_range, as AVX2's u8 x s8 products need) quantizes to 0..127: a range of +-63.5 makes its scale 1
+# and every integer in -63..63 exact. Rows are scaled to +-63 and remainders (at most 0.5) by 126, so that rounding
+# in the division never pushes a value past the bound (which would change the scale for the whole batch).
+FBGEMM_BOUND = 63.5
+FBGEMM_STEPS = 63.0
+FBGEMM_REMAINDER = 126.0
+# The largest row count whose fbgemm input buffer a layer keeps between calls (decode batches; prefills allocate).
+FBGEMM_REUSE_ROWS = 64
 INT4_GROUP_SIZE = 32
 # In int4 mode the output projection stays int8, as in llama.cpp's own Q4 files (the embedded GGUF keeps it Q8_0):
 # measured on the held-out text, int4 everywhere costs +6.2% perplexity over fp32, above the +5% bound; the
@@ -41,33 +60,100 @@ def kernel_dtype(compute_dtype: torch.dtype) -> torch.dtype:
 
 
 class Int8Linear(nn.Module):
-    """y = x @ (q * scale).T with q int8 (out, in) and one scale per output row (symmetric, max-abs / 127)."""
+    """y = x @ (q * scale).T with q int8 (out, in) and one scale per output row (symmetric, max-abs / 127).
+
+    Two kernels compute it (`INT8_KERNELS`). `aten` is `aten._weight_int8pack_mm` on `act_dtype` activations (bf16
+    for an fp32 model, see `kernel_dtype`). `fbgemm` is fbgemm's dynamic-quantized GEMM (`quantized::linear_dynamic`,
+    integer dot products, fp32 around them: fast on AVX2, where bf16 is emulated), fed so that it neither loses
+    precision nor couples the rows of a batch:
+    - fbgemm quantizes its whole input with one 7-bit scale from the input's min and max. Two constant columns
+      +-FBGEMM_BOUND (against zero weights) fix that range, and each row is scaled by its own max-abs into it, so
+      the scale is always 1 and a row's result never depends on the rows batched with it (a greedy request must
+      give the same tokens alone and in a batch); the integer products are exact, so rows are bit-identical.
+    - 7 bits per row cost +13% perplexity on the 135M model (outlier channels), so each row goes in twice: its
+      integer part k = round(u) and its remainder (u - k) scaled up by FBGEMM_REMAINDER, in one GEMM of 2x the rows
+      (as cheap as one row while the weights stream from memory): about 14 bits per activation.
+    """
 
     qweight: torch.Tensor
     scales: torch.Tensor
+    _bounds: torch.Tensor  # (1, 2): +-FBGEMM_BOUND, fbgemm only
 
-    def __init__(self, weight: torch.Tensor, act_dtype: torch.dtype) -> None:
+    def __init__(self, weight: torch.Tensor, act_dtype: torch.dtype, kernel: str = "aten") -> None:
         super().__init__()
+        if kernel not in INT8_KERNELS:
+            raise ValueError(f"int8 kernel: expected one of {', '.join(INT8_KERNELS)}, got {kernel!r}")
         w = weight.detach().float()
         self.out_features, self.in_features = w.shape
         scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0  # (out,)
         q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
         self.act_dtype = act_dtype
+        self.kernel = kernel
         self.register_buffer("qweight", q.contiguous())
-        self.register_buffer("scales", scale.to(act_dtype))
+        if kernel == "fbgemm":
+            # fbgemm's epilogue multiplies by the fp32 scale; the aten kernel takes it in the activation dtype.
+            self.register_buffer("scales", scale)
+            # A plain attribute, not a buffer: fbgemm's packed weight is an opaque object (as in PackedLinear).
+            self.packed = _fbgemm_pack(q, scale)
+            self.register_buffer("_bounds", torch.tensor([[FBGEMM_BOUND, -FBGEMM_BOUND]]), persistent=False)
+            self._fbgemm_buffer: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        else:
+            self.register_buffer("scales", scale.to(act_dtype))
 
     def dequantize(self) -> torch.Tensor:
         return self.qweight.float() * self.scales.float()[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        y = torch.ops.aten._weight_int8pack_mm(
-            x.reshape(-1, self.in_features).to(self.act_dtype), self.qweight, self.scales
-        )
-        return y.view(*shape[:-1], self.out_features).to(x.dtype)
+        x2 = x.reshape(-1, self.in_features)
+        if self.kernel == "fbgemm":
+            rows = x2.shape[0]
+            xf = x2 if x2.dtype == torch.float32 else x2.float()
+            # unit (rows, 1): u = x / unit spans [-FBGEMM_STEPS, FBGEMM_STEPS], so round(u) needs no clamp; the
+            # clamp on unit keeps an all-zero row (padding) zero instead of NaN.
+            unit = torch.linalg.vector_norm(xf, float("inf"), dim=1, keepdim=True).clamp_(min=1e-30).div_(FBGEMM_STEPS)
+            u = xf / unit
+            inp, whole, rest = self._fbgemm_input(rows)  # (2 rows, in + 2) and its two (rows, in) halves
+            torch.round(u, out=whole)  # integers in -63..63: fbgemm quantizes them exactly
+            torch.sub(u, whole, out=rest).mul_(FBGEMM_REMAINDER)  # |u - round(u)| <= 0.5: inside the bound
+            y2 = torch.ops.quantized.linear_dynamic(inp, self.packed, True)
+            y = torch.add(y2[:rows], y2[rows:], alpha=1.0 / FBGEMM_REMAINDER).mul_(unit)
+        else:
+            y = torch.ops.aten._weight_int8pack_mm(x2.to(self.act_dtype), self.qweight, self.scales)
+        y = y.view(*shape[:-1], self.out_features)
+        return y if y.dtype == x.dtype else y.to(x.dtype)
+
+    def _fbgemm_input(self, rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """fbgemm's input for `rows` rows with the bound columns filled in, and views of its two halves. Decode
+        steps repeat the same row count, so the last one (up to FBGEMM_REUSE_ROWS) is kept: a step then allocates
+        nothing here and skips two concatenations. Made outside inference mode, so that a model run under
+        inference_mode and later under no_grad may still write into it. One layer must not run on two threads at once
+        (the engine runs a model on its one thread)."""
+        cached = self._fbgemm_buffer
+        if cached is not None and cached[1].shape[0] == rows:
+            return cached
+        with torch.inference_mode(False):
+            inp = torch.empty(2 * rows, self.in_features + 2)
+            inp[:, self.in_features :] = self._bounds
+        views = (inp, inp[:rows, : self.in_features], inp[rows:, : self.in_features])
+        if rows <= FBGEMM_REUSE_ROWS:
+            self._fbgemm_buffer = views
+        return views
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel, {self.kernel}"
+
+
+def _fbgemm_pack(q: torch.Tensor, scale: torch.Tensor) -> torch.ScriptObject:
+    """fbgemm's packed form of int8 weights `q` (out, in) with per-row `scale`, two zero columns appended for the
+    activation bounds (see Int8Linear)."""
+    padded = torch.cat([q, q.new_zeros(q.shape[0], 2)], dim=1)
+    with warnings.catch_warnings():
+        # torch.ao's quantized tensors are deprecated, but fbgemm's kernels are only reachable through them.
+        warnings.simplefilter("ignore")
+        zeros = torch.zeros(q.shape[0], dtype=torch.long)
+        qw = torch._make_per_channel_quantized_tensor(padded, scale.double(), zeros, 0)
+        return torch.ops.quantized.linear_prepack(qw, None)
 
 
 class Int4Linear(nn.Module):
@@ -115,8 +201,28 @@ class Int4Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int4 groups of {self.group_size}"
 
 
+def fbgemm_available() -> bool:
+    """Whether this torch build has fbgemm's quantized kernels (x86 builds do; ARM and some minimal ones do not)."""
+    return "fbgemm" in torch.backends.quantized.supported_engines
+
+
+def pick_int8_kernel(capability: Callable[[], CpuCapability] = cpu_capability) -> str:
+    """`aten` where the CPU computes bf16 natively (the kernel's fast path takes bf16 activations), else `fbgemm`
+    when this torch has it (fp32 activations, integer dot products: AVX2 machines); `capability` is a seam for
+    tests that fake the other kind of CPU."""
+    if capability().native_bf16 or not fbgemm_available():
+        return "aten"
+    return "fbgemm"
+
+
 @torch.no_grad()
-def quantize_model(model: nn.Module, mode: str, group_size: int = INT4_GROUP_SIZE) -> int:
+def quantize_model(
+    model: nn.Module,
+    mode: str,
+    group_size: int = INT4_GROUP_SIZE,
+    capability: Callable[[], CpuCapability] = cpu_capability,
+    int8_kernel: str | None = None,
+) -> int:
     """Replace every linear layer of `model` (the output projection included) with its weight-only `mode`
     counterpart, in place (int4 mode: the output projection in int8, see OUTPUT_PROJECTION); returns how many
     were replaced (0 for `none`). The model must be on the CPU and not
@@ -134,13 +240,14 @@ def quantize_model(model: nn.Module, mode: str, group_size: int = INT4_GROUP_SIZ
     if any(isinstance(m, PackedLinear) for m in model.modules()):
         raise TypeError("quantize_model: the model's weights are packed for oneDNN; quantize before packing")
     act = kernel_dtype(weight.dtype)
+    int8_kernel = int8_kernel or pick_int8_kernel(capability)
     targets = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
     for name, linear in targets:
         if linear.bias is not None:
             raise ValueError(f"quantize_model: {name} has a bias; only bias-free linear layers are supported")
         w = linear.weight
         if mode == "int8" or name == OUTPUT_PROJECTION:
-            layer = Int8Linear(w, act)
+            layer = Int8Linear(w, act, int8_kernel)
         else:
             layer = Int4Linear(w, act, group_size)
         parent, _, attr = name.rpartition(".")

@@ -7,10 +7,20 @@ import torch
 from torch import nn
 
 from model.config import ModelConfig
+from model.device import CpuCapability
 from model.kv_cache import CacheBatch
 from model.llama import Transformer
 from model.packed_linear import pack_linears
-from model.quant import QUANT_MODES, Int4Linear, Int8Linear, kernel_dtype, quantize_model
+from model.quant import (
+    FBGEMM_BOUND,
+    INT8_KERNELS,
+    QUANT_MODES,
+    Int4Linear,
+    Int8Linear,
+    kernel_dtype,
+    pick_int8_kernel,
+    quantize_model,
+)
 
 CONFIG = ModelConfig.from_name("tiny")
 N_LINEARS = 4 * CONFIG.n_layer + 1  # wqkv, wo, w13, w2 per layer, and the output projection
@@ -22,10 +32,20 @@ def tiny() -> Transformer:
     return model.eval()
 
 
-def quantized(mode: str) -> Transformer:
+AVX2 = CpuCapability(isa="AVX2", native_bf16=False)
+AMX = CpuCapability(isa="AVX512", native_bf16=True)
+HAS_FBGEMM = "fbgemm" in torch.backends.quantized.supported_engines
+needs_fbgemm = pytest.mark.skipif(not HAS_FBGEMM, reason="this torch has no fbgemm")
+
+
+def quantized(mode: str, int8_kernel: str | None = None) -> Transformer:
     model = tiny()
-    assert quantize_model(model, mode) == (0 if mode == "none" else N_LINEARS)
+    assert quantize_model(model, mode, int8_kernel=int8_kernel) == (0 if mode == "none" else N_LINEARS)
     return model
+
+
+def kernels() -> list[str]:
+    return [k for k in INT8_KERNELS if k != "fbgemm" or HAS_FBGEMM]
 
 
 def decode(model: Transformer, prompt: torch.Tensor, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,21 +82,23 @@ def test_modes_replace_every_linear_and_keep_the_embedding():
     assert isinstance(plain.output, nn.Linear)
 
 
+@pytest.mark.parametrize("kernel", kernels())
 @pytest.mark.parametrize("mode, tolerance", [("int8", 0.03), ("int4", 0.15)])
 @torch.inference_mode()
-def test_forward_stays_close_to_fp32(mode, tolerance):
+def test_forward_stays_close_to_fp32(mode, tolerance, kernel):
     prompt = torch.randint(0, CONFIG.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
     ref = tiny()(prompt)
-    out = quantized(mode)(prompt)
+    out = quantized(mode, kernel)(prompt)
     assert out.dtype == torch.float32 and out.shape == ref.shape
     rel = ((out - ref).norm() / ref.norm()).item()
     assert 0 < rel < tolerance, rel
 
 
+@pytest.mark.parametrize("kernel", kernels())
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 @torch.inference_mode()
-def test_greedy_tokens_are_the_same_alone_and_in_a_batch(mode):
-    model = quantized(mode)
+def test_greedy_tokens_are_the_same_alone_and_in_a_batch(mode, kernel):
+    model = quantized(mode, kernel)
     gen = torch.Generator().manual_seed(2)
     batch = torch.randint(0, CONFIG.vocab_size, (4, 9), generator=gen)
     alone_tokens, alone_logits = decode(model, batch[:1], 8)
@@ -122,6 +144,11 @@ def test_quantized_linear_keeps_leading_dims_and_input_dtype():
         # What the kernel computes is the dequantized weight times the activations rounded to bf16.
         exact = x.bfloat16().float() @ layer.dequantize().t()
         assert ((y - exact).norm() / exact.norm()).item() < 1e-2
+    if HAS_FBGEMM:
+        layer = Int8Linear(w, torch.bfloat16, "fbgemm")
+        for inp in (x, x.bfloat16()):
+            y = layer(inp)
+            assert y.shape == (2, 3, 32) and y.dtype == inp.dtype
 
 
 def test_kernel_dtype_feeds_bf16_to_the_kernels_for_fp32_models():
@@ -157,3 +184,81 @@ def test_a_bf16_model_keeps_bf16_activations():
     out = model(torch.arange(8)[None])
     assert out.dtype == torch.float32  # the model's logits contract, whatever the weights
     assert ((out - ref).norm() / ref.norm()).item() < 0.15
+
+
+@needs_fbgemm
+@torch.inference_mode()
+def test_fbgemm_int8_computes_the_dequantized_weight_at_fp32_precision():
+    gen = torch.Generator().manual_seed(6)
+    w = torch.randn(48, 96, generator=gen)
+    layer = Int8Linear(w, torch.bfloat16, "fbgemm")
+    # The same int8 weights and scales as the aten kernel's (what is stored, and what fbgemm packed).
+    assert torch.equal(layer.qweight, Int8Linear(w, torch.bfloat16, "aten").qweight)
+    assert layer.scales.dtype == torch.float32
+    packed_q = torch.ops.quantized.linear_unpack(layer.packed)[0]
+    assert torch.equal(packed_q.int_repr()[:, :96], layer.qweight)
+    assert not packed_q.int_repr()[:, 96:].any()  # the bound columns meet zero weights
+    x = torch.randn(5, 96, generator=gen) * torch.logspace(-2, 1, 96)  # outlier channels, as real activations
+    exact = x @ layer.dequantize().t()
+    y = layer(x)
+    # Two passes of 7 bits: the activations' rounding is ~1e-4 of a row's max, far below bf16's 4e-3.
+    assert ((y - exact).norm() / exact.norm()).item() < 1e-3
+    bf16 = x.bfloat16().float() @ layer.dequantize().t()
+    assert (y - exact).norm() < (bf16 - exact).norm()
+
+
+@needs_fbgemm
+@torch.inference_mode()
+def test_fbgemm_rows_do_not_depend_on_the_batch():
+    gen = torch.Generator().manual_seed(7)
+    layer = Int8Linear(torch.randn(32, 64, generator=gen), torch.float32, "fbgemm")
+    x = torch.randn(6, 64, generator=gen)
+    x[2] *= 1000.0  # one row far larger than the others: a shared activation scale would crush them
+    x[4] = 0.0  # an all-zero row (padding) stays zero, not NaN
+    batched = layer(x)
+    for r in range(6):
+        assert torch.equal(batched[r], layer(x[r : r + 1])[0])
+    assert torch.equal(batched[4], torch.zeros(32))
+    # Rows at the bound's edge (every element +-max) must not push the input past it.
+    edge = torch.tensor([[1.0, -1.0] * 32, [3.0] * 64])
+    assert torch.equal(layer(edge)[0], layer(torch.cat([edge[:1], x]))[0])
+    assert FBGEMM_BOUND == 63.5
+
+
+@needs_fbgemm
+def test_int8_kernel_follows_the_cpu():
+    assert pick_int8_kernel(lambda: AVX2) == "fbgemm"
+    assert pick_int8_kernel(lambda: AMX) == "aten"
+    for mode in ("int8", "int4"):
+        model = tiny()
+        quantize_model(model, mode, capability=lambda: AMX)
+        assert model.output.kernel == "aten"
+        model = tiny()
+        quantize_model(model, mode, capability=lambda: AVX2)
+        assert model.output.kernel == "fbgemm"
+
+
+def test_int8_kernel_falls_back_to_aten_without_fbgemm(monkeypatch):
+    import model.quant
+
+    monkeypatch.setattr(model.quant, "fbgemm_available", lambda: False)
+    assert pick_int8_kernel(lambda: AVX2) == "aten"
+    model = tiny()
+    quantize_model(model, "int8", capability=lambda: AVX2)
+    assert {m.kernel for m in model.modules() if isinstance(m, Int8Linear)} == {"aten"}
+    with pytest.raises(ValueError, match="int8 kernel: expected one of aten, fbgemm, got 'mkl'"):
+        Int8Linear(torch.randn(16, 32), torch.bfloat16, "mkl")
+
+
+@needs_fbgemm
+def test_fbgemm_layer_runs_under_inference_mode_then_no_grad_and_any_row_count():
+    gen = torch.Generator().manual_seed(8)
+    layer = Int8Linear(torch.randn(32, 64, generator=gen), torch.float32, "fbgemm")
+    x = torch.randn(3, 64, generator=gen)
+    with torch.inference_mode():
+        first = layer(x)  # the reused input buffer is made here
+    with torch.no_grad():
+        assert torch.equal(layer(x), first)
+        big = torch.randn(100, 64, generator=gen)  # more rows than are kept between calls
+        assert torch.equal(layer(big)[:3], layer(big[:3]))
+        assert torch.equal(layer(x), first)
