@@ -22,12 +22,15 @@ install: $(VENV)/.installed
 serve: install
 	$(BIN)/python -m service --host $(HOST) --port $(PORT)
 
+# Two workers (pytest-xdist): much of the suite waits on servers, trainers and torchrun jobs it starts, so two
+# processes fill the 2-core CI machine; worksteal hands the long tests' neighbours to whichever worker is free.
+TEST_WORKERS ?= 2
 test: lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal
 
 # Everything but the tests that load the real 135M model (marked `slow`).
 test-fast: lint
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal -m "not slow"
 
 # Style, formatting, types (mypy, basic mode) and the layer/cycle contracts (import-linter).
 lint: install

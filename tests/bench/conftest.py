@@ -39,15 +39,25 @@ def _sse(event: str | None, data: str) -> str:
     return f": ping\r\n{head}data: {data}\r\n\r\n"
 
 
+# Streams being generated now and the most at once since the last reset: a test proves the load generator's
+# concurrency by what the server saw, not by wall time (which a loaded CI machine stretches).
+IN_FLIGHT = {"now": 0, "peak": 0}
+
+
 async def _tokens(prompt: str, max_tokens: int) -> AsyncIterator[tuple[int, str | None]]:
     """(index, finish_reason once at the end) with the fake's timing; finish "error" or "cut" for failures."""
     n = {"short": 3, "error-event": 2, "cut": 2}.get(prompt, max_tokens)
-    await asyncio.sleep(TTFT_S)
-    for i in range(n):
-        if i:
-            await asyncio.sleep(ITL_S)
-        yield i, None
-    yield n, {"short": "stop", "error-event": "error", "cut": "cut"}.get(prompt, "length")
+    IN_FLIGHT["now"] += 1
+    IN_FLIGHT["peak"] = max(IN_FLIGHT["peak"], IN_FLIGHT["now"])
+    try:
+        await asyncio.sleep(TTFT_S)
+        for i in range(n):
+            if i:
+                await asyncio.sleep(ITL_S)
+            yield i, None
+        yield n, {"short": "stop", "error-event": "error", "cut": "cut"}.get(prompt, "length")
+    finally:
+        IN_FLIGHT["now"] -= 1
 
 
 async def generate(request: Request) -> Response:
@@ -98,6 +108,14 @@ class FakeServer:
     url: str
     ttft_s: float = TTFT_S
     itl_s: float = ITL_S
+
+    def reset_peak(self) -> None:
+        IN_FLIGHT["peak"] = IN_FLIGHT["now"]
+
+    @property
+    def peak_in_flight(self) -> int:
+        """The most streams generated at once since `reset_peak`."""
+        return IN_FLIGHT["peak"]
 
 
 @pytest.fixture(scope="session")

@@ -82,14 +82,17 @@ def test_measures_the_fake_servers_timing(fake_server, api):
         max_tokens=n_tokens,
         prompts=("normal",),
     )
+    fake_server.reset_peak()
     s = run_load_sync(cfg)
     assert (s.requests, s.completed, s.errors) == (requests, requests, 0)
     assert s.completion_tokens == requests * n_tokens
     assert s.finish_reasons == {"length": requests}
+    # 4 requests at a time, never more: what the server saw (a loaded machine stretches the wall time below).
+    assert fake_server.peak_in_flight == concurrency
     ttft, itl = fake_server.ttft_s, fake_server.itl_s
     one_request = ttft + (n_tokens - 1) * itl
-    # Two rounds of 4 concurrent requests: wall time about two requests' worth, tokens/s to match.
-    assert 2 * one_request * 0.9 <= s.wall_s <= 2 * one_request * 3
+    # Two rounds of 4 concurrent requests: at least two requests' worth of wall time, tokens/s to match.
+    assert 2 * one_request * 0.9 <= s.wall_s
     assert s.tokens_per_s == pytest.approx(s.completion_tokens / s.wall_s)
     assert ttft * 1000 * 0.9 <= s.ttft_p50_ms <= ttft * 1000 * 3
     assert itl * 1000 * 0.8 <= s.itl_p50_ms <= itl * 1000 * 3
