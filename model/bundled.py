@@ -9,7 +9,7 @@ import logging
 import os
 from pathlib import Path
 
-from model.checkpoint import is_complete_checkpoint
+from model.checkpoint import exclusive_lock, is_complete_checkpoint
 from model.gguf import convert_gguf
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,13 @@ def default_checkpoint_dir() -> Path:
 def default_checkpoint(directory: str | os.PathLike[str] | None = None) -> Path:
     """The converted embedded model's checkpoint directory, converting it on first use."""
     target = Path(directory) if directory is not None else default_checkpoint_dir()
-    if not is_complete_checkpoint(target):
-        log.info("converting the embedded %s into %s (once)", BUNDLED_FILE, target)
-        convert_gguf(bundled_gguf_path(), target)
+    if is_complete_checkpoint(target):
+        return target
+    # Processes starting together (a server beside a trainer on one cache, DDP ranks, parallel test workers)
+    # convert one at a time: a second conversion would replace the directory while the first one's caller reads it.
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with exclusive_lock(target.parent / f".{target.name}.lock"):
+        if not is_complete_checkpoint(target):
+            log.info("converting the embedded %s into %s (once)", BUNDLED_FILE, target)
+            convert_gguf(bundled_gguf_path(), target)
     return target

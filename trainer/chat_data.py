@@ -50,7 +50,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from trainer.data import DataError, default_cache_dir, exclusive_lock, resolve_sources, tokenizer_fingerprint
+from model.checkpoint import exclusive_lock
+from trainer.data import DataError, default_cache_dir, resolve_sources, tokenizer_fingerprint
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,6 @@ sources are `trainer.mixture`.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import glob
 import hashlib
 import json
@@ -32,6 +31,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from model.checkpoint import exclusive_lock
 from trainer import hf_datasets, tokenize_pool
 from trainer.config import DataConfig
 
@@ -168,17 +168,6 @@ def _tokenize_to(
             n_tokens += len(ids)
             n_docs += len(lengths)
     return n_tokens, n_docs
-
-
-@contextlib.contextmanager
-def exclusive_lock(path: Path) -> Iterator[None]:
-    """An exclusive lock file: concurrent jobs (or DDP ranks) tokenize a corpus once, the others wait."""
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 @dataclass
