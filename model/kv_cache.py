@@ -40,6 +40,16 @@ class KVCache(nn.Module):
         shape = (n_layer, max_slots, n_kv_head, max_len, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self._scratch: torch.Tensor | None = None
+
+    def scratch(self, floats: int) -> torch.Tensor:
+        """An fp32 work buffer of at least `floats` elements on the cache's device, kept between calls: the native
+        decode layers (model/native.py) work in it, so a step does not allocate (and page-fault) megabytes per layer.
+        Whoever runs the model on this cache owns it for the call; one step at a time."""
+        if self._scratch is None or self._scratch.numel() < floats:
+            with torch.inference_mode(False):
+                self._scratch = torch.empty(floats, device=self.k.device)
+        return self._scratch
 
     @property
     def nbytes(self) -> int:
@@ -170,6 +180,7 @@ class CacheBatch:
     kv_len: int  # keys attended: max position in the batch + 1
     mask: torch.Tensor | None  # (B, 1, n_rep * T, kv_len) bool, True where a query may attend a key
     segments: list[Segment] | None = None  # packed rows only
+    slots: torch.Tensor | None = None  # (B,) long, each row's slot: rows only
     # Rows only: (B,) one position per row, logits (B, vocab). Packed: (S,) positions in the row, logits (S, vocab).
     # None: logits for every position, (B, T, vocab).
     logits_index: torch.Tensor | None = None
@@ -218,6 +229,7 @@ class CacheBatch:
             slot_index=slot_index,
             kv_len=kv_len,
             mask=_attend_mask(pos, kv_len, cache.n_rep),
+            slots=slot_ids,
             logits_index=_index(logits_index, device),
         )
 
@@ -235,6 +247,7 @@ class CacheBatch:
             slot_index=slots,
             kv_len=kv_len,
             mask=_attend_mask(positions, kv_len, cache.n_rep),
+            slots=slots,
         )
 
     @classmethod

@@ -31,13 +31,20 @@ import warnings
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from model import native
 from model.device import CpuCapability, cpu_capability
 from model.packed_linear import PackedLinear
 
 QUANT_MODES = ("none", "int8", "int4")
 INT8_KERNELS = ("aten", "fbgemm")
+INT4_KERNELS = ("aten", "native")
+# Inputs of up to this many rows (every decode batch) stream the 4-bit weights in the native kernel; longer ones
+# (prompt chunks) dequantize and run an fp32 GEMM. Above 64 rows the dequantized GEMM is faster on the AVX2 EPYC;
+# 256 keeps decode batches of up to 256 sequences on one kernel, so a row's result never depends on its batch.
+NATIVE_MATMUL_ROWS = 256
 # fbgemm (reduce_range, as AVX2's u8 x s8 products need) quantizes to 0..127: a range of +-63.5 makes its scale 1
 # and every integer in -63..63 exact. Rows are scaled to +-63 and remainders (at most 0.5) by 126, so that rounding
 # in the division never pushes a value past the bound (which would change the scale for the whole batch).
@@ -158,30 +165,55 @@ def _fbgemm_pack(q: torch.Tensor, scale: torch.Tensor) -> torch.ScriptObject:
 
 class Int4Linear(nn.Module):
     """y = x @ W.T with W[n, k] = q[n, k] * scale[n, g] + min[n, g], q in 0..15, g = k // group_size (asymmetric
-    min/max groups, as llama.cpp's Q4_1). Stored in the CPU kernel's packed layout, which writes a group as
-    (q - 8) * scale + zero, so zero = min + 8 * scale."""
+    min/max groups, as llama.cpp's Q4_1).
 
-    def __init__(self, weight: torch.Tensor, act_dtype: torch.dtype, group_size: int = INT4_GROUP_SIZE) -> None:
+    Two kernels (`INT4_KERNELS`, chosen by `pick_int4_kernel`):
+    - `native`: model/native.py's AVX2 kernel, on llama.cpp's Q4_1 blocks (fp16 scale and minimum, groups of 32)
+      with fp32 activations. Up to NATIVE_MATMUL_ROWS rows (every decode batch) it streams the 4-bit weights;
+      longer inputs (prompts) dequantize the weight and run fp32 `F.linear`, a GEMM that keeps the cores busy.
+    - `aten`: PyTorch's `_weight_int4pack_mm_for_cpu` in its packed layout, which writes a group as
+      (q - 8) * scale + zero (so zero = min + 8 * scale), on `act_dtype` activations.
+    """
+
+    blocks: torch.Tensor  # native: (out, in / 32 * 20) uint8, model/native.py's layout
+
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        act_dtype: torch.dtype,
+        group_size: int = INT4_GROUP_SIZE,
+        kernel: str = "aten",
+    ) -> None:
         super().__init__()
+        if kernel not in INT4_KERNELS:
+            raise ValueError(f"int4 kernel: expected one of {', '.join(INT4_KERNELS)}, got {kernel!r}")
         w = weight.detach().float()
         N, K = w.shape
         if K % group_size:
             raise ValueError(f"int4: in_features {K} is not a multiple of the group size {group_size}")
+        self.out_features, self.in_features, self.group_size = N, K, group_size
+        self.act_dtype = act_dtype
+        self.kernel = kernel
+        if kernel == "native":
+            if group_size != native.Q4_BLOCK:
+                raise ValueError(f"int4 native kernel: groups of {native.Q4_BLOCK} only, got {group_size}")
+            self.register_buffer("blocks", native.q4_quantize(w))
+            return
         if N % 16:
             raise ValueError(f"int4: out_features {N} is not a multiple of 16 (the CPU kernel's packing)")
-        self.out_features, self.in_features, self.group_size = N, K, group_size
         wg = w.view(N, K // group_size, group_size)
         lo, hi = wg.amin(dim=-1), wg.amax(dim=-1)  # (N, groups)
         scale = ((hi - lo) / 15.0).clamp(min=1e-12)
         q = torch.round((wg - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32).view(N, K)
         zero = lo + 8.0 * scale
-        self.act_dtype = act_dtype
         self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
         # (groups, N, 2): the kernel's layout.
         self.register_buffer("scales_and_zeros", torch.stack([scale.t(), zero.t()], dim=-1).contiguous().to(act_dtype))
 
     def dequantize(self) -> torch.Tensor:
         """The weight the kernel computes with, (out, in) fp32 (for tests and quality checks)."""
+        if self.kernel == "native":
+            return native.q4_dequantize(self.blocks, self.in_features)
         eye = torch.eye(self.in_features, dtype=self.act_dtype)
         return (
             torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.packed, self.group_size, self.scales_and_zeros)
@@ -192,18 +224,38 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-            x.reshape(-1, self.in_features).to(self.act_dtype), self.packed, self.group_size, self.scales_and_zeros
-        )
+        x2 = x.reshape(-1, self.in_features)
+        if self.kernel == "native":
+            xf = x2.float().contiguous()
+            if xf.shape[0] <= NATIVE_MATMUL_ROWS:
+                y = native.q4_matmul(xf, self.blocks, self.out_features)
+            else:
+                y = F.linear(xf, self.dequantize())
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+                x2.to(self.act_dtype), self.packed, self.group_size, self.scales_and_zeros
+            )
         return y.view(*shape[:-1], self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int4 groups of {self.group_size}"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, int4 groups of {self.group_size}, "
+            f"{self.kernel}"
+        )
 
 
 def fbgemm_available() -> bool:
     """Whether this torch build has fbgemm's quantized kernels (x86 builds do; ARM and some minimal ones do not)."""
     return "fbgemm" in torch.backends.quantized.supported_engines
+
+
+def pick_int4_kernel(capability: Callable[[], CpuCapability] = cpu_capability) -> str:
+    """`native` where model/native.py's kernels run (x86-64 with AVX2 and a C compiler) and bf16 is not native,
+    else `aten`. Where bf16 is native, aten's kernel (bf16 activations) is kept until the native one is measured
+    there; `capability` is a seam for tests."""
+    if capability().native_bf16 or native.native_kernels() is None:
+        return "aten"
+    return "native"
 
 
 def pick_int8_kernel(capability: Callable[[], CpuCapability] = cpu_capability) -> str:
@@ -222,6 +274,7 @@ def quantize_model(
     group_size: int = INT4_GROUP_SIZE,
     capability: Callable[[], CpuCapability] = cpu_capability,
     int8_kernel: str | None = None,
+    int4_kernel: str | None = None,
 ) -> int:
     """Replace every linear layer of `model` (the output projection included) with its weight-only `mode`
     counterpart, in place (int4 mode: the output projection in int8, see OUTPUT_PROJECTION); returns how many
@@ -241,6 +294,7 @@ def quantize_model(
         raise TypeError("quantize_model: the model's weights are packed for oneDNN; quantize before packing")
     act = kernel_dtype(weight.dtype)
     int8_kernel = int8_kernel or pick_int8_kernel(capability)
+    int4_kernel = int4_kernel or pick_int4_kernel(capability)
     targets = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
     for name, linear in targets:
         if linear.bias is not None:
@@ -249,7 +303,7 @@ def quantize_model(
         if mode == "int8" or name == OUTPUT_PROJECTION:
             layer = Int8Linear(w, act, int8_kernel)
         else:
-            layer = Int4Linear(w, act, group_size)
+            layer = Int4Linear(w, act, group_size, int4_kernel)
         parent, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent), attr, layer)
     return len(targets)

@@ -50,7 +50,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from model.checkpoint import exclusive_lock
+from model.files import exclusive_lock
 from trainer.data import DataError, default_cache_dir, resolve_sources, tokenizer_fingerprint
 
 log = logging.getLogger(__name__)

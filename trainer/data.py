@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from model.checkpoint import exclusive_lock
+from model.files import cache_dir, exclusive_lock
 from trainer import hf_datasets, tokenize_pool
 from trainer.config import DataConfig
 
@@ -130,8 +130,6 @@ def cache_key(files: list[Path], tokenizer: Any, cfg: DataConfig, eos_id: int) -
 
 
 def default_cache_dir() -> Path:
-    from model.bundled import cache_dir
-
     return cache_dir() / "tokens"
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from deploy_files import ROOT, dockerfile_instructions, trainer_job
 
-from model.bundled import BUNDLED_PACKAGE, DEFAULT_NAME
+from model.bundled import BUNDLED_PACKAGE
 
 DOCKERFILES = ["Dockerfile.serve", "Dockerfile.train"]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
@@ -106,7 +106,7 @@ def test_embedded_model_is_converted_where_default_checkpoint_looks(name, monkey
     convert = next(arg for op, arg in _instructions(name) if op == "RUN" and "model.convert" in arg)
     out = Path(shlex.split(convert)[shlex.split(convert).index("--out") + 1])
     monkeypatch.setenv("SMOLLM_CACHE_DIR", _env(name)["SMOLLM_CACHE_DIR"])
-    assert bundled.cache_dir() / DEFAULT_NAME == out
+    assert bundled.default_checkpoint_dir() == out
 
 
 @pytest.mark.parametrize("name", DOCKERFILES)

@@ -10,9 +10,11 @@ from model.config import ModelConfig
 from model.device import CpuCapability
 from model.kv_cache import CacheBatch
 from model.llama import Transformer
+from model.native import native_kernels
 from model.packed_linear import pack_linears
 from model.quant import (
     FBGEMM_BOUND,
+    INT4_KERNELS,
     INT8_KERNELS,
     QUANT_MODES,
     Int4Linear,
@@ -38,14 +40,24 @@ HAS_FBGEMM = "fbgemm" in torch.backends.quantized.supported_engines
 needs_fbgemm = pytest.mark.skipif(not HAS_FBGEMM, reason="this torch has no fbgemm")
 
 
-def quantized(mode: str, int8_kernel: str | None = None) -> Transformer:
+HAS_NATIVE = native_kernels() is not None
+
+
+def quantized(mode: str, int8_kernel: str | None = None, int4_kernel: str | None = None) -> Transformer:
     model = tiny()
-    assert quantize_model(model, mode, int8_kernel=int8_kernel) == (0 if mode == "none" else N_LINEARS)
+    count = quantize_model(model, mode, int8_kernel=int8_kernel, int4_kernel=int4_kernel)
+    assert count == (0 if mode == "none" else N_LINEARS)
     return model
 
 
 def kernels() -> list[str]:
     return [k for k in INT8_KERNELS if k != "fbgemm" or HAS_FBGEMM]
+
+
+# (mode, int8 kernel, int4 kernel) for every kernel this machine runs.
+KERNEL_CASES = [("int8", k, None) for k in kernels()] + [
+    ("int4", None, k) for k in INT4_KERNELS if k != "native" or HAS_NATIVE
+]
 
 
 def decode(model: Transformer, prompt: torch.Tensor, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,23 +94,22 @@ def test_modes_replace_every_linear_and_keep_the_embedding():
     assert isinstance(plain.output, nn.Linear)
 
 
-@pytest.mark.parametrize("kernel", kernels())
-@pytest.mark.parametrize("mode, tolerance", [("int8", 0.03), ("int4", 0.15)])
+@pytest.mark.parametrize("mode, int8_kernel, int4_kernel", KERNEL_CASES)
 @torch.inference_mode()
-def test_forward_stays_close_to_fp32(mode, tolerance, kernel):
+def test_forward_stays_close_to_fp32(mode, int8_kernel, int4_kernel):
+    tolerance = {"int8": 0.03, "int4": 0.15}[mode]
     prompt = torch.randint(0, CONFIG.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
     ref = tiny()(prompt)
-    out = quantized(mode, kernel)(prompt)
+    out = quantized(mode, int8_kernel, int4_kernel)(prompt)
     assert out.dtype == torch.float32 and out.shape == ref.shape
     rel = ((out - ref).norm() / ref.norm()).item()
     assert 0 < rel < tolerance, rel
 
 
-@pytest.mark.parametrize("kernel", kernels())
-@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("mode, int8_kernel, int4_kernel", KERNEL_CASES)
 @torch.inference_mode()
-def test_greedy_tokens_are_the_same_alone_and_in_a_batch(mode, kernel):
-    model = quantized(mode, kernel)
+def test_greedy_tokens_are_the_same_alone_and_in_a_batch(mode, int8_kernel, int4_kernel):
+    model = quantized(mode, int8_kernel, int4_kernel)
     gen = torch.Generator().manual_seed(2)
     batch = torch.randint(0, CONFIG.vocab_size, (4, 9), generator=gen)
     alone_tokens, alone_logits = decode(model, batch[:1], 8)
@@ -178,7 +189,7 @@ def test_bad_inputs_are_clear_errors():
 def test_a_bf16_model_keeps_bf16_activations():
     model = tiny().to(torch.bfloat16)
     ref = model(torch.arange(8)[None]).float()
-    quantize_model(model, "int4")
+    quantize_model(model, "int4", int4_kernel="aten")
     assert model.layers[0].feed_forward.w13.scales_and_zeros.dtype == torch.bfloat16
     assert model.tok_embeddings.weight.dtype == torch.bfloat16
     out = model(torch.arange(8)[None])

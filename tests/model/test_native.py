@@ -1,0 +1,223 @@
+"""The native CPU kernels (model/native.py): built once, refused cleanly where they cannot run, and computing what
+the PyTorch path computes, row by row whatever the batch."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+import model.native as native
+from model.config import ModelConfig
+from model.device import CpuCapability
+from model.kv_cache import CacheBatch
+from model.llama import RMSNorm, Transformer
+from model.quant import NATIVE_MATMUL_ROWS, Int4Linear, pick_int4_kernel, quantize_model
+
+AVX2 = CpuCapability(isa="AVX2", native_bf16=False)
+AMX = CpuCapability(isa="AVX512", native_bf16=True)
+NO_AVX2 = CpuCapability(isa="DEFAULT", native_bf16=False)
+HAS_NATIVE = native.native_kernels() is not None
+needs_native = pytest.mark.skipif(not HAS_NATIVE, reason="no native kernels here (not x86-64 AVX2, or no compiler)")
+CONFIG = ModelConfig.from_name("tiny")
+
+
+def tiny(mode: str = "none") -> Transformer:
+    model = Transformer(CONFIG)
+    model.init_weights(seed=0)
+    quantize_model(model.eval(), mode)
+    return model
+
+
+def q4_grid_weight(rows: int, cols: int, seed: int) -> torch.Tensor:
+    """Weights already on a Q4_1 grid whose scale and minimum are exact in fp16, every block spanning 0..15."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.stack([torch.randperm(32, generator=gen) % 16 for _ in range(rows * cols // 32)]).view(rows, cols)
+    scale = 2.0 ** -torch.randint(3, 8, (rows, cols // 32), generator=gen).float()
+    lo = -torch.randint(1, 64, (rows, cols // 32), generator=gen).float() / 64
+    return q.float() * scale.repeat_interleave(32, 1) + lo.repeat_interleave(32, 1)
+
+
+@needs_native
+def test_q4_blocks_reproduce_a_q4_1_grid_and_stay_within_half_a_step():
+    w = q4_grid_weight(16, 128, seed=0)
+    assert torch.equal(native.q4_dequantize(native.q4_quantize(w), 128), w)
+    w = torch.randn(24, 96, generator=torch.Generator().manual_seed(1))
+    groups = w.view(24, 3, 32)
+    step = ((groups.amax(-1) - groups.amin(-1)) / 15).repeat_interleave(32, dim=1)
+    # fp16 scale and minimum round by up to 2^-11 of their value on top of the half step.
+    bound = step * 0.5 + groups.abs().amax(-1).repeat_interleave(32, dim=1) * 2**-9
+    assert ((native.q4_dequantize(native.q4_quantize(w), 96) - w).abs() <= bound).all()
+
+
+@needs_native
+def test_q4_matmul_is_the_dequantized_product_row_by_row():
+    gen = torch.Generator().manual_seed(2)
+    blocks = native.q4_quantize(torch.randn(40, 96, generator=gen))
+    x = torch.randn(7, 96, generator=gen) * torch.logspace(-2, 1, 96)  # outlier channels, as real activations
+    exact = x @ native.q4_dequantize(blocks, 96).t()
+    y = native.q4_matmul(x, blocks, 40)
+    # The activations go in as 8-bit blocks of 32 (as llama.cpp's): up to half a step of 1/127 of a block's largest
+    # value each, ~1% of the product with these outliers (the real model's cost is in bench.quality: +0.4% perplexity).
+    assert ((y - exact).norm() / exact.norm()).item() < 2e-2
+    for r in range(7):  # tiles of 4 rows and a tail of 3: a row's result never depends on the others
+        assert torch.equal(native.q4_matmul(x[r : r + 1].contiguous(), blocks, 40)[0], y[r])
+    zero = native.q4_matmul(torch.zeros(1, 96), blocks, 40)
+    assert torch.equal(zero, torch.zeros(1, 40))  # an all-zero (padding) row stays zero, not NaN
+
+
+@needs_native
+@torch.inference_mode()
+def test_int4_native_layer_runs_prompts_as_an_fp32_gemm():
+    w = torch.randn(32, 64, generator=torch.Generator().manual_seed(3))
+    layer = Int4Linear(w, torch.bfloat16, kernel="native")
+    long = torch.randn(1, NATIVE_MATMUL_ROWS + 1, 64)
+    assert torch.allclose(layer(long), long @ layer.dequantize().t(), rtol=1e-5, atol=1e-5)
+    short = long[:, :3]
+    assert torch.equal(layer(short)[0], native.q4_matmul(short[0].contiguous(), layer.blocks, 32))
+    assert layer(short.bfloat16()).dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="groups of 32 only, got 64"):
+        Int4Linear(w, torch.float32, group_size=64, kernel="native")
+    with pytest.raises(ValueError, match="int4 kernel: expected one of aten, native, got 'avx'"):
+        Int4Linear(w, torch.float32, kernel="avx")
+
+
+KV = tuple[torch.Tensor, torch.Tensor]
+
+
+def greedy_decode(model: Transformer, prompt: torch.Tensor, steps: int) -> tuple[torch.Tensor, torch.Tensor, KV]:
+    """Prefill `prompt` (B, T) packed, then `steps` greedy decode steps: tokens, logits and the cache."""
+    B, T = prompt.shape
+    cache = model.new_kv_cache(max_slots=B + 1, max_len=64)
+    segments = [(b + 1, T, T) for b in range(B)]  # slot 0 stays unused: rows write their own slots
+    packed = CacheBatch.build_packed(
+        cache, segments, list(range(T)) * B, logits_index=[T * (b + 1) - 1 for b in range(B)]
+    )
+    logits = [model(prompt.reshape(1, -1), batch=packed)]
+    tokens = [logits[-1].argmax(-1)]
+    for i in range(steps):
+        step = CacheBatch.build(cache, [b + 1 for b in range(B)], [[T + i]] * B, kv_len=32)
+        logits.append(model(tokens[-1][:, None], batch=step)[:, 0])
+        tokens.append(logits[-1].argmax(-1))
+    return torch.stack(tokens, 1), torch.stack(logits, 1), (cache.k.clone(), cache.v.clone())
+
+
+@needs_native
+@torch.inference_mode()
+def test_native_attention_matches_the_pytorch_decode(monkeypatch):
+    model = tiny()
+    prompt = torch.randint(0, CONFIG.vocab_size, (3, 9), generator=torch.Generator().manual_seed(4))
+    tokens, logits, (k, v) = greedy_decode(model, prompt, 6)
+    monkeypatch.setattr(native, "usable", lambda *tensors: False)
+    ref_tokens, ref_logits, (ref_k, ref_v) = greedy_decode(model, prompt, 6)
+    assert torch.equal(tokens, ref_tokens)
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(k, ref_k, rtol=1e-5, atol=1e-5)  # the keys and values each step wrote
+    torch.testing.assert_close(v, ref_v, rtol=1e-5, atol=1e-5)
+
+
+@needs_native
+@torch.inference_mode()
+def test_fused_int4_blocks_match_the_block_by_block_path(monkeypatch):
+    model = tiny("int4")
+    assert native.q4_layer_blocks(model.layers[0].attention.wqkv) is not None
+    cache = model.new_kv_cache(max_slots=3, max_len=64)
+    for slot in range(3):  # some history in each slot
+        cache.k[:, slot, :, :20].normal_(generator=torch.Generator().manual_seed(slot))
+        cache.v[:, slot, :, :20].normal_(generator=torch.Generator().manual_seed(10 + slot))
+    tokens = torch.tensor([[17], [4242]])
+    batch = CacheBatch.build(cache, [2, 0], [[20], [7]], kv_len=32)
+    before = cache.k.clone(), cache.v.clone()
+    fused = model(tokens, batch=batch)
+    after = cache.k.clone(), cache.v.clone()
+    cache.k.copy_(before[0])
+    cache.v.copy_(before[1])
+    monkeypatch.setattr(native, "decode_layers", lambda *args: None)  # the blocks one by one, native attention
+    ref = model(tokens, batch=batch)
+    torch.testing.assert_close(fused, ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(after[0], cache.k, rtol=1e-5, atol=1e-5)
+    assert torch.equal(after[1][:, :, :, :7], cache.v[:, :, :, :7])  # only the rows' own positions are written
+    assert not torch.equal(after[0], before[0])
+
+
+@needs_native
+@torch.inference_mode()
+def test_greedy_int4_tokens_are_the_same_alone_and_in_a_batch():
+    model = tiny("int4")
+    prompt = torch.randint(0, CONFIG.vocab_size, (5, 7), generator=torch.Generator().manual_seed(6))
+    tokens, logits, _ = greedy_decode(model, prompt, 8)
+    for b in (0, 4):
+        alone_tokens, alone_logits, _ = greedy_decode(model, prompt[b : b + 1], 8)
+        assert torch.equal(alone_tokens[0], tokens[b])
+        assert torch.equal(alone_logits[0], logits[b])
+
+
+@needs_native
+@torch.inference_mode()
+def test_rms_norm_matches_the_module():
+    norm = RMSNorm(96, 1e-5)
+    norm.weight.data.normal_()
+    x = torch.randn(5, 3, 96) * 30
+    with torch.enable_grad():
+        ref = norm(x)  # autograd on: the PyTorch path
+    torch.testing.assert_close(native.rms_norm(x, norm.weight, 1e-5), ref.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(norm(x), ref.detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_usable_only_for_fp32_cpu_inference():
+    x = torch.zeros(2, 32)
+    with torch.enable_grad():
+        assert not native.usable(x)  # training needs autograd: the kernels have none
+    with torch.inference_mode():
+        assert native.usable(x) == HAS_NATIVE
+        assert not native.usable(x.bfloat16())
+
+
+def test_no_kernels_without_avx2_a_compiler_or_when_switched_off(monkeypatch, caplog):
+    build = native.native_kernels.__wrapped__
+    caplog.set_level(logging.INFO, logger="model.native")
+    assert build(lambda: NO_AVX2) is None
+    assert "need x86-64 with AVX2" in caplog.text
+    monkeypatch.setenv(native.DISABLE_ENV, "0")
+    assert build(lambda: AVX2) is None
+    assert "native CPU kernels off" in caplog.text
+    monkeypatch.delenv(native.DISABLE_ENV)
+    monkeypatch.setattr(native, "compiler", lambda: None)
+    assert build(lambda: AVX2) is None
+    assert "no C compiler" in caplog.text
+
+
+@pytest.mark.skipif(native.compiler() is None, reason="no C compiler")
+def test_a_failed_build_is_a_warning_and_the_pytorch_path(monkeypatch, tmp_path, caplog):
+    with pytest.raises(RuntimeError, match="failed to build native_kernels.c"):
+        native.build(tmp_path, "false")  # a compiler that exits 1
+    assert not list(tmp_path.glob("*.so")) and not list(tmp_path.glob(".native-kernels-*"))  # nothing half-written
+    monkeypatch.setenv("SMOLLM_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(native, "compiler", lambda: "false")
+    with caplog.at_level(logging.WARNING, logger="model.native"):
+        assert native.native_kernels.__wrapped__(lambda: AVX2) is None
+    assert "native CPU kernels unavailable" in caplog.text
+
+
+@needs_native
+def test_the_library_is_built_once_per_source(tmp_path):
+    cc = native.compiler()
+    assert cc is not None
+    first = native.build(tmp_path, cc)
+    mtime = first.stat().st_mtime_ns
+    assert native.build(tmp_path, cc) == first and first.stat().st_mtime_ns == mtime
+    assert native.load(first).smollm_abi_version() == native.ABI_VERSION
+
+
+def test_int4_kernel_follows_the_cpu(monkeypatch):
+    assert pick_int4_kernel(lambda: AMX) == "aten"
+    assert pick_int4_kernel(lambda: AVX2) == ("native" if HAS_NATIVE else "aten")
+    monkeypatch.setattr(native, "native_kernels", lambda: None)
+    assert pick_int4_kernel(lambda: AVX2) == "aten"
+    model = tiny()
+    quantize_model(model, "int4", capability=lambda: AVX2)
+    assert {m.kernel for m in model.modules() if isinstance(m, Int4Linear)} == {"aten"}
+    prompt = torch.arange(8)[None]
+    with torch.inference_mode():
+        assert torch.isfinite(model(prompt)).all()  # and the PyTorch path serves
