@@ -80,12 +80,16 @@ def compiler() -> str | None:
     return next((path for name in ("cc", "gcc", "clang") if (path := shutil.which(name))), None)
 
 
+def library_path(cache: Path) -> Path:
+    """Where the library built from this source with these flags lies in `cache` (it may not be there yet)."""
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS).encode()).hexdigest()[:16]
+    return cache / f"native-kernels-{key}.so"
+
+
 def build(cache: Path, cc: str) -> Path:
-    """Compile the kernels into `cache` (once: the name hashes the source, flags and compiler) and return the
+    """Compile the kernels into `cache` with `cc` (once: the name hashes the source and flags) and return the
     library's path. Raises RuntimeError with the compiler's message if the build fails."""
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join((cc, *CFLAGS)).encode()).hexdigest()[:16]
-    target = cache / f"native-kernels-{key}.so"
+    target = library_path(cache)
     if target.is_file():
         return target
     cache.mkdir(parents=True, exist_ok=True)
@@ -130,12 +134,13 @@ def native_kernels(capability: Callable[[], CpuCapability] = cpu_capability) -> 
     if not supported(cap):
         log.info("native CPU kernels need x86-64 with AVX2 (%s, %s): PyTorch kernels only", platform.machine(), cap.isa)
         return None
+    path = library_path(cache_dir())
     cc = compiler()
-    if cc is None:
+    if not path.is_file() and cc is None:
         log.warning("no C compiler (cc, gcc or clang; or set CC): native CPU kernels off, PyTorch kernels only")
         return None
     try:
-        return load(build(cache_dir(), cc))
+        return load(path if path.is_file() else build(cache_dir(), cast(str, cc)))
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         log.warning("native CPU kernels unavailable, PyTorch kernels only: %s", e)
         return None

@@ -43,6 +43,36 @@ static inline float hsum256(__m256 v) {
 
 static inline float half_to_float(uint16_t h) { return _cvtsh_ss(h); }
 
+/* e^x, 8 lanes: Cephes' expf (a degree-6 polynomial after range reduction by ln 2), within 2 ulp of libm's;
+   inputs clamped to +-88.376 (the result then saturates towards 0 or 2.4e38 instead of overflowing). */
+static inline __m256 exp256(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-88.3762626647949f)), _mm256_set1_ps(88.3762626647949f));
+    const __m256 n = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+    x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    x = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), x);
+    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+    y = _mm256_add_ps(_mm256_fmadd_ps(y, _mm256_mul_ps(x, x), x), _mm256_set1_ps(1.0f));
+    const __m256i scale = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(scale));
+}
+
+/* out[i] = silu(gate[i]) * up[i] = gate / (1 + e^-gate) * up. */
+static inline void silu_mul(const float *gate, const float *up, int64_t n, float *out) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256 g = _mm256_loadu_ps(gate + i);
+        const __m256 e = exp256(_mm256_sub_ps(_mm256_setzero_ps(), g));
+        const __m256 silu = _mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.0f), e));
+        _mm256_storeu_ps(out + i, _mm256_mul_ps(silu, _mm256_loadu_ps(up + i)));
+    }
+    for (; i < n; i++) out[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
+}
+
 /* Quantize rows of fp32 weights w (n, k) into blocks (n, k / 32): per block d = (max - min) / 15, m = min, both
    rounded to fp16 first so that the codes are chosen against the scale the kernel will use. */
 void smollm_q4_quantize(const float *w, int64_t n, int64_t k, uint8_t *out) {
@@ -77,16 +107,21 @@ void smollm_q4_quantize(const float *w, int64_t n, int64_t k, uint8_t *out) {
 /* The fp32 weights (n, k) that blocks (n, k / 32) stand for. */
 void smollm_q4_dequantize(const uint8_t *w, int64_t n, int64_t k, float *out, int nthreads) {
     const int64_t nb = k / QK;
+    const __m128i low4 = _mm_set1_epi8(0x0f);
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t r = 0; r < n; r++) {
         const uint8_t *row = w + r * nb * 20;
         const uint8_t *qs = row_nibbles(row, nb);
         for (int64_t b = 0; b < nb; b++) {
-            float d = half_to_float(row_scales(row)[b]), m = half_to_float(row_mins(row, nb)[b]);
+            const __m256 d = _mm256_set1_ps(half_to_float(row_scales(row)[b]));
+            const __m256 m = _mm256_set1_ps(half_to_float(row_mins(row, nb)[b]));
+            const __m128i raw = _mm_loadu_si128((const __m128i *)(qs + b * 16));
+            const __m128i lo = _mm_and_si128(raw, low4), hi = _mm_and_si128(_mm_srli_epi16(raw, 4), low4);
+            const __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
             float *y = out + r * k + b * QK;
-            for (int j = 0; j < 16; j++) {
-                y[j] = (float)(qs[b * 16 + j] & 15) * d + m;
-                y[j + 16] = (float)(qs[b * 16 + j] >> 4) * d + m;
+            for (int j = 0; j < 4; j++) {
+                const __m256 q = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(parts[j]));
+                _mm256_storeu_ps(y + 8 * j, _mm256_fmadd_ps(q, d, m));
             }
         }
     }
@@ -270,14 +305,40 @@ void smollm_attention_decode(const float *qkv, int64_t rows, int64_t n_head, int
         const float *keys = k_cache + (slots[r] * n_kv_head + kvh) * max_len * head_dim;
         const float *values = v_cache + (slots[r] * n_kv_head + kvh) * max_len * head_dim;
         float top = -INFINITY;
-        for (int64_t t = 0; t < len; t++) {
+        int64_t t = 0;
+        if (head_dim % 8 == 0) {
+            /* Four keys at a time: each query load serves four products, and one reduction gives four scores. */
+            for (; t + 4 <= len; t += 4) {
+                const float *k0 = keys + t * head_dim;
+                __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+                for (int64_t i = 0; i < head_dim; i += 8) {
+                    const __m256 qv = _mm256_loadu_ps(q + i);
+                    a0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + i), a0);
+                    a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + head_dim + i), a1);
+                    a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + 2 * head_dim + i), a2);
+                    a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + 3 * head_dim + i), a3);
+                }
+                const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+                const __m128 sums = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+                _mm_storeu_ps(score + t, _mm_mul_ps(sums, _mm_set1_ps(scale)));
+                for (int j = 0; j < 4; j++) top = score[t + j] > top ? score[t + j] : top;
+            }
+        }
+        for (; t < len; t++) {
             score[t] = dot(q, keys + t * head_dim, head_dim) * scale;
             top = score[t] > top ? score[t] : top;
         }
-        float total = 0.0f;
-        for (int64_t t = 0; t < len; t++) {
-            score[t] = expf(score[t] - top);
-            total += score[t];
+        __m256 sum8 = _mm256_setzero_ps();
+        int64_t u = 0;
+        for (; u + 8 <= len; u += 8) {
+            const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(score + u), _mm256_set1_ps(top)));
+            _mm256_storeu_ps(score + u, e);
+            sum8 = _mm256_add_ps(sum8, e);
+        }
+        float total = hsum256(sum8);
+        for (; u < len; u++) {
+            score[u] = expf(score[u] - top);
+            total += score[u];
         }
         const float inv = 1.0f / total;
         float *y = out + r * n_head * head_dim + h * head_dim;
@@ -321,7 +382,7 @@ int64_t smollm_decode_layer_scratch(int64_t rows, int64_t dim, int64_t n_head, i
 
 /* One transformer block for one decode token per row, every projection in 4-bit blocks, x (rows, dim) updated in
    place: x += wo(attention(rope(wqkv(norm(x))))); x += w2(silu(gate) * up), [gate, up] = w13(norm(x)). The same
-   kernels as the separate calls above, in the order the PyTorch block runs them; silu is x / (1 + exp(-x)). */
+   kernels as the separate calls above, in the order the PyTorch block runs them. */
 void smollm_decode_layer(float *x, int64_t rows, int64_t dim, const float *attn_norm, const float *ffn_norm, float eps,
                          const uint8_t *wqkv, const uint8_t *wo, const uint8_t *w13, const uint8_t *w2,
                          int64_t n_head, int64_t n_kv_head, int64_t head_dim, int64_t hidden, const float *cos,
@@ -346,12 +407,8 @@ void smollm_decode_layer(float *x, int64_t rows, int64_t dim, const float *attn_
 
     smollm_rms_norm(x, rows, dim, ffn_norm, eps, h);
     smollm_q4_matmul(h, rows, dim, w13, 2 * hidden, gate_up, mm, nthreads);
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t i = 0; i < rows * hidden; i++) {
-        const int64_t r = i / hidden, j = i % hidden;
-        const float g = gate_up[r * 2 * hidden + j], u = gate_up[r * 2 * hidden + hidden + j];
-        act[i] = g / (1.0f + expf(-g)) * u;
-    }
+    for (int64_t r = 0; r < rows; r++)
+        silu_mul(gate_up + r * 2 * hidden, gate_up + r * 2 * hidden + hidden, hidden, act + r * hidden);
     smollm_q4_matmul(act, rows, hidden, w2, dim, out, mm, nthreads);
     for (int64_t i = 0; i < rows * dim; i++) x[i] += out[i];
 }

@@ -4,6 +4,7 @@ embedded model converted where the code looks for it, a non-root user, and comma
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 import subprocess
@@ -107,6 +108,28 @@ def test_embedded_model_is_converted_where_default_checkpoint_looks(name, monkey
     out = Path(shlex.split(convert)[shlex.split(convert).index("--out") + 1])
     monkeypatch.setenv("SMOLLM_CACHE_DIR", _env(name)["SMOLLM_CACHE_DIR"])
     assert bundled.default_checkpoint_dir() == out
+
+
+def test_server_image_builds_the_native_kernels_where_the_server_loads_them(tmp_path):
+    """Run the image's build step natively: the library lands in $SMOLLM_CACHE_DIR, where the server finds it
+    without a compiler (or, where the kernels cannot run, the step says so and succeeds)."""
+    from model import native
+
+    convert = next(arg for op, arg in _instructions("Dockerfile.serve") if op == "RUN" and "model.convert" in arg)
+    step = convert.split("&&")[-1].split()
+    assert step == ["python", "-m", "model.native"]
+    copy_model = _index("Dockerfile.serve", lambda op, arg: op == "COPY" and arg.split()[0] == "model/")
+    build = _index("Dockerfile.serve", lambda op, arg: op == "RUN" and "model.native" in arg)
+    compiler = _index("Dockerfile.serve", lambda op, arg: op == "RUN" and "apt-get install" in arg and " gcc " in arg)
+    assert compiler < copy_model < build
+    env = {**os.environ, "SMOLLM_CACHE_DIR": str(tmp_path)}
+    out = subprocess.run([sys.executable, *step[1:]], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    built = list(tmp_path.glob("native-kernels-*.so"))
+    if native.native_kernels() is None:
+        assert "not available here" in out.stdout and not built
+    else:
+        assert len(built) == 1 and str(built[0]) in out.stdout
 
 
 @pytest.mark.parametrize("name", DOCKERFILES)

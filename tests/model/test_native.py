@@ -174,7 +174,7 @@ def test_usable_only_for_fp32_cpu_inference():
         assert not native.usable(x.bfloat16())
 
 
-def test_no_kernels_without_avx2_a_compiler_or_when_switched_off(monkeypatch, caplog):
+def test_no_kernels_without_avx2_a_compiler_or_when_switched_off(monkeypatch, caplog, tmp_path):
     build = native.native_kernels.__wrapped__
     caplog.set_level(logging.INFO, logger="model.native")
     assert build(lambda: NO_AVX2) is None
@@ -183,9 +183,21 @@ def test_no_kernels_without_avx2_a_compiler_or_when_switched_off(monkeypatch, ca
     assert build(lambda: AVX2) is None
     assert "native CPU kernels off" in caplog.text
     monkeypatch.delenv(native.DISABLE_ENV)
+    monkeypatch.setenv("SMOLLM_CACHE_DIR", str(tmp_path))  # nothing built there yet
     monkeypatch.setattr(native, "compiler", lambda: None)
     assert build(lambda: AVX2) is None
     assert "no C compiler" in caplog.text
+
+
+@needs_native
+def test_a_library_built_before_needs_no_compiler(monkeypatch, tmp_path):
+    cc = native.compiler()
+    assert cc is not None
+    native.build(tmp_path, cc)  # as the server image's build step does
+    monkeypatch.setenv("SMOLLM_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(native, "compiler", lambda: None)
+    lib = native.native_kernels.__wrapped__(lambda: AVX2)
+    assert lib is not None and lib.smollm_abi_version() == native.ABI_VERSION
 
 
 @pytest.mark.skipif(native.compiler() is None, reason="no C compiler")
