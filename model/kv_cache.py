@@ -180,7 +180,7 @@ class CacheBatch:
     kv_len: int  # keys attended: max position in the batch + 1
     mask: torch.Tensor | None  # (B, 1, n_rep * T, kv_len) bool, True where a query may attend a key
     segments: list[Segment] | None = None  # packed rows only
-    slots: torch.Tensor | None = None  # (B,) long, each row's slot: rows only
+    slots: torch.Tensor | None = None  # long: rows (B,) each row's slot; packed (N,) each token's slot
     # Rows only: (B,) one position per row, logits (B, vocab). Packed: (S,) positions in the row, logits (S, vocab).
     # None: logits for every position, (B, T, vocab).
     logits_index: torch.Tensor | None = None
@@ -296,6 +296,7 @@ class CacheBatch:
             kv_len=max(kv_len for _, _, kv_len in segments),
             mask=None,
             segments=spans,
+            slots=token_slots,
             logits_index=_index(logits_index, device),
         )
 

@@ -141,8 +141,13 @@ class Transformer(nn.Module):
         x = self.tok_embeddings(idx)
         cos = self.rope_cos[positions].to(x.dtype).unsqueeze(2)  # (B, T, 1, head_dim)
         sin = self.rope_sin[positions].to(x.dtype).unsqueeze(2)
-        # Decode rows of an int4 model on the native kernels: every block in one call (model/native.py).
-        fused = native.decode_layers(x, self.layers, cos, sin, batch) if native.decode_rows(batch, x) else None
+        # Decode rows and short prompts of an int4 model on the native kernels: every block in one call
+        # (model/native.py).
+        rows = native.token_rows(batch, x)
+        fused = None
+        if rows is not None:
+            assert batch is not None  # token_rows checked it
+            fused = native.decode_layers(x, self.layers, cos, sin, batch.cache, rows, batch.kv_len)
         if fused is not None:
             x = fused
         else:

@@ -31,7 +31,7 @@ import subprocess
 import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeGuard, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
@@ -39,7 +39,7 @@ from model.device import CpuCapability, cpu_capability
 from model.files import cache_dir, exclusive_lock
 
 if TYPE_CHECKING:
-    from model.kv_cache import CacheBatch
+    from model.kv_cache import CacheBatch, KVCache
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,11 @@ CFLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-ffp-contract=off", "
 ABI_VERSION = 4
 Q4_BLOCK = 32  # weights per 4-bit block
 Q4_BLOCK_BYTES = 20  # fp16 scale, fp16 minimum, 16 bytes of nibbles
-Q4_MAX_IN_FEATURES = 16384  # MAX_BLOCKS in the C source: a row's block scales live on the stack
+Q4_MAX_IN_FEATURES = 16384
+# Inputs of up to this many rows (every decode batch, short prompts) go through the 4-bit kernel; longer ones are
+# faster as dequantize + fp32 GEMM (model.quant.Int4Linear). Measured on the AVX2 EPYC (2 threads, 2026-11-30, one
+# layer's four projections): 1 row 0.15 vs 2.4 ms, 16 rows 1.5 vs 5.1, 64 rows 5.8 vs 8.5, 256 rows 17.5 vs 17.5.
+MATMUL_MAX_ROWS = 256  # MAX_BLOCKS in the C source: a row's block scales live on the stack
 DISABLE_ENV = "SMOLLM_NATIVE_KERNELS"
 
 _P, _I, _INT, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
@@ -157,15 +161,16 @@ def usable(*tensors: torch.Tensor) -> bool:
     return native_kernels() is not None
 
 
-def decode_rows(batch: CacheBatch | None, x: torch.Tensor) -> TypeGuard[CacheBatch]:
-    """Whether `x` (B, T, dim) under `batch` is one decode token per row that the native kernels can take."""
-    return (
-        batch is not None
-        and batch.segments is None
-        and batch.slots is not None
-        and x.shape[1] == 1
-        and usable(x, batch.cache.k)
-    )
+def token_rows(batch: CacheBatch | None, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Each token's (slot, position), (N,) each, when the tokens of `x` (B, T, dim) under `batch` can run as
+    independent rows on the native kernels: decode rows (one token per row), or a packed prompt row of at most
+    MATMUL_MAX_ROWS tokens (each token attends its own slot's keys up to its position, the keys of the whole
+    step being written first, which is causal attention within each prompt). None otherwise."""
+    if batch is None or batch.slots is None or not usable(x, batch.cache.k):
+        return None
+    if batch.segments is None:
+        return (batch.slots, batch.positions.reshape(-1)) if x.shape[1] == 1 else None
+    return (batch.slots, batch.positions.reshape(-1)) if x.shape[1] <= MATMUL_MAX_ROWS else None
 
 
 def q4_layer_blocks(*layers: torch.nn.Module) -> list[torch.Tensor] | None:
@@ -177,12 +182,19 @@ def q4_layer_blocks(*layers: torch.nn.Module) -> list[torch.Tensor] | None:
 
 
 def decode_layers(
-    x: torch.Tensor, blocks: Iterable[Any], cos: torch.Tensor, sin: torch.Tensor, batch: CacheBatch
+    x: torch.Tensor,
+    blocks: Iterable[Any],
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    cache: KVCache,
+    rows: tuple[torch.Tensor, torch.Tensor],
+    kv_len: int,
 ) -> torch.Tensor | None:
-    """Every transformer block (model.llama.TransformerBlock) for decode rows x (B, 1, dim) fp32 in one native call,
-    or None (nothing computed) unless all their projections are native int4 layers: what the blocks compute, without
-    the ~60 tensor ops and the Python around each (~4 ms of a 15 ms one-token step of the 135M model). cos, sin
-    (B, 1, 1, head_dim). Returns the new (B, 1, dim); x is not modified."""
+    """Every transformer block (model.llama.TransformerBlock) for the tokens of x (B, T, dim) fp32 as independent
+    rows (`rows`: each token's slot and position, from `token_rows`) in one native call, or None (nothing computed)
+    unless all their projections are native int4 layers: what the blocks compute, without the ~60 tensor ops and the
+    Python around each (~4 ms of a 15 ms one-token step of the 135M model, ~30 ms of a 24-token prompt's 103 ms).
+    cos, sin (B, T, 1, head_dim); every position below kv_len. Returns the new (B, T, dim); x is not modified."""
     lib = _require()
     layers = list(blocks)
     ptrs: dict[str, list[int]] = {name: [] for name in ("attn_norm", "ffn_norm", "wqkv", "wo", "w13", "w2")}
@@ -198,18 +210,17 @@ def decode_layers(
     first = layers[0]
     n_head, n_kv_head = first.attention.n_head, first.attention.n_kv_head
     hidden, eps = first.feed_forward.intermediate_size, first.attention_norm.eps
-    cache = batch.cache
-    rows, dim = x.shape[0], x.shape[-1]
+    # Held in locals until the call returns: a temporary's memory could be freed and reused before the C code reads it.
+    slots, positions = rows[0].contiguous(), rows[1].contiguous()
+    n, dim = slots.shape[0], x.shape[-1]
+    cos_rows, sin_rows = cos.reshape(n, -1).contiguous(), sin.reshape(n, -1).contiguous()
     _, max_slots, _, max_len, head_dim = cache.k.shape
-    out = x.reshape(rows, dim).clone()
-    scratch = cache.scratch(
-        lib.smollm_decode_layer_scratch(rows, dim, n_head, n_kv_head, head_dim, hidden, batch.kv_len)
-    )
+    out = x.reshape(n, dim).clone()
+    scratch = cache.scratch(lib.smollm_decode_layer_scratch(n, dim, n_head, n_kv_head, head_dim, hidden, kv_len))
     arrays = {name: (ctypes.c_void_p * len(p))(*p) for name, p in ptrs.items()}
-    assert batch.slots is not None  # decode_rows checked it
     lib.smollm_decode_layers(
         out.data_ptr(),
-        rows,
+        n,
         dim,
         len(layers),
         arrays["attn_norm"],
@@ -223,15 +234,15 @@ def decode_layers(
         n_kv_head,
         head_dim,
         hidden,
-        cos.reshape(rows, head_dim).contiguous().data_ptr(),
-        sin.reshape(rows, head_dim).contiguous().data_ptr(),
+        cos_rows.data_ptr(),
+        sin_rows.data_ptr(),
         cache.k.data_ptr(),
         cache.v.data_ptr(),
         max_slots,
         max_len,
-        batch.slots.data_ptr(),
-        batch.positions.reshape(rows).data_ptr(),
-        batch.kv_len,
+        slots.data_ptr(),
+        positions.data_ptr(),
+        kv_len,
         scratch.data_ptr(),
         _threads(),
     )

@@ -41,10 +41,10 @@ from model.packed_linear import PackedLinear
 QUANT_MODES = ("none", "int8", "int4")
 INT8_KERNELS = ("aten", "fbgemm")
 INT4_KERNELS = ("aten", "native")
-# Inputs of up to this many rows (every decode batch) stream the 4-bit weights in the native kernel; longer ones
-# (prompt chunks) dequantize and run an fp32 GEMM. Above 64 rows the dequantized GEMM is faster on the AVX2 EPYC;
-# 256 keeps decode batches of up to 256 sequences on one kernel, so a row's result never depends on its batch.
-NATIVE_MATMUL_ROWS = 256
+# Rows up to which the native int4 kernel streams the 4-bit weights; longer inputs dequantize and run an fp32 GEMM
+# (measured crossover, model/native.py). Decode batches of up to 256 sequences then stay on one kernel, so a row's
+# result never depends on its batch.
+NATIVE_MATMUL_ROWS = native.MATMUL_MAX_ROWS
 # fbgemm (reduce_range, as AVX2's u8 x s8 products need) quantizes to 0..127: a range of +-63.5 makes its scale 1
 # and every integer in -63..63 exact. Rows are scaled to +-63 and remainders (at most 0.5) by 126, so that rounding
 # in the division never pushes a value past the bound (which would change the scale for the whole batch).
