@@ -5,9 +5,10 @@ PyTorch path).
 Why by hand, measured on the AVX2-only EPYC (2 threads, 2026-11-30, one decode token of the 135M model in int4):
 torch's int4 kernel (`_weight_int4pack_mm_for_cpu`) takes 16.2 ms for the 120 layer projections, ~4 GB/s of 4-bit
 weights, and the step spends ~14 ms more in ~4,000 small tensor ops around the matmuls; torchao 0.18 has no CPU
-kernels of its own (model/quant.py). `q4_matmul` streams the same weights at ~7 GB/s (9.1 ms) with fp32
-activations, and `attention_decode` replaces a layer's ~40 ops of rotary embedding, cache write, masking and SDPA
-with one call.
+kernels of its own (model/quant.py). Here `q4_matmul` streams the same weights at 10-12 GB/s (5.7-7 ms) with 8-bit
+activations, and `decode_layers` runs every transformer block of a step in one call: the one-token step went from
+40 to 12.3 ms, a 16-row one from 136 to 55 ms, a 24-token prompt from 103 to 72 ms (bench/README.md, "Native int4
+kernels"). `attention_decode` and `rms_norm` serve decode rows of an fp32 model.
 
 Why ctypes and not a torch C++ extension: the C file builds in ~1.5 s with the system C compiler and no PyTorch
 headers (an extension against torch's headers takes minutes on 2 cores); the library is linked against libgomp,

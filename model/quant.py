@@ -6,9 +6,11 @@ and the embedding table are untouched. Every linear layer is quantized, and so i
 tied to the embedding, so it gets its own quantized copy (int8 in both modes) and the table keeps the compute
 dtype.
 
-The int4 kernel is PyTorch's own (`aten._weight_int4pack_mm_for_cpu`); int8 has two (`Int8Linear`), chosen by the
-CPU (`pick_int8_kernel`): `aten._weight_int8pack_mm` where bf16 is native, and fbgemm's dynamic-quantized GEMM
-(shipped in torch's x86 builds, reached through torch.ao's deprecated quantized ops) where it is emulated.
+int4 has two kernels (`Int4Linear`, chosen by `pick_int4_kernel`): this project's AVX2 kernels (model/native.py) on
+CPUs without native bf16 where they build, PyTorch's `aten._weight_int4pack_mm_for_cpu` elsewhere. int8 has two
+(`Int8Linear`), chosen by the CPU (`pick_int8_kernel`): `aten._weight_int8pack_mm` where bf16 is native, and
+fbgemm's dynamic-quantized GEMM (shipped in torch's x86 builds, reached through torch.ao's deprecated quantized ops)
+where it is emulated.
 torchao 0.18 (the release for torch 2.13) ships no CPU kernels of its own: its int4 CPU layout calls the same aten
 kernel and its int8 weight-only path dequantizes the whole weight before a plain matmul.
 
@@ -244,6 +246,16 @@ class Int4Linear(nn.Module):
         )
 
 
+class NonFiniteWeightsError(ValueError):
+    """Weights holding NaN or infinity, found before quantizing: a quantized copy would hide them (a NaN can round
+    into an ordinary 4-bit code), so a checkpoint the server must refuse would look finite after loading."""
+
+    def __init__(self, names: list[str]) -> None:
+        more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+        super().__init__(f"non-finite weights in {', '.join(names[:3])}{more}")
+        self.names = names
+
+
 def fbgemm_available() -> bool:
     """Whether this torch build has fbgemm's quantized kernels (x86 builds do; ARM and some minimal ones do not)."""
     return "fbgemm" in torch.backends.quantized.supported_engines
@@ -279,7 +291,8 @@ def quantize_model(
     """Replace every linear layer of `model` (the output projection included) with its weight-only `mode`
     counterpart, in place (int4 mode: the output projection in int8, see OUTPUT_PROJECTION); returns how many
     were replaced (0 for `none`). The model must be on the CPU and not
-    packed (`model.packed_linear`); quantized layers have no autograd: quantize to serve, never to train."""
+    packed (`model.packed_linear`); quantized layers have no autograd: quantize to serve, never to train. Raises
+    NonFiniteWeightsError, replacing nothing, if a linear weight holds NaN or infinity."""
     if mode not in QUANT_MODES:
         raise ValueError(f"quant: expected one of {', '.join(QUANT_MODES)}, got {mode!r}")
     if mode == "none":
@@ -296,6 +309,14 @@ def quantize_model(
     int8_kernel = int8_kernel or pick_int8_kernel(capability)
     int4_kernel = int4_kernel or pick_int4_kernel(capability)
     targets = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    # A finite sum proves a weight finite in one reduction; only a non-finite sum is checked element by element.
+    bad = [
+        f"{name}.weight"
+        for name, m in targets
+        if not bool(torch.isfinite(m.weight.sum())) and not bool(torch.isfinite(m.weight).all())
+    ]
+    if bad:
+        raise NonFiniteWeightsError(bad)
     for name, linear in targets:
         if linear.bias is not None:
             raise ValueError(f"quantize_model: {name} has a bias; only bias-free linear layers are supported")

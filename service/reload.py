@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from model.llama import Transformer
+from model.quant import NonFiniteWeightsError
 from model.run_dir import recorded_val_loss
 from service.checkpoints import newest_checkpoint, step_of
 from service.compute_threads import run_in_passing_thread
@@ -145,7 +146,10 @@ class CheckpointWatcher:
         self.engine.report_reload_failure(reason, f"skipping checkpoint {path}: {message}")
 
     def _load_checked(self, path: Path) -> tuple[Transformer, Tokenizer]:
-        model, tokenizer = self.loader(path)
+        try:
+            model, tokenizer = self.loader(path)
+        except NonFiniteWeightsError as e:  # found while quantizing, before the weights were rounded
+            raise CheckpointRefused("non_finite", str(e)) from e
         bad = non_finite_weights(model)
         if bad:
             more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""

@@ -19,6 +19,7 @@ from model.quant import (
     QUANT_MODES,
     Int4Linear,
     Int8Linear,
+    NonFiniteWeightsError,
     kernel_dtype,
     pick_int8_kernel,
     quantize_model,
@@ -166,6 +167,19 @@ def test_kernel_dtype_feeds_bf16_to_the_kernels_for_fp32_models():
     assert kernel_dtype(torch.float32) == torch.bfloat16
     assert kernel_dtype(torch.bfloat16) == torch.bfloat16
     assert kernel_dtype(torch.float16) == torch.float16
+
+
+def test_non_finite_weights_are_refused_before_quantizing():
+    for mode in ("int8", "int4"):
+        model = tiny()
+        with torch.no_grad():
+            model.layers[1].feed_forward.w2.weight[3, 5] = float("nan")
+            model.layers[0].attention.wqkv.weight[0, 0] = float("inf")
+        with pytest.raises(NonFiniteWeightsError) as refused:
+            quantize_model(model, mode)
+        assert refused.value.names == ["layers.0.attention.wqkv.weight", "layers.1.feed_forward.w2.weight"]
+        assert "non-finite weights in layers.0.attention.wqkv.weight" in str(refused.value)
+        assert isinstance(model.layers[1].feed_forward.w2, nn.Linear)  # nothing replaced
 
 
 def test_bad_inputs_are_clear_errors():

@@ -169,6 +169,27 @@ def test_a_checkpoint_with_nan_weights_is_refused(tmp_path, save_tiny, tokenizer
     assert engine.info.step == "3" and watcher.current == out / "step-000003"
 
 
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_a_nan_checkpoint_is_refused_when_served_quantized(tmp_path, save_tiny, tokenizer, quant):
+    """Quantizing would round the NaN away (or hide it in packed integers): it is found before."""
+    from model.checkpoint import load_model
+    from model.quant import quantize_model
+
+    out, engine, watcher, _ = _watched(tmp_path, save_tiny, tokenizer)
+
+    def quantized(path):
+        model = load_model(path)
+        quantize_model(model, quant)
+        return model, tokenizer
+
+    watcher.loader = quantized
+    _nan_checkpoint(out / "step-000002", tokenizer)
+    assert not watcher.poll_once()
+    assert engine.reload_failures["non_finite"] == 1 and not engine.swap_pending
+    save_tiny(out / "step-000003", seed=1)
+    assert watcher.poll_once()  # a finite one quantizes and is taken
+
+
 def test_nan_weights_are_found_in_packed_linears_too(tmp_path, tokenizer):
     import pytest
     import torch
