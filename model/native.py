@@ -182,6 +182,14 @@ def q4_layer_blocks(*layers: torch.nn.Module) -> list[torch.Tensor] | None:
     return None if any(b is None for b in blocks) else cast(list[torch.Tensor], blocks)
 
 
+def fused_blocks(blocks: Iterable[Any]) -> bool:
+    """Whether `decode_layers` runs these transformer blocks (every projection a native int4 layer)."""
+    return all(
+        q4_layer_blocks(b.attention.wqkv, b.attention.wo, b.feed_forward.w13, b.feed_forward.w2) is not None
+        for b in blocks
+    )
+
+
 def decode_layers(
     x: torch.Tensor,
     blocks: Iterable[Any],
