@@ -221,6 +221,7 @@ def decode_layers(
     hidden, eps = first.feed_forward.intermediate_size, first.attention_norm.eps
     # Held in locals until the call returns: a temporary's memory could be freed and reused before the C code reads it.
     slots, positions = rows[0].contiguous(), rows[1].contiguous()
+    _check_rows(slots, positions, cache, kv_len)
     n, dim = slots.shape[0], x.shape[-1]
     cos_rows, sin_rows = cos.reshape(n, -1).contiguous(), sin.reshape(n, -1).contiguous()
     _, max_slots, _, max_len, head_dim = cache.k.shape
@@ -256,6 +257,20 @@ def decode_layers(
         _threads(),
     )
     return out.view(x.shape)
+
+
+def _check_rows(slots: torch.Tensor, positions: torch.Tensor, cache_k: torch.Tensor | KVCache, kv_len: int) -> None:
+    """The C code indexes the cache and its scratch with these without checking: a slot or position out of range
+    would write outside them. A few microseconds on the CPU; raises ValueError."""
+    k = cache_k.k if not isinstance(cache_k, torch.Tensor) else cache_k  # (..., max_slots, n_kv_head, max_len, hd)
+    max_slots, max_len = k.shape[-4], k.shape[-2]
+    if slots.dtype != torch.long or positions.dtype != torch.long or slots.shape != positions.shape:
+        raise ValueError("native rows: slots and positions must be int64 tensors of one shape")
+    if slots.numel() and not (
+        0 <= int(slots.min()) <= int(slots.max()) < max_slots
+        and 0 <= int(positions.min()) <= int(positions.max()) < min(kv_len, max_len)
+    ):
+        raise ValueError(f"native rows: a slot or position outside the cache ({max_slots} slots, kv_len {kv_len})")
 
 
 def _threads() -> int:
@@ -315,6 +330,7 @@ def attention_decode(
     rows = qkv.shape[0]
     head_dim = k_cache.shape[-1]
     max_len = k_cache.shape[-2]
+    _check_rows(slots, positions, k_cache.unsqueeze(0), kv_len)
     out = torch.empty(rows, n_head * head_dim)
     scratch = torch.empty(rows * n_head * (head_dim + kv_len))
     lib.smollm_attention_decode(

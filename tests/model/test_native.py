@@ -271,3 +271,30 @@ def test_int4_kernel_follows_the_cpu(monkeypatch):
     prompt = torch.arange(8)[None]
     with torch.inference_mode():
         assert torch.isfinite(model(prompt)).all()  # and the PyTorch path serves
+
+
+@needs_native
+@torch.inference_mode()
+def test_rows_outside_the_cache_are_refused_before_the_c_code_runs():
+    model = tiny("int4")
+    cache = model.new_kv_cache(max_slots=2, max_len=32)
+    x = torch.zeros(1, 1, CONFIG.n_embd)
+    cos = sin = torch.zeros(1, 1, 1, CONFIG.head_dim)
+    for slots, positions, kv_len in (([2], [0], 16), ([0], [16], 16), ([0], [-1], 16), ([-1], [0], 16)):
+        rows = (torch.tensor(slots), torch.tensor(positions))
+        with pytest.raises(ValueError, match="outside the cache"):
+            native.decode_layers(x, model.layers, cos, sin, cache, rows, kv_len)
+    with pytest.raises(ValueError, match="outside the cache"):
+        qkv = torch.zeros(1, (CONFIG.n_head + 2 * CONFIG.n_kv_head) * CONFIG.head_dim)
+        native.attention_decode(
+            qkv,
+            CONFIG.n_head,
+            CONFIG.n_kv_head,
+            cos[0, 0],
+            sin[0, 0],
+            cache.k[0],
+            cache.v[0],
+            torch.tensor([0]),
+            torch.tensor([40]),
+            48,
+        )
