@@ -37,9 +37,9 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         q_size, kv_size = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
         qkv = self.wqkv(x)
-        if batch is not None and batch.segments is None and native.token_rows(batch, x) is not None:
+        rows = native.token_rows(batch, x) if batch is not None and batch.segments is None else None
+        if batch is not None and rows is not None:
             # Decode rows in one native call: rotary embedding, cache write and attention (model/native.py).
-            assert batch.slots is not None  # token_rows checked it
             y = native.attention_decode(
                 qkv.view(B, -1),
                 self.n_head,
@@ -48,8 +48,7 @@ class Attention(nn.Module):
                 sin.reshape(B, self.head_dim),
                 batch.cache.k[self.layer_idx],
                 batch.cache.v[self.layer_idx],
-                batch.slots,
-                batch.positions.view(B),
+                *rows,
                 batch.kv_len,
             )
             return self.wo(y.view(B, T, q_size))

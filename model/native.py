@@ -139,13 +139,16 @@ def native_kernels(capability: Callable[[], CpuCapability] = cpu_capability) -> 
     if not supported(cap):
         log.info("native CPU kernels need x86-64 with AVX2 (%s, %s): PyTorch kernels only", platform.machine(), cap.isa)
         return None
-    path = library_path(cache_dir())
-    cc = compiler()
-    if not path.is_file() and cc is None:
-        log.warning("no C compiler (cc, gcc or clang; or set CC): native CPU kernels off, PyTorch kernels only")
-        return None
+    cache = cache_dir()
+    path = library_path(cache)
     try:
-        return load(path if path.is_file() else build(cache_dir(), cast(str, cc)))
+        if not path.is_file():  # a library built before (the server image's) needs no compiler
+            cc = compiler()
+            if cc is None:
+                log.warning("no C compiler (cc, gcc or clang; or set CC): native CPU kernels off, PyTorch kernels only")
+                return None
+            path = build(cache, cc)
+        return load(path)
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         log.warning("native CPU kernels unavailable, PyTorch kernels only: %s", e)
         return None
@@ -169,9 +172,8 @@ def token_rows(batch: CacheBatch | None, x: torch.Tensor) -> tuple[torch.Tensor,
     step being written first, which is causal attention within each prompt). None otherwise."""
     if batch is None or batch.slots is None or not usable(x, batch.cache.k):
         return None
-    if batch.segments is None:
-        return (batch.slots, batch.positions.reshape(-1)) if x.shape[1] == 1 else None
-    return (batch.slots, batch.positions.reshape(-1)) if x.shape[1] <= MATMUL_MAX_ROWS else None
+    fits = x.shape[1] == 1 if batch.segments is None else x.shape[1] <= MATMUL_MAX_ROWS
+    return (batch.slots, batch.positions.reshape(-1)) if fits else None
 
 
 def q4_layer_blocks(*layers: torch.nn.Module) -> list[torch.Tensor] | None:
@@ -221,10 +223,10 @@ def decode_layers(
     hidden, eps = first.feed_forward.intermediate_size, first.attention_norm.eps
     # Held in locals until the call returns: a temporary's memory could be freed and reused before the C code reads it.
     slots, positions = rows[0].contiguous(), rows[1].contiguous()
-    _check_rows(slots, positions, cache, kv_len)
+    _, max_slots, _, max_len, head_dim = cache.k.shape
+    _check_rows(slots, positions, max_slots, max_len, kv_len)
     n, dim = slots.shape[0], x.shape[-1]
     cos_rows, sin_rows = cos.reshape(n, -1).contiguous(), sin.reshape(n, -1).contiguous()
-    _, max_slots, _, max_len, head_dim = cache.k.shape
     out = x.reshape(n, dim).clone()
     scratch = cache.scratch(lib.smollm_decode_layer_scratch(n, dim, n_head, n_kv_head, head_dim, hidden, kv_len))
     arrays = {name: (ctypes.c_void_p * len(p))(*p) for name, p in ptrs.items()}
@@ -259,11 +261,9 @@ def decode_layers(
     return out.view(x.shape)
 
 
-def _check_rows(slots: torch.Tensor, positions: torch.Tensor, cache_k: torch.Tensor | KVCache, kv_len: int) -> None:
+def _check_rows(slots: torch.Tensor, positions: torch.Tensor, max_slots: int, max_len: int, kv_len: int) -> None:
     """The C code indexes the cache and its scratch with these without checking: a slot or position out of range
     would write outside them. A few microseconds on the CPU; raises ValueError."""
-    k = cache_k.k if not isinstance(cache_k, torch.Tensor) else cache_k  # (..., max_slots, n_kv_head, max_len, hd)
-    max_slots, max_len = k.shape[-4], k.shape[-2]
     if slots.dtype != torch.long or positions.dtype != torch.long or slots.shape != positions.shape:
         raise ValueError("native rows: slots and positions must be int64 tensors of one shape")
     if slots.numel() and not (
@@ -330,7 +330,7 @@ def attention_decode(
     rows = qkv.shape[0]
     head_dim = k_cache.shape[-1]
     max_len = k_cache.shape[-2]
-    _check_rows(slots, positions, k_cache.unsqueeze(0), kv_len)
+    _check_rows(slots, positions, k_cache.shape[0], max_len, kv_len)
     out = torch.empty(rows, n_head * head_dim)
     scratch = torch.empty(rows * n_head * (head_dim + kv_len))
     lib.smollm_attention_decode(

@@ -2,9 +2,9 @@
 
 Why hand-written: on CPUs without native bf16 the stock weight-only int4 kernel streams 4-bit weights at ~4 GB/s
 and wants bf16 activations, and a one-token step spends as long again in ~4,000 small tensor ops around the
-matmuls (model/native.py has the figures). These kernels read a block-quantized weight once per step at the
-memory's streaming rate with fp32 activations, and do a layer's attention (rotary embedding, cache write, attention
-over the sequence's own keys) in one call.
+matmuls (model/native.py has the figures). These kernels read a block-quantized weight once per step with 8-bit
+activations (as llama.cpp's), and run every transformer block of a step (norms, projections, rotary embedding,
+cache write, attention over each row's own keys, MLP) in one call.
 
 Every output row is computed by the same sequence of floating-point operations whatever the number of rows in the
 call and whichever thread computes it, so a sequence's result does not depend on the batch it is in. Built with
@@ -181,14 +181,25 @@ static inline void mul_half(const uint16_t *h, const float *f, int64_t n, float 
     for (; i < n; i++) out[i] = half_to_float(h[i]) * f[i];
 }
 
+/* A block's 32 codes as bytes: low lane q[0..15] (low nibbles), high lane q[16..31] (high nibbles), matching the
+   order of the activation codes. */
+static inline __m256i unpack_nibbles(const uint8_t *qs) {
+    const __m128i raw = _mm_loadu_si128((const __m128i *)qs);
+    return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), _mm256_set1_epi8(0x0f));
+}
+
+/* sum_i q[i] * x[i] over a block as 8 float lanes: u8 x s8 pairs (maddubs), then pairs of pairs (madd). */
+static inline __m256 block_dot(__m256i q, const int8_t *x) {
+    const __m256i pairs = _mm256_maddubs_epi16(q, _mm256_loadu_si256((const __m256i *)x));
+    return _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+}
+
 /* y[r, c] for a tile of R rows (1..4) of quantized activations and one weight row. Per block the integer dot
    product s goes in as acc += (d * xd) * s; the minimums' share, sum_b m[b] * xsum[b], is one dot product per row. */
 #define MAX_BLOCKS 512 /* k up to 16384 */
 static inline __attribute__((always_inline)) void q4_row_tile(const uint8_t *wrow, int64_t nb, const int8_t *xq,
                                                               const float *xd, const float *xsum, int64_t k, int R,
                                                               float *y, int64_t ldy) {
-    const __m256i low4 = _mm256_set1_epi8(0x0f);
-    const __m256i ones = _mm256_set1_epi16(1);
     const uint8_t *qs = row_nibbles(wrow, nb);
     float scale[4][MAX_BLOCKS];
     /* Two accumulators per row, for even and odd blocks: one chain of dependent FMAs would cost its latency per
@@ -201,28 +212,17 @@ static inline __attribute__((always_inline)) void q4_row_tile(const uint8_t *wro
     }
     int64_t b = 0;
     for (; b + 2 <= nb; b += 2) {
-        const __m128i raw0 = _mm_loadu_si128((const __m128i *)(qs + b * 16));
-        const __m128i raw1 = _mm_loadu_si128((const __m128i *)(qs + b * 16 + 16));
-        /* Low lane: q[0..15] (low nibbles); high lane: q[16..31] (high nibbles), matching xq's order. */
-        const __m256i q0 = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw0, 4), raw0), low4);
-        const __m256i q1 = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw1, 4), raw1), low4);
+        const __m256i q0 = unpack_nibbles(qs + b * 16), q1 = unpack_nibbles(qs + b * 16 + 16);
         for (int r = 0; r < R; r++) {
             const int8_t *xb = xq + r * k + b * QK;
-            const __m256i s0 = _mm256_madd_epi16(_mm256_maddubs_epi16(q0, _mm256_loadu_si256((const __m256i *)xb)), ones);
-            const __m256i s1 =
-                _mm256_madd_epi16(_mm256_maddubs_epi16(q1, _mm256_loadu_si256((const __m256i *)(xb + QK))), ones);
-            even[r] = _mm256_fmadd_ps(_mm256_set1_ps(scale[r][b]), _mm256_cvtepi32_ps(s0), even[r]);
-            odd[r] = _mm256_fmadd_ps(_mm256_set1_ps(scale[r][b + 1]), _mm256_cvtepi32_ps(s1), odd[r]);
+            even[r] = _mm256_fmadd_ps(_mm256_set1_ps(scale[r][b]), block_dot(q0, xb), even[r]);
+            odd[r] = _mm256_fmadd_ps(_mm256_set1_ps(scale[r][b + 1]), block_dot(q1, xb + QK), odd[r]);
         }
     }
     if (b < nb) {
-        const __m128i raw = _mm_loadu_si128((const __m128i *)(qs + b * 16));
-        const __m256i q = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), low4);
-        for (int r = 0; r < R; r++) {
-            const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + r * k + b * QK));
-            const __m256i s32 = _mm256_madd_epi16(_mm256_maddubs_epi16(q, xv), ones);
-            even[r] = _mm256_fmadd_ps(_mm256_set1_ps(scale[r][b]), _mm256_cvtepi32_ps(s32), even[r]);
-        }
+        const __m256i q = unpack_nibbles(qs + b * 16);
+        for (int r = 0; r < R; r++)
+            even[r] = _mm256_fmadd_ps(_mm256_set1_ps(scale[r][b]), block_dot(q, xq + r * k + b * QK), even[r]);
     }
     __m256 acc[4];
     for (int r = 0; r < R; r++) acc[r] = _mm256_add_ps(even[r], odd[r]);

@@ -256,6 +256,14 @@ class NonFiniteWeightsError(ValueError):
         self.names = names
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether `t` holds no NaN and no infinity. Either makes the sum non-finite, so a finite sum proves the tensor
+    finite in one cheap reduction; only a sum that is not (a non-finite element, or finite ones overflowing) is
+    checked element by element. The elementwise check of every weight took 2 s of a hot reload's CPU time on the
+    135M model (2 cores, shared with the engine serving meanwhile); the sums take ~0.1 s."""
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+
+
 def fbgemm_available() -> bool:
     """Whether this torch build has fbgemm's quantized kernels (x86 builds do; ARM and some minimal ones do not)."""
     return "fbgemm" in torch.backends.quantized.supported_engines
@@ -309,12 +317,7 @@ def quantize_model(
     int8_kernel = int8_kernel or pick_int8_kernel(capability)
     int4_kernel = int4_kernel or pick_int4_kernel(capability)
     targets = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
-    # A finite sum proves a weight finite in one reduction; only a non-finite sum is checked element by element.
-    bad = [
-        f"{name}.weight"
-        for name, m in targets
-        if not bool(torch.isfinite(m.weight.sum())) and not bool(torch.isfinite(m.weight).all())
-    ]
+    bad = [f"{name}.weight" for name, m in targets if not all_finite(m.weight)]
     if bad:
         raise NonFiniteWeightsError(bad)
     for name, linear in targets:
