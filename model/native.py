@@ -48,14 +48,13 @@ SOURCE = Path(__file__).with_name("native_kernels.c")
 # -ffp-contract=off: no product is fused into an add unless the source says so (the rotary embedding then rounds
 # as the eager model does, and results do not depend on the compiler's choices).
 CFLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC")
-ABI_VERSION = 4
+ABI_VERSION = 5
 Q4_BLOCK = 32  # weights per 4-bit block
 Q4_BLOCK_BYTES = 20  # fp16 scale, fp16 minimum, 16 bytes of nibbles
-Q4_MAX_IN_FEATURES = 16384
-# Inputs of up to this many rows (every decode batch, short prompts) go through the 4-bit kernel; longer ones are
-# faster as dequantize + fp32 GEMM (model.quant.Int4Linear). Measured on the AVX2 EPYC (2 threads, 2026-11-30, one
-# layer's four projections): 1 row 0.15 vs 2.4 ms, 16 rows 1.5 vs 5.1, 64 rows 5.8 vs 8.5, 256 rows 17.5 vs 17.5.
-MATMUL_MAX_ROWS = 256  # MAX_BLOCKS in the C source: a row's block scales live on the stack
+Q4_GROUP = 8  # weight rows stored interleaved (model/native_kernels.c)
+# Packed prompt rows of up to this many tokens run through `decode_layers` (each token attends its own keys one row
+# at a time, which costs more than a causal SDPA on long prompts); longer ones run the blocks one by one.
+FUSED_MAX_ROWS = 256
 DISABLE_ENV = "SMOLLM_NATIVE_KERNELS"
 
 _P, _I, _INT, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
@@ -168,11 +167,11 @@ def usable(*tensors: torch.Tensor) -> bool:
 def token_rows(batch: CacheBatch | None, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Each token's (slot, position), (N,) each, when the tokens of `x` (B, T, dim) under `batch` can run as
     independent rows on the native kernels: decode rows (one token per row), or a packed prompt row of at most
-    MATMUL_MAX_ROWS tokens (each token attends its own slot's keys up to its position, the keys of the whole
+    FUSED_MAX_ROWS tokens (each token attends its own slot's keys up to its position, the keys of the whole
     step being written first, which is causal attention within each prompt). None otherwise."""
     if batch is None or batch.slots is None or not usable(x, batch.cache.k):
         return None
-    fits = x.shape[1] == 1 if batch.segments is None else x.shape[1] <= MATMUL_MAX_ROWS
+    fits = x.shape[1] == 1 if batch.segments is None else x.shape[1] <= FUSED_MAX_ROWS
     return (batch.slots, batch.positions.reshape(-1)) if fits else None
 
 
@@ -278,23 +277,23 @@ def _threads() -> int:
 
 
 def q4_quantize(weight: torch.Tensor) -> torch.Tensor:
-    """4-bit blocks (out, in / 32 * 20) uint8 of an fp32 weight (out, in); in a multiple of 32."""
+    """4-bit blocks of an fp32 weight (out, in), in a multiple of 32: (ceil(out / 8), in / 32 * 160) uint8, rows
+    interleaved by 8 (model/native_kernels.c)."""
     lib = _require()
     w = weight.detach().float().contiguous()
     n, k = w.shape
-    if k % Q4_BLOCK or not 0 < k <= Q4_MAX_IN_FEATURES:
-        raise ValueError(f"q4: in_features {k} must be a multiple of {Q4_BLOCK} up to {Q4_MAX_IN_FEATURES}")
-    blocks = torch.empty(n, k // Q4_BLOCK * Q4_BLOCK_BYTES, dtype=torch.uint8)
+    if k % Q4_BLOCK or k <= 0:
+        raise ValueError(f"q4: in_features {k} must be a positive multiple of {Q4_BLOCK}")
+    blocks = torch.empty(-(-n // Q4_GROUP), k // Q4_BLOCK * Q4_BLOCK_BYTES * Q4_GROUP, dtype=torch.uint8)
     lib.smollm_q4_quantize(w.data_ptr(), n, k, blocks.data_ptr())
     return blocks
 
 
-def q4_dequantize(blocks: torch.Tensor, in_features: int) -> torch.Tensor:
+def q4_dequantize(blocks: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
     """The fp32 weight (out, in) that `blocks` stand for."""
     lib = _require()
-    n = blocks.shape[0]
-    w = torch.empty(n, in_features)
-    lib.smollm_q4_dequantize(blocks.data_ptr(), n, in_features, w.data_ptr(), _threads())
+    w = torch.empty(out_features, in_features)
+    lib.smollm_q4_dequantize(blocks.data_ptr(), out_features, in_features, w.data_ptr(), _threads())
     return w
 
 

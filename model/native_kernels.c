@@ -16,17 +16,25 @@ call and whichever thread computes it, so a sequence's result does not depend on
 #include <stdint.h>
 #include <string.h>
 
-/* 4-bit weights in llama.cpp's Q4_1 blocks of 32: w[i] = q[i] * d + m, q in 0..15, d and m in fp16. A weight row of
-   k inputs (nb = k / 32 blocks, 20 * nb bytes) keeps its nb scales d, then its nb minimums m, then nb times 16 bytes
-   of nibbles, byte j of a block holding q[j] in its low nibble and q[j + 16] in its high one: the scales and
-   minimums of a row then load 8 at a time. */
+/* 4-bit weights in llama.cpp's Q4_1 blocks of 32: w[i] = q[i] * d + m, q in 0..15, d and m in fp16. Rows go in
+   groups of 8 (the last one padded with zero rows), stored group after group, and a group of k inputs (nb = k / 32
+   blocks) block after block, 160 bytes a block:
+   - the 8 rows' scales d (fp16), then their 8 minimums m;
+   - 128 bytes of nibbles in 4 chunks of 32: chunk t holds, for row j = 0..7, that row's bytes 4t..4t+3, where a
+     row's byte i holds q[i] in its low nibble and q[i + 16] in its high one.
+   So one 32-byte load gives 4 codes of each of 8 rows (low nibbles: inputs 4t..4t+3; high: 16+4t..16+4t+3), and a
+   product with 4 broadcast activation bytes (maddubs) lands each row's partial sum in its own lanes: a block's 8
+   sub-products add up in 16-bit lanes, and one convert and one FMA per block give 8 outputs (ggml's "repacked"
+   Q4_0 x 8 layout does the same on AVX2), where a row-at-a-time dot product needs a reduction per row and block. */
 #define QK 32
+#define GROUP 8
+#define GROUP_BLOCK_BYTES 160
 
-static inline const uint16_t *row_scales(const uint8_t *row) { return (const uint16_t *)row; }
-static inline const uint16_t *row_mins(const uint8_t *row, int64_t nb) { return (const uint16_t *)row + nb; }
-static inline const uint8_t *row_nibbles(const uint8_t *row, int64_t nb) { return row + 4 * nb; }
+static inline const uint8_t *group_block(const uint8_t *w, int64_t nb, int64_t g, int64_t b) {
+    return w + (g * nb + b) * GROUP_BLOCK_BYTES;
+}
 
-int smollm_abi_version(void) { return 4; }
+int smollm_abi_version(void) { return 5; }
 
 int smollm_block_bytes(void) { return 20; }
 
@@ -73,15 +81,16 @@ static inline void silu_mul(const float *gate, const float *up, int64_t n, float
     for (; i < n; i++) out[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
 }
 
-/* Quantize rows of fp32 weights w (n, k) into blocks (n, k / 32): per block d = (max - min) / 15, m = min, both
-   rounded to fp16 first so that the codes are chosen against the scale the kernel will use. */
+/* Quantize rows of fp32 weights w (n, k) into groups of 8 rows (ceil(n / 8) * nb * 160 bytes): per block
+   d = (max - min) / 15, m = min, both rounded to fp16 first so that the codes are chosen against the scale the
+   kernel will use. Padding rows are zero. */
 void smollm_q4_quantize(const float *w, int64_t n, int64_t k, uint8_t *out) {
-    const int64_t nb = k / QK;
+    const int64_t nb = k / QK, groups = (n + GROUP - 1) / GROUP;
+    memset(out, 0, (size_t)(groups * nb * GROUP_BLOCK_BYTES));
     for (int64_t r = 0; r < n; r++) {
-        uint8_t *row = out + r * nb * 20;
-        uint16_t *ds = (uint16_t *)row, *ms = ds + nb;
-        uint8_t *qs = row + 4 * nb;
+        const int64_t g = r / GROUP, j = r % GROUP;
         for (int64_t b = 0; b < nb; b++) {
+            uint8_t *blk = (uint8_t *)group_block(out, nb, g, b);
             const float *x = w + r * k + b * QK;
             float lo = x[0], hi = x[0];
             for (int i = 1; i < QK; i++) {
@@ -97,31 +106,30 @@ void smollm_q4_quantize(const float *w, int64_t n, int64_t k, uint8_t *out) {
                 float v = nearbyintf((x[i] - m) * inv);
                 q[i] = (uint8_t)(v < 0.0f ? 0.0f : (v > 15.0f ? 15.0f : v));
             }
-            ds[b] = dh;
-            ms[b] = mh;
-            for (int j = 0; j < 16; j++) qs[b * 16 + j] = (uint8_t)(q[j] | (q[j + 16] << 4));
+            memcpy(blk + 2 * j, &dh, 2);
+            memcpy(blk + 16 + 2 * j, &mh, 2);
+            for (int i = 0; i < 16; i++) blk[32 + (i / 4) * 32 + j * 4 + i % 4] = (uint8_t)(q[i] | (q[i + 16] << 4));
         }
     }
 }
 
-/* The fp32 weights (n, k) that blocks (n, k / 32) stand for. */
+/* The fp32 weights (n, k) that the groups of blocks stand for. */
 void smollm_q4_dequantize(const uint8_t *w, int64_t n, int64_t k, float *out, int nthreads) {
     const int64_t nb = k / QK;
-    const __m128i low4 = _mm_set1_epi8(0x0f);
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t r = 0; r < n; r++) {
-        const uint8_t *row = w + r * nb * 20;
-        const uint8_t *qs = row_nibbles(row, nb);
+        const int64_t g = r / GROUP, j = r % GROUP;
         for (int64_t b = 0; b < nb; b++) {
-            const __m256 d = _mm256_set1_ps(half_to_float(row_scales(row)[b]));
-            const __m256 m = _mm256_set1_ps(half_to_float(row_mins(row, nb)[b]));
-            const __m128i raw = _mm_loadu_si128((const __m128i *)(qs + b * 16));
-            const __m128i lo = _mm_and_si128(raw, low4), hi = _mm_and_si128(_mm_srli_epi16(raw, 4), low4);
-            const __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
+            const uint8_t *blk = group_block(w, nb, g, b);
+            uint16_t dh, mh;
+            memcpy(&dh, blk + 2 * j, 2);
+            memcpy(&mh, blk + 16 + 2 * j, 2);
+            const float d = half_to_float(dh), m = half_to_float(mh);
             float *y = out + r * k + b * QK;
-            for (int j = 0; j < 4; j++) {
-                const __m256 q = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(parts[j]));
-                _mm256_storeu_ps(y + 8 * j, _mm256_fmadd_ps(q, d, m));
+            for (int i = 0; i < 16; i++) {
+                const uint8_t byte = blk[32 + (i / 4) * 32 + j * 4 + i % 4];
+                y[i] = fmaf((float)(byte & 0x0f), d, m);
+                y[i + 16] = fmaf((float)(byte >> 4), d, m);
             }
         }
     }
@@ -161,93 +169,75 @@ static void quantize_rows_q8(const float *x, int64_t rows, int64_t k, int8_t *xq
     }
 }
 
-/* sum_i h[i] * f[i] for fp16 h and fp32 f. */
-static inline float dot_half(const uint16_t *h, const float *f, int64_t n) {
-    __m256 acc = _mm256_setzero_ps();
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8)
-        acc = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + i))), _mm256_loadu_ps(f + i), acc);
-    float s = hsum256(acc);
-    for (; i < n; i++) s = fmaf(half_to_float(h[i]), f[i], s);
-    return s;
+static inline __m256i broadcast4(const int8_t *x) {
+    int32_t v;
+    memcpy(&v, x, 4);
+    return _mm256_set1_epi32(v);
 }
 
-/* out[i] = h[i] * f[i] for fp16 h and fp32 f. */
-static inline void mul_half(const uint16_t *h, const float *f, int64_t n, float *out) {
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8)
-        _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + i))),
-                                                _mm256_loadu_ps(f + i)));
-    for (; i < n; i++) out[i] = half_to_float(h[i]) * f[i];
-}
-
-/* A block's 32 codes as bytes: low lane q[0..15] (low nibbles), high lane q[16..31] (high nibbles), matching the
-   order of the activation codes. */
-static inline __m256i unpack_nibbles(const uint8_t *qs) {
-    const __m128i raw = _mm_loadu_si128((const __m128i *)qs);
-    return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), _mm256_set1_epi8(0x0f));
-}
-
-/* sum_i q[i] * x[i] over a block as 8 float lanes: u8 x s8 pairs (maddubs), then pairs of pairs (madd). */
-static inline __m256 block_dot(__m256i q, const int8_t *x) {
-    const __m256i pairs = _mm256_maddubs_epi16(q, _mm256_loadu_si256((const __m256i *)x));
-    return _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
-}
-
-/* y[r, c] for a tile of R rows (1..4) of quantized activations and one weight row. Per block the integer dot
-   product s goes in as acc += (d * xd) * s; the minimums' share, sum_b m[b] * xsum[b], is one dot product per row. */
-#define MAX_BLOCKS 512 /* k up to 16384 */
-static inline __attribute__((always_inline)) void q4_row_tile(const uint8_t *wrow, int64_t nb, const int8_t *xq,
-                                                              const float *xd, const float *xsum, int64_t k, int R,
-                                                              float *y, int64_t ldy) {
-    const uint8_t *qs = row_nibbles(wrow, nb);
-    float scale[4][MAX_BLOCKS];
-    /* Two accumulators per row, for even and odd blocks: one chain of dependent FMAs would cost its latency per
-       block, more than the block's other work. */
-    __m256 even[4], odd[4];
-    for (int r = 0; r < R; r++) {
-        mul_half(row_scales(wrow), xd + r * nb, nb, scale[r]);
-        even[r] = _mm256_setzero_ps();
-        odd[r] = _mm256_setzero_ps();
-    }
-    int64_t b = 0;
-    for (; b + 2 <= nb; b += 2) {
-        const __m256i q0 = unpack_nibbles(qs + b * 16), q1 = unpack_nibbles(qs + b * 16 + 16);
+/* y[r, 8 outputs of group g] for a tile of R rows (1..4) of quantized activations. Per block the 8 sub-products
+   (maddubs: pairs of u8 x s8, at most 2 * 15 * 127 each) add up in 16-bit lanes (8 * 3810 < 32767), pairs of lanes
+   give each output's integer dot product s (madd), and acc += (d * xd) * s, then acc += m * xsum. Every output
+   sees the same operations whatever R is and wherever its row sits in the tile. */
+static inline __attribute__((always_inline)) void q4_group_tile(const uint8_t *w, int64_t nb, int64_t g,
+                                                                const int8_t *xq, const float *xd, const float *xsum,
+                                                                int64_t k, int R, float *y, int64_t ldy, int width) {
+    const __m256i low4 = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
+    __m256 acc[4];
+    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *blk = group_block(w, nb, g, b);
+        __m256i sums[4];
+        for (int t = 0; t < 4; t++) {
+            const __m256i raw = _mm256_loadu_si256((const __m256i *)(blk + 32 + 32 * t));
+            const __m256i lo = _mm256_and_si256(raw, low4), hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low4);
+            for (int r = 0; r < R; r++) {
+                const int8_t *xb = xq + r * k + b * QK;
+                const __m256i part = _mm256_add_epi16(_mm256_maddubs_epi16(lo, broadcast4(xb + 4 * t)),
+                                                      _mm256_maddubs_epi16(hi, broadcast4(xb + 16 + 4 * t)));
+                sums[r] = t == 0 ? part : _mm256_add_epi16(sums[r], part);
+            }
+        }
+        const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)blk));
+        const __m256 m = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(blk + 16)));
         for (int r = 0; r < R; r++) {
-            const int8_t *xb = xq + r * k + b * QK;
-            even[r] = _mm256_fmadd_ps(_mm256_set1_ps(scale[r][b]), block_dot(q0, xb), even[r]);
-            odd[r] = _mm256_fmadd_ps(_mm256_set1_ps(scale[r][b + 1]), block_dot(q1, xb + QK), odd[r]);
+            const __m256 s = _mm256_cvtepi32_ps(_mm256_madd_epi16(sums[r], ones));
+            acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(d, _mm256_set1_ps(xd[r * nb + b])), s, acc[r]);
+            acc[r] = _mm256_fmadd_ps(m, _mm256_set1_ps(xsum[r * nb + b]), acc[r]);
         }
     }
-    if (b < nb) {
-        const __m256i q = unpack_nibbles(qs + b * 16);
-        for (int r = 0; r < R; r++)
-            even[r] = _mm256_fmadd_ps(_mm256_set1_ps(scale[r][b]), block_dot(q, xq + r * k + b * QK), even[r]);
+    for (int r = 0; r < R; r++) {
+        if (width == GROUP) {
+            _mm256_storeu_ps(y + r * ldy, acc[r]);
+        } else {
+            float tmp[GROUP];
+            _mm256_storeu_ps(tmp, acc[r]);
+            memcpy(y + r * ldy, tmp, (size_t)width * sizeof(float));
+        }
     }
-    __m256 acc[4];
-    for (int r = 0; r < R; r++) acc[r] = _mm256_add_ps(even[r], odd[r]);
-    for (int r = 0; r < R; r++) y[r * ldy] = hsum256(acc[r]) + dot_half(row_mins(wrow, nb), xsum + r * nb, nb);
 }
 
-/* y (rows, n) = x (rows, k) @ W.T with W (n, k) in 4-bit blocks (n, k / 32); k a multiple of 32. `scratch` holds
+/* y (rows, n) = x (rows, k) @ W.T with W (n, k) in groups of 4-bit blocks; k a multiple of 32. `scratch` holds
    rows * (k / 4 + 2 * k / 32) floats (the quantized activations, their scales and block sums). */
 void smollm_q4_matmul(const float *x, int64_t rows, int64_t k, const uint8_t *w, int64_t n, float *y, float *scratch,
                       int nthreads) {
-    const int64_t nb = k / QK;
+    const int64_t nb = k / QK, groups = (n + GROUP - 1) / GROUP;
     float *xd = scratch, *xsum = scratch + rows * nb;
     int8_t *xq = (int8_t *)(scratch + 2 * rows * nb);
     quantize_rows_q8(x, rows, k, xq, xd, xsum);
-    /* Threads split the weight rows, so each streams its own part of the weights once; the x rows stay cached. */
+    /* Threads split the groups of weight rows, so each streams its own part of the weights once (a group's blocks
+       stay in L1 while every tile of activation rows passes over them); the activations stay cached. */
 #pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t c = 0; c < n; c++) {
-        const uint8_t *wrow = w + c * nb * 20;
+    for (int64_t g = 0; g < groups; g++) {
+        const int width = (int)(n - g * GROUP < GROUP ? n - g * GROUP : GROUP);
+        float *yg = y + g * GROUP;
         int64_t r = 0;
         for (; r + 4 <= rows; r += 4)
-            q4_row_tile(wrow, nb, xq + r * k, xd + r * nb, xsum + r * nb, k, 4, y + r * n + c, n);
+            q4_group_tile(w, nb, g, xq + r * k, xd + r * nb, xsum + r * nb, k, 4, yg + r * n, n, width);
         switch (rows - r) {
-        case 3: q4_row_tile(wrow, nb, xq + r * k, xd + r * nb, xsum + r * nb, k, 3, y + r * n + c, n); break;
-        case 2: q4_row_tile(wrow, nb, xq + r * k, xd + r * nb, xsum + r * nb, k, 2, y + r * n + c, n); break;
-        case 1: q4_row_tile(wrow, nb, xq + r * k, xd + r * nb, xsum + r * nb, k, 1, y + r * n + c, n); break;
+        case 3: q4_group_tile(w, nb, g, xq + r * k, xd + r * nb, xsum + r * nb, k, 3, yg + r * n, n, width); break;
+        case 2: q4_group_tile(w, nb, g, xq + r * k, xd + r * nb, xsum + r * nb, k, 2, yg + r * n, n, width); break;
+        case 1: q4_group_tile(w, nb, g, xq + r * k, xd + r * nb, xsum + r * nb, k, 1, yg + r * n, n, width); break;
         default: break;
         }
     }

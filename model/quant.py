@@ -33,7 +33,6 @@ import warnings
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from model import native
@@ -43,10 +42,6 @@ from model.packed_linear import PackedLinear
 QUANT_MODES = ("none", "int8", "int4")
 INT8_KERNELS = ("aten", "fbgemm")
 INT4_KERNELS = ("aten", "native")
-# Rows up to which the native int4 kernel streams the 4-bit weights; longer inputs dequantize and run an fp32 GEMM
-# (measured crossover, model/native.py). Decode batches of up to 256 sequences then stay on one kernel, so a row's
-# result never depends on its batch.
-NATIVE_MATMUL_ROWS = native.MATMUL_MAX_ROWS
 # fbgemm (reduce_range, as AVX2's u8 x s8 products need) quantizes to 0..127: a range of +-63.5 makes its scale 1
 # and every integer in -63..63 exact. Rows are scaled to +-63 and remainders (at most 0.5) by 126, so that rounding
 # in the division never pushes a value past the bound (which would change the scale for the whole batch).
@@ -171,13 +166,13 @@ class Int4Linear(nn.Module):
 
     Two kernels (`INT4_KERNELS`, chosen by `pick_int4_kernel`):
     - `native`: model/native.py's AVX2 kernel, on llama.cpp's Q4_1 blocks (fp16 scale and minimum, groups of 32)
-      with fp32 activations. Up to NATIVE_MATMUL_ROWS rows (every decode batch) it streams the 4-bit weights;
-      longer inputs (prompts) dequantize the weight and run fp32 `F.linear`, a GEMM that keeps the cores busy.
+      with fp32 activations, for any number of rows: on the AVX2 EPYC its 8-bit products beat dequantize + fp32
+      GEMM at every size measured (1 to 256 rows, bench/README.md), and a row's result never depends on the others.
     - `aten`: PyTorch's `_weight_int4pack_mm_for_cpu` in its packed layout, which writes a group as
       (q - 8) * scale + zero (so zero = min + 8 * scale), on `act_dtype` activations.
     """
 
-    blocks: torch.Tensor  # native: (out, in / 32 * 20) uint8, model/native.py's layout
+    blocks: torch.Tensor  # native: (ceil(out / 8), in / 32 * 160) uint8, model/native.py's layout
 
     def __init__(
         self,
@@ -215,7 +210,7 @@ class Int4Linear(nn.Module):
     def dequantize(self) -> torch.Tensor:
         """The weight the kernel computes with, (out, in) fp32 (for tests and quality checks)."""
         if self.kernel == "native":
-            return native.q4_dequantize(self.blocks, self.in_features)
+            return native.q4_dequantize(self.blocks, self.out_features, self.in_features)
         eye = torch.eye(self.in_features, dtype=self.act_dtype)
         return (
             torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.packed, self.group_size, self.scales_and_zeros)
@@ -228,11 +223,7 @@ class Int4Linear(nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
         if self.kernel == "native":
-            xf = x2.float().contiguous()
-            if xf.shape[0] <= NATIVE_MATMUL_ROWS:
-                y = native.q4_matmul(xf, self.blocks, self.out_features)
-            else:
-                y = F.linear(xf, self.dequantize())
+            y = native.q4_matmul(x2.float().contiguous(), self.blocks, self.out_features)
         else:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(
                 x2.to(self.act_dtype), self.packed, self.group_size, self.scales_and_zeros

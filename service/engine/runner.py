@@ -143,7 +143,7 @@ class ModelRunner:
         # The row is padded to a few lengths (see PREFILL_ALIGN), except where the native blocks run it. The padding
         # joins the last sequence and takes the positions after its real tokens: nothing reads them before a real
         # token overwrites them. Clamped so they stay inside the cache.
-        exact = self.native_prefill and len(row) <= native.MATMUL_MAX_ROWS
+        exact = self.native_prefill and len(row) <= native.FUSED_MAX_ROWS
         n_pad = 0 if exact else _round_up(len(row), PREFILL_ALIGN) - len(row)
         row += [self.pad_id] * n_pad
         positions += [min(p, max_pos) for p in range(items[-1].end, items[-1].end + n_pad)]
