@@ -175,11 +175,19 @@ def test_fused_int4_prompts_match_the_block_by_block_path(monkeypatch):
     assert_same_up_to_activation_rounding(fused, ref)
     assert_same_up_to_activation_rounding(after[0], cache.k)
     assert_same_up_to_activation_rounding(after[1], cache.v)
-    # A prompt longer than the 4-bit kernel's row limit takes the block-by-block path (its GEMMs are faster).
-    long = torch.zeros(1, native.FUSED_MAX_ROWS + 1, CONFIG.n_embd)
+    # A prompt longer than the fused row limit, or a short one attending a long history, takes the block-by-block
+    # path (its causal SDPA beats one row at a time there).
     n = native.FUSED_MAX_ROWS + 1
-    big = KVCache(CONFIG.n_layer, 1, n, CONFIG.n_kv_head, CONFIG.head_dim, n_rep=CONFIG.n_rep)
+    big = KVCache(CONFIG.n_layer, 1, 2 * n, CONFIG.n_kv_head, CONFIG.head_dim, n_rep=CONFIG.n_rep)
+    long = torch.zeros(1, n, CONFIG.n_embd)
     assert native.token_rows(CacheBatch.build_packed(big, [(0, n, n)], list(range(n))), long) is None
+    fits = native.FUSED_MAX_ROWS
+    assert native.token_rows(CacheBatch.build_packed(big, [(0, fits, fits)], list(range(fits))), long[:, :fits])
+    start = native.FUSED_MAX_MEAN_KEYS  # 8 tokens after that many cached ones: too many keys a token
+    late = CacheBatch.build_packed(big, [(0, 8, start + 8)], list(range(start, start + 8)))
+    assert native.token_rows(late, long[:, :8]) is None
+    early = CacheBatch.build_packed(big, [(0, 8, start)], list(range(start - 8, start)))
+    assert native.token_rows(early, long[:, :8]) is not None
 
 
 @needs_native
