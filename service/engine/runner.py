@@ -99,8 +99,8 @@ class ModelRunner:
         self.context = min(self.max_context, c.block_size)  # tokens a sequence may hold, prompt included
         self.device = model.device
         self.pad_id = c.pad_token_id if c.pad_token_id is not None and 0 <= c.pad_token_id < c.vocab_size else 0
-        # The native int4 blocks (model/native.py) take a prompt row of any length up to their limit and keep nothing
-        # per shape: padding would only add work there (a 17-token prompt computed 32 rows).
+        # A model whose blocks run on the native int4 kernels (model/native.py) keeps nothing per shape, fused or not:
+        # padding would only add work there (a 17-token prompt computed 32 rows).
         self.native_prefill = model.dtype == torch.float32 and native.fused_blocks(model.layers)
         if self.compile == "decode":
             if self.compiled is not None:
@@ -140,11 +140,10 @@ class ModelRunner:
             row += it.seq.prefill_ids(it.start, it.end)
             positions += range(it.start, it.end)
             last.append(len(row) - 1)
-        # The row is padded to a few lengths (see PREFILL_ALIGN), except where the native blocks run it. The padding
+        # The row is padded to a few lengths (see PREFILL_ALIGN), except on the native int4 kernels. The padding
         # joins the last sequence and takes the positions after its real tokens: nothing reads them before a real
         # token overwrites them. Clamped so they stay inside the cache.
-        exact = self.native_prefill and len(row) <= native.FUSED_MAX_ROWS
-        n_pad = 0 if exact else _round_up(len(row), PREFILL_ALIGN) - len(row)
+        n_pad = 0 if self.native_prefill else _round_up(len(row), PREFILL_ALIGN) - len(row)
         row += [self.pad_id] * n_pad
         positions += [min(p, max_pos) for p in range(items[-1].end, items[-1].end + n_pad)]
         segments = []
