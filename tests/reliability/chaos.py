@@ -113,11 +113,19 @@ class RunDir:
         return path
 
     def write_truncated(self) -> Path:
-        path = self.write_good(seed=self.step)
-        weights = path / "model.safetensors"
+        """A checkpoint whose weights file ends mid-file, published whole (as a copy cut short on its way would be).
+        Truncating a published one in place instead raced the server's load of it: a file shrinking under a
+        reader's memory map kills the reader with SIGBUS (seen once in CI)."""
+        final = self._next()
+        model = Transformer(TINY)
+        model.init_weights(seed=self.step)
+        staging = save_checkpoint(self.root / f".staging-{final.name}", model, tokenizer=self.tokenizer)
+        weights = staging / "model.safetensors"
         data = weights.read_bytes()
         weights.write_bytes(data[: len(data) // 2])
-        return path
+        staging.rename(final)
+        write_latest(self.root, final.name)
+        return final
 
 
 # ---------------------------------------------------------------- the server
