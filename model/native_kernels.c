@@ -34,6 +34,11 @@ static inline const uint8_t *group_block(const uint8_t *w, int64_t nb, int64_t g
     return w + (g * nb + b) * GROUP_BLOCK_BYTES;
 }
 
+/* Where row j's scale, minimum and nibble byte i (0..15) lie in a group's block. */
+static inline int64_t scale_offset(int64_t j) { return 2 * j; }
+static inline int64_t min_offset(int64_t j) { return 16 + 2 * j; }
+static inline int64_t nibble_offset(int64_t j, int i) { return 32 + (i / 4) * 32 + j * 4 + i % 4; }
+
 int smollm_abi_version(void) { return 5; }
 
 int smollm_block_bytes(void) { return 20; }
@@ -106,9 +111,9 @@ void smollm_q4_quantize(const float *w, int64_t n, int64_t k, uint8_t *out) {
                 float v = nearbyintf((x[i] - m) * inv);
                 q[i] = (uint8_t)(v < 0.0f ? 0.0f : (v > 15.0f ? 15.0f : v));
             }
-            memcpy(blk + 2 * j, &dh, 2);
-            memcpy(blk + 16 + 2 * j, &mh, 2);
-            for (int i = 0; i < 16; i++) blk[32 + (i / 4) * 32 + j * 4 + i % 4] = (uint8_t)(q[i] | (q[i + 16] << 4));
+            memcpy(blk + scale_offset(j), &dh, 2);
+            memcpy(blk + min_offset(j), &mh, 2);
+            for (int i = 0; i < 16; i++) blk[nibble_offset(j, i)] = (uint8_t)(q[i] | (q[i + 16] << 4));
         }
     }
 }
@@ -122,12 +127,12 @@ void smollm_q4_dequantize(const uint8_t *w, int64_t n, int64_t k, float *out, in
         for (int64_t b = 0; b < nb; b++) {
             const uint8_t *blk = group_block(w, nb, g, b);
             uint16_t dh, mh;
-            memcpy(&dh, blk + 2 * j, 2);
-            memcpy(&mh, blk + 16 + 2 * j, 2);
+            memcpy(&dh, blk + scale_offset(j), 2);
+            memcpy(&mh, blk + min_offset(j), 2);
             const float d = half_to_float(dh), m = half_to_float(mh);
             float *y = out + r * k + b * QK;
             for (int i = 0; i < 16; i++) {
-                const uint8_t byte = blk[32 + (i / 4) * 32 + j * 4 + i % 4];
+                const uint8_t byte = blk[nibble_offset(j, i)];
                 y[i] = fmaf((float)(byte & 0x0f), d, m);
                 y[i + 16] = fmaf((float)(byte >> 4), d, m);
             }

@@ -142,13 +142,13 @@ class CheckpointWatcher:
 
     def _load_checked(self, path: Path) -> tuple[Transformer, Tokenizer]:
         try:
+            # Quantizing loaders find them before the weights are rounded; the others after loading.
             model, tokenizer = self.loader(path)
-        except NonFiniteWeightsError as e:  # found while quantizing, before the weights were rounded
+            bad = non_finite_weights(model)
+            if bad:
+                raise NonFiniteWeightsError(bad)
+        except NonFiniteWeightsError as e:
             raise CheckpointRefused("non_finite", str(e)) from e
-        bad = non_finite_weights(model)
-        if bad:
-            more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
-            raise CheckpointRefused("non_finite", f"non-finite weights in {', '.join(bad[:3])}{more}")
         return model, tokenizer
 
     def _gate_on_val_loss(self, path: Path) -> None:

@@ -96,16 +96,20 @@ class RunDir:
         self.step += 1
         return self.root / step_dir_name(self.step)
 
-    def write_good(self, seed: int) -> Path:
+    @staticmethod
+    def _model(seed: int) -> Transformer:
         model = Transformer(TINY)
         model.init_weights(seed=seed)
+        return model
+
+    def write_good(self, seed: int) -> Path:
+        model = self._model(seed)
         path = save_checkpoint(self._next(), model, tokenizer=self.tokenizer)
         write_latest(self.root, path.name)
         return path
 
     def write_nan(self) -> Path:
-        model = Transformer(TINY)
-        model.init_weights(seed=self.step)
+        model = self._model(self.step)
         with torch.no_grad():
             model.layers[0].feed_forward.w2.weight.fill_(float("nan"))
         path = save_checkpoint(self._next(), model, tokenizer=self.tokenizer)
@@ -117,9 +121,8 @@ class RunDir:
         Truncating a published one in place instead raced the server's load of it: a file shrinking under a
         reader's memory map kills the reader with SIGBUS (seen once in CI)."""
         final = self._next()
-        model = Transformer(TINY)
-        model.init_weights(seed=self.step)
-        staging = save_checkpoint(self.root / f".staging-{final.name}", model, tokenizer=self.tokenizer)
+        staging = self.root / f".staging-{final.name}"
+        save_checkpoint(staging, self._model(self.step), tokenizer=self.tokenizer)
         weights = staging / "model.safetensors"
         data = weights.read_bytes()
         weights.write_bytes(data[: len(data) // 2])
