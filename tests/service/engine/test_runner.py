@@ -19,8 +19,9 @@ def test_prefill_padding_near_the_end_of_the_cache(make_engine, tokenizer):
 
 
 def test_native_int4_prompts_are_not_padded(make_engine, tokenizer, monkeypatch):
-    """The native int4 blocks keep no per-shape kernels, so a prompt row costs only its own tokens there; other
-    models pad it to PREFILL_ALIGN (oneDNN caches a kernel per shape)."""
+    """The native int4 layers keep no per-shape kernels, so a prompt row costs only its own tokens there, whether
+    the blocks run fused or one by one (a row over the fused limit); other models pad it to PREFILL_ALIGN (oneDNN
+    caches a kernel per shape)."""
     import pytest
 
     from model import native
@@ -31,7 +32,13 @@ def test_native_int4_prompts_are_not_padded(make_engine, tokenizer, monkeypatch)
         pytest.skip("no native kernels here")
     prompt = tokenizer.encode("one two three four five six seven eight nine ten eleven", add_special_tokens=False)
     assert len(prompt) % PREFILL_ALIGN
-    for quant, expected in (("none", -(-len(prompt) // PREFILL_ALIGN) * PREFILL_ALIGN), ("int4", len(prompt))):
+    padded = -(-len(prompt) // PREFILL_ALIGN) * PREFILL_ALIGN
+    for quant, fused_limit, expected in (
+        ("none", native.FUSED_MAX_ROWS, padded),
+        ("int4", native.FUSED_MAX_ROWS, len(prompt)),
+        ("int4", len(prompt) - 1, len(prompt)),
+    ):
+        monkeypatch.setattr(native, "FUSED_MAX_ROWS", fused_limit)
         engine = make_engine()
         model = engine.runner.model
         if quant == "int4":
