@@ -54,11 +54,11 @@ ABI_VERSION = 5
 Q4_BLOCK = 32  # weights per 4-bit block
 Q4_BLOCK_BYTES = 20  # fp16 scale, fp16 minimum, 16 bytes of nibbles
 Q4_GROUP = 8  # weight rows stored interleaved (model/native_kernels.c)
-# A packed prompt row runs through `decode_layers` when it has at most FUSED_MAX_ROWS tokens attending at most
-# FUSED_MAX_MEAN_KEYS keys on average: each token attends its keys one row at a time, which beats the blocks one by
-# one (their ~60 tensor ops a layer) on short prompts and loses to a causal SDPA on long contexts. Measured on the
-# AVX2 EPYC (2 threads, int4, 135M): 16 prompts of 20 tokens 491 ms fused against 676 one by one, 32 of 16 737
-# against 881, one 512-token prompt (256 keys on average) 1028 against 995.
+# A packed prompt row runs through `decode_layers` when its prompt chunks have at most FUSED_MAX_ROWS tokens attending
+# at most FUSED_MAX_MEAN_KEYS keys on average (`fuses_prompt`): each token attends its keys one row at a time, which
+# beats the blocks one by one (their ~60 tensor ops a layer) on short prompts and loses to a causal SDPA on long
+# contexts. Measured on the AVX2 EPYC (2 threads, int4, 135M): 16 prompts of 20 tokens 491 ms fused against 676 one
+# by one, 32 of 16 737 against 881, one 512-token prompt (256 keys on average) 1028 against 995.
 FUSED_MAX_ROWS = 512
 FUSED_MAX_MEAN_KEYS = 384
 DISABLE_ENV = "SMOLLM_NATIVE_KERNELS"
@@ -170,20 +170,28 @@ def usable(*tensors: torch.Tensor) -> bool:
     return native_kernels() is not None
 
 
+def fuses_prompt(tokens: int, keys: int) -> bool:
+    """Whether `tokens` prompt tokens attending `keys` keys in all run faster as independent rows (the fused
+    layers) than as causal blocks: at most FUSED_MAX_ROWS of them, at most FUSED_MAX_MEAN_KEYS keys on average."""
+    return tokens <= FUSED_MAX_ROWS and keys <= FUSED_MAX_MEAN_KEYS * tokens
+
+
 def token_rows(batch: CacheBatch | None, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Each token's (slot, position), (N,) each, when the tokens of `x` (B, T, dim) under `batch` can run as
-    independent rows on the native kernels: decode rows (one token per row), or a packed prompt row of at most
-    FUSED_MAX_ROWS tokens attending at most FUSED_MAX_MEAN_KEYS keys on average (each token attends its own
-    slot's keys up to its position, the keys of the whole step being written first, which is causal attention
-    within each prompt). None otherwise."""
+    independent rows on the native kernels: decode rows (one token per row), or a packed row whose prompt chunks
+    (its segments of more than one token) `fuses_prompt` accepts; each token attends its own slot's keys up to
+    its position, the keys of the whole step being written first, which is causal attention within each prompt.
+    One-token segments (the decode rows of a mixed step) always fit, as they do in a decode step. None
+    otherwise."""
     if batch is None or batch.slots is None or not usable(x, batch.cache.k):
         return None
     positions = batch.positions.reshape(-1)
     if batch.segments is None:
         fits = x.shape[1] == 1
     else:
-        n = x.shape[1]
-        fits = n <= FUSED_MAX_ROWS and int(positions.sum()) + n <= FUSED_MAX_MEAN_KEYS * n
+        at = positions.tolist()
+        prompt = [p for seg in batch.segments if seg.end - seg.start > 1 for p in at[seg.start : seg.end]]
+        fits = fuses_prompt(len(prompt), sum(prompt) + len(prompt))
     return (batch.slots, positions) if fits else None
 
 

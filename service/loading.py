@@ -169,6 +169,8 @@ def build_engine(settings: Settings) -> tuple[Engine, CheckpointWatcher | None]:
         stall_timeout=settings.stall_timeout,
         drain_timeout=settings.drain_timeout,
         recompute_chunk=settings.recompute_chunk,
+        prefill_group=settings.prefill_group,
+        max_decode_stall=settings.max_decode_stall,
         compile=settings.compile,
     )
     watcher = None

@@ -67,6 +67,18 @@ class Settings(BaseSettings):
         60.0, gt=0, description="/healthz fails when work is pending and the engine made no step for this long"
     )
     prefill_chunk: int = Field(512, ge=1, description="prompt tokens per prefill step")
+    prefill_group: int = Field(
+        64,
+        ge=1,
+        description="prompt tokens after which a step starts no further waiting prompt: a burst of requests is "
+        "prefilled a few at a time, so most get their first token before the last prompt is computed",
+    )
+    max_decode_stall: float = Field(
+        1.0,
+        ge=0,
+        description="seconds a running stream may wait for its next token while new prompts are prefilled ahead of "
+        "it (0: running streams are decoded at least every other step)",
+    )
     recompute_chunk: int = Field(
         64, ge=1, description="tokens per step recomputed for the requests a hot reload moved to the new model"
     )

@@ -26,7 +26,6 @@ from typing import TYPE_CHECKING, Any, cast
 import numpy as np
 import torch
 import yaml
-from torch.distributed.checkpoint.api import CheckpointException
 
 from model.checkpoint import CheckpointError, is_complete_checkpoint, load_model, save_checkpoint
 from model.llama import Transformer
@@ -97,6 +96,14 @@ def restore_rng_state(state: dict[str, Any]) -> None:
             torch.cuda.set_rng_state(rng, device)
 
 
+def _dcp_error() -> type[BaseException]:
+    """DCP's failure (a BaseException), imported only when an exception is being matched against it: importing
+    torch.distributed.checkpoint costs every trainer process ~0.3 s of start-up, and only `parallel: fsdp` uses it."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    return CheckpointException
+
+
 class CheckpointWriteError(RuntimeError):
     """A checkpoint could not be written (full disk, I/O error); nothing partial is visible."""
 
@@ -135,7 +142,7 @@ def save(
     try:
         path = save_checkpoint(target, model, tokenizer=tokenizer, extra=add_trainer_state)
     # torch.save reports a full disk as a RuntimeError, DCP a failure on any rank as a CheckpointException.
-    except (OSError, RuntimeError, CheckpointException) as e:
+    except (OSError, RuntimeError, _dcp_error()) as e:
         raise CheckpointWriteError(_write_failure(out_dir, target, e)) from e
     previous = read_latest(out_dir)
     try:
@@ -273,7 +280,7 @@ def load_sharded_state(
             rank_state = read_rank_state(shards, 0)
     except CheckpointError:
         raise
-    except (OSError, RuntimeError, EOFError, KeyError, ValueError, CheckpointException) as e:
+    except (OSError, RuntimeError, EOFError, KeyError, ValueError, _dcp_error()) as e:
         raise CheckpointError(f"{shards}: cannot load it: {e}") from e
     if rank_state is None:
         raise CheckpointError(f"{shards}: no rank state (data position, RNG) in it")
@@ -349,5 +356,5 @@ class Checkpointer:
         else:
             try:
                 write_shards(None)
-            except CheckpointException as e:  # DCP raised it on every rank; rank 0 reports the failure
+            except _dcp_error() as e:  # DCP raised it on every rank; rank 0 reports the failure
                 raise CheckpointWriteError(f"rank {self.info.rank}: could not write its checkpoint shards: {e}") from e

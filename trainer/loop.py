@@ -16,7 +16,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from model.device import CpuCapability, cpu_capability, dtype_name, pick_device, resolve_dtype
@@ -202,6 +201,9 @@ def _clip_grad_norm(model: nn.Module, grad_clip: float) -> torch.Tensor:
     taken from it, so every rank scales by the same factor. Returns the global norm as a plain 0-d tensor."""
     params = [p for p in model.parameters() if p.grad is not None]
     grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    # Imported here (~1 s of start-up); by the first step torch.optim has loaded it anyway.
+    from torch.distributed.tensor import DTensor
+
     if isinstance(grad_norm, DTensor):
         grad_norm = grad_norm.full_tensor()
     torch.nn.utils.clip_grads_with_norm_(params, grad_clip if grad_clip > 0 else float("inf"), grad_norm)

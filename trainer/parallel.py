@@ -10,14 +10,18 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import nn
-from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
+
+# torch.distributed.fsdp is imported in the functions that use it: importing it (with torch.distributed.tensor)
+# costs ~1 s of a trainer's start-up, before any of them runs (by then torch.optim has loaded most of it anyway).
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +48,8 @@ def apply_fsdp(
     the sharded master weights, the optimizer and the gradient reduction stay fp32. Returns `model`, which is
     now also an `FSDPModule`; its parameters are DTensors (build the optimizer afterwards).
     """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
     mp_policy = (
         MixedPrecisionPolicy(param_dtype=mixed_precision_dtype, reduce_dtype=torch.float32)
         if mixed_precision_dtype is not None
@@ -103,6 +109,8 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 
 
 def is_fsdp(model: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
     return isinstance(model, FSDPModule)
 
 
@@ -111,6 +119,8 @@ def reshard(model: nn.Module) -> nn.Module:
     gathered after a forward (`apply_fsdp`), which a no-grad forward (evaluation) never follows with the backward
     that would free it: its parameters are then plain full tensors, not the DTensor shards that a checkpoint, the
     optimizer or a state-dict gather expect. Returns `model`."""
+    from torch.distributed.fsdp import FSDPModule
+
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.reshard()

@@ -19,18 +19,15 @@ from typing import Any, cast
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_state_dict,
-    set_state_dict,
-)
 
 from model.checkpoint import CONFIG_FILE, CheckpointError, atomic_directory, read_config, save_checkpoint
 from model.llama import Transformer
 from trainer.parallel import reshard
+
+# torch.distributed.checkpoint is imported in the functions that use it: importing it costs every trainer process
+# ~0.3 s of start-up (more where nothing else loaded torch.distributed.tensor), and only checkpoints of
+# `parallel: fsdp` use it.
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +66,9 @@ def save_sharded(
 ) -> Path:
     """Collective (every rank calls it): write the model and optimizer shards of each rank, `trainer_state`
     (rank 0's) and each rank's `rank_state` to the directory `target`, atomically. Returns `target`."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
     rank, world = _dist()
     model_sd, optim_sd = get_state_dict(reshard(model), optimizer)
     state = {"model": model_sd, "optim": optim_sd}
@@ -117,6 +117,9 @@ def load_sharded(
             f"{path}: not a complete sharded checkpoint ({DCP_METADATA_FILE}, "
             f"{TRAINER_STATE_FILE} and {CONFIG_FILE} are required)"
         )
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict, set_state_dict
+
     rank, _ = _dist()
     reshard(model)
     state: dict[str, Any]
@@ -147,6 +150,8 @@ def read_rank_state(path: str | os.PathLike[str], rank: int) -> dict[str, Any] |
 def gather_full_model(model: nn.Module) -> Transformer | None:
     """Collective: the full (unsharded) weights of a live, possibly FSDP-sharded `model`, gathered onto rank 0 in
     CPU memory, as a plain Transformer (its parameters' dtype, no wrappers). Returns None on the other ranks."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
     rank, _ = _dist()
     config = _config_of(model)
     # cpu_offload: rank 0 alone receives the tensors, one at a time onto the CPU; the others get an empty dict.
@@ -177,6 +182,8 @@ def export_hf_from_sharded(
 ) -> Path:
     """One process, no process group: read the model weights (not the optimizer) of a `save_sharded` checkpoint,
     written by any number of ranks, and write them as a Hugging Face directory at `target`."""
+    import torch.distributed.checkpoint as dcp
+
     path = Path(path)
     if not is_complete_sharded(path):
         raise CheckpointError(f"{path}: not a complete sharded checkpoint")

@@ -83,6 +83,8 @@ class Engine:
         stall_timeout: float = 60.0,
         drain_timeout: float = 2.0,
         recompute_chunk: int = 64,
+        prefill_group: int | None = None,
+        max_decode_stall: float = 0.0,
         compile: str = "off",
     ) -> None:
         self.runner = ModelRunner(model, max_batch_size, max_context, compile=compile)
@@ -90,7 +92,10 @@ class Engine:
         self.info = info
         self.model_version = 0
         self.cache_manager = CacheManager(max_batch_size, self.runner.context)
-        self.scheduler = Scheduler(self.cache_manager, max_queue, prefill_chunk, recompute_chunk)
+        self.scheduler = Scheduler(
+            self.cache_manager, max_queue, prefill_chunk, recompute_chunk, prefill_group, max_decode_stall
+        )
+        self.scheduler.mixed = self.runner.native_prefill
         self.stop_ids = self._stop_ids(model, tokenizer)
         # A request submitted without a timeout still ends by this many seconds: no client can wait forever.
         self.backstop_timeout = backstop_timeout
@@ -344,7 +349,7 @@ class Engine:
                 seq.decoder = IncrementalDecoder(self.tokenizer)
                 if seq.params.needs_history and seq.history is None:
                     seq.history = TokenHistory(seq.params, seq.prompt_ids, end_ids=seq.stop_ids)
-            batch = self.scheduler.schedule()
+            batch = self.scheduler.schedule(now)
             if batch is not None:
                 out = self.runner.run(batch)
                 now = time.monotonic()
@@ -439,6 +444,7 @@ class Engine:
         stop_ids = self._stop_ids(model, tokenizer)
         old_context = self.runner.context
         self.runner.set_model(model)  # all or nothing; clears the KV cache
+        self.scheduler.mixed = self.runner.native_prefill
         self.cache_manager.forget()  # so no free slot's remembered prefix is valid any more
         moved = self._move_running(events, stats)
         if self.runner.context != old_context:

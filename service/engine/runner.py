@@ -1,5 +1,5 @@
-"""Turns a scheduled batch into tensors and runs the model: batched prompt chunks or one batched decode step,
-then sampling. The runner makes no scheduling decisions."""
+"""Turns a scheduled batch into tensors and runs the model: batched prompt chunks (with the decode rows of a mixed
+step) or one batched decode step, then sampling. The runner makes no scheduling decisions."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from model.llama import Transformer
 from model.sampling import TokenLogprobs, sample, sample_with_logprobs
 from service.engine import prompt_logprobs
 from service.engine.compiled_decode import COMPILE_MODES, CompiledDecode
-from service.engine.scheduler import Batch
+from service.engine.scheduler import Batch, PrefillItem
 from service.engine.sequence import Sequence
 
 KV_ALIGN = 64  # a multiple of every CPU kernel's key block size (16 for bf16 here)
@@ -30,8 +30,9 @@ def _round_up(n: int, multiple: int) -> int:
 
 @dataclass
 class RunOutput:
-    """A step's sampled tokens, one per batch row (prefill item or decode sequence; None for a prompt chunk that
-    does not end its prompt), and when some row asked for them, each row's log-probabilities (else None)."""
+    """A step's sampled tokens, one per batch row (the prefill items, then the decode sequences; None for a prompt
+    chunk that does not end its prompt), and when some row asked for them, each row's log-probabilities (else
+    None)."""
 
     tokens: list[int | None]
     logprobs: list[TokenLogprobs | None] | None = None
@@ -123,18 +124,24 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, batch: Batch) -> RunOutput:
-        """The sampled next token of every row (None for a prompt chunk that does not end its prompt)."""
+        """The sampled next token of every row: the prefill items (None for a chunk that does not end its
+        prompt), then the decode sequences."""
         if batch.is_prefill:
-            return self._prefill(batch)
+            return self._packed(batch)
         return self._decode(batch)
 
-    def _prefill(self, batch: Batch) -> RunOutput:
-        # The chunks go back to back in one row: no padding between prompts, so a prefill costs the tokens it has.
-        # Items with a `source` (n > 1 siblings) are not computed: they get a copy of their source's KV below.
+    def _packed(self, batch: Batch) -> RunOutput:
+        """Prompt chunks, and the decode rows of a mixed step, back to back in one row: no padding between them,
+        so a step costs the tokens it has. A decode row is a one-token segment at its sequence's next position.
+        Items with a `source` (n > 1 siblings) are not computed: they get a copy of their source's KV below."""
+        decode = batch.decode
         items = [it for it in batch.prefill if it.source is None]
+        if decode and not self._fuses(items):
+            return self._one_kind_at_a_time(batch)
         max_pos = self.max_len - 1
-        row: list[int] = []
-        positions: list[int] = []
+        row = [s.output_ids[-1] for s in decode]
+        positions = [s.total_len - 1 for s in decode]
+        segments = [(s.slot, 1, self._kv_len(p)) for s, p in zip(decode, positions, strict=True)]
         last: list[int] = []
         for it in items:
             row += it.seq.prefill_ids(it.start, it.end)
@@ -146,7 +153,6 @@ class ModelRunner:
         n_pad = 0 if self.native_prefill else _round_up(len(row), PREFILL_ALIGN) - len(row)
         row += [self.pad_id] * n_pad
         positions += [min(p, max_pos) for p in range(items[-1].end, items[-1].end + n_pad)]
-        segments = []
         for it in items:
             length, furthest = it.end - it.start, it.end - 1
             if it is items[-1]:
@@ -154,19 +160,20 @@ class ModelRunner:
             segments.append((it.seq.slot, length, self._kv_len(furthest)))
         # Echo with logprobs: the logits of the prompt positions to score come after the last-token rows.
         scored = prompt_logprobs.plan([(it.seq, it.start, it.end) for it in items], last)
-        index = last + [r for s in scored for r in s.rows]
+        nd = len(decode)
+        index = list(range(nd)) + last + [r for s in scored for r in s.rows]
         cache_batch = CacheBatch.build_packed(self.cache, segments, positions, logits_index=index)
         logits = self.model(torch.tensor([row], dtype=torch.long, device=self.device), batch=cache_batch)
         if scored:
-            prompt_logprobs.collect(logits[len(last) :], scored)
-            logits = logits[: len(last)]
-        # (len(items), vocab)
-        logits_row = {id(it.seq): i for i, it in enumerate(items) if it.completes_prompt}
+            prompt_logprobs.collect(logits[nd + len(last) :], scored)
+            logits = logits[: nd + len(last)]
+        # (nd + len(items), vocab)
+        logits_row = {id(it.seq): nd + i for i, it in enumerate(items) if it.completes_prompt}
         # Only rows that finish their prompt sample, so a seeded row draws the same numbers however its
         # prompt was chunked. A sibling samples its own first token from its source's last-position logits.
         done = [i for i, it in enumerate(batch.prefill) if it.completes_prompt]
-        out: list[int | None] = [None] * len(batch.prefill)
-        if not done:
+        out: list[int | None] = [None] * batch.size
+        if not done and not decode:
             return RunOutput(out)
         copies: dict[int, tuple[int, list[int]]] = {}  # source slot -> (length, sibling slots): one copy per source
         for it in batch.prefill:
@@ -174,18 +181,40 @@ class ModelRunner:
                 copies.setdefault(it.source.slot, (it.end, []))[1].append(it.seq.slot)
         for src, (length, dst) in copies.items():
             self.cache.copy_positions(src, dst, length)
-        picks = [logits_row[id(batch.prefill[i].source or batch.prefill[i].seq)] for i in done]
-        if picks != list(range(len(items))):
+        picks = list(range(nd)) + [logits_row[id(batch.prefill[i].source or batch.prefill[i].seq)] for i in done]
+        if picks != list(range(logits.shape[0])):
             logits = logits[torch.tensor(picks, device=logits.device)]
-        tokens, lps = sample_rows(logits, [batch.prefill[i].seq for i in done])
-        for i, t in zip(done, tokens, strict=True):
-            out[i] = t
+        tokens, lps = sample_rows(logits, [*decode, *(batch.prefill[i].seq for i in done)])
+        rows = [len(batch.prefill) + j for j in range(nd)] + done  # the batch row of each sampled token
+        for r, t in zip(rows, tokens, strict=True):
+            out[r] = t
         logprobs: list[TokenLogprobs | None] | None = None
         if lps is not None:
-            logprobs = [None] * len(batch.prefill)
-            for i, lp in zip(done, lps, strict=True):
-                logprobs[i] = lp
+            logprobs = [None] * batch.size
+            for r, lp in zip(rows, lps, strict=True):
+                logprobs[r] = lp
         return RunOutput(out, logprobs)
+
+    def _fuses(self, items: list[PrefillItem]) -> bool:
+        """Whether the model computes these prompt chunks with decode rows in one pass (the native fused layers),
+        each decode row as it would be alone; see `model.native.token_rows`."""
+        if not self.native_prefill:
+            return False
+        chunks = [it for it in items if it.end - it.start > 1]
+        tokens = sum(it.end - it.start for it in chunks)
+        keys = sum((it.start + it.end + 1) * (it.end - it.start) // 2 for it in chunks)  # sum of position + 1
+        return native.fuses_prompt(tokens, keys)
+
+    def _one_kind_at_a_time(self, batch: Batch) -> RunOutput:
+        """A mixed step as a prefill pass, then a decode pass: the decode rows then get exactly the results a
+        decode step gives them."""
+        prefill = self._packed(Batch(prefill=batch.prefill, decode=[]))
+        decode = self._decode(Batch(prefill=[], decode=batch.decode))
+        logprobs = None
+        if prefill.logprobs is not None or decode.logprobs is not None:
+            logprobs = [*(prefill.logprobs or [None] * len(batch.prefill))]
+            logprobs += decode.logprobs or [None] * len(batch.decode)
+        return RunOutput(prefill.tokens + decode.tokens, logprobs)
 
     def _decode(self, batch: Batch) -> RunOutput:
         seqs = batch.decode

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -59,19 +60,36 @@ def check_out_dir(out: Path) -> list[str]:
     return problems
 
 
-def _wait_for_line(log: Path, text: str, proc: subprocess.Popen, timeout: float) -> bool:
+def _wait_for(condition: Callable[[], bool], proc: subprocess.Popen, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and proc.poll() is None:
         with contextlib.suppress(FileNotFoundError):
-            if text in log.read_text(errors="replace"):
+            if condition():
                 return True
         time.sleep(0.02)
     return False
 
 
-def test_kill_9_at_20_random_instants_then_resume_reproduces_the_losses(tmp_path, figures):
-    kills, max_steps = 20, 40
-    # Every step writes a checkpoint (about as long as a step here), so many kills land inside a write.
+def _wait_for_line(log: Path, text: str, proc: subprocess.Popen, timeout: float) -> bool:
+    return _wait_for(lambda: text in log.read_text(errors="replace"), proc, timeout)
+
+
+# (anchor, seconds after it within which the kill lands). On the 2-core CI machine a tiny step with its checkpoint
+# takes ~0.85 s: ~0.4 s from the loss line to the write's hidden directory, ~0.2 s of write, then retention.
+TRAINING_KILL_ANCHORS = [("loss line", 0.5), ("write started", 0.15), ("checkpoint saved", 0.6)]
+
+
+def _stratified(rng: random.Random, k: int, n: int, low: float, high: float) -> float:
+    """A random instant in the k-th of n equal slices of [low, high)."""
+    width = (high - low) / n
+    return low + width * (k + rng.random())
+
+
+def test_kill_9_at_8_random_instants_then_resume_reproduces_the_losses(tmp_path, figures):
+    kills, max_steps = 8, 24
+    # Every step writes a checkpoint (about as long as a step here). The instants are stratified (one random
+    # instant in each equal slice of a window after an anchor), so that few kills still land in the start-up,
+    # before, inside and after checkpoint writes.
     overrides = [f"max_steps={max_steps}", "checkpoint_every=1", "keep_last=2", f"data.cache_dir={tmp_path / 'tokens'}"]
     reference_out, out = tmp_path / "reference", tmp_path / "killed"
     # The uninterrupted run, alongside the killed ones (fp32 on the CPU: the same numbers whatever the load).
@@ -80,6 +98,8 @@ def test_kill_9_at_20_random_instants_then_resume_reproduces_the_losses(tmp_path
             trainer_cmd(reference_out, *overrides), cwd=REPO, env=clean_env(), stdout=ref_log, stderr=subprocess.STDOUT
         )
     rng = random.Random(20)
+    startup_kills = [i for i in range(kills) if i % 4 == 3]
+    training_kills = [i for i in range(kills) if i % 4 != 3]
     start = time.monotonic()
     problems, debris_seen, killed_at = [], 0, []
     try:
@@ -93,11 +113,22 @@ def test_kill_9_at_20_random_instants_then_resume_reproduces_the_losses(tmp_path
                 if i % 4 == 3:
                     # Some kills during start-up (imports, resume, debris clean-up, tokenizing).
                     where = "start-up"
-                    time.sleep(rng.uniform(0.3, 3.0))
+                    time.sleep(_stratified(rng, startup_kills.index(i), len(startup_kills), 0.3, 3.0))
                 else:
-                    where = "training"
+                    # Kills anchored on what this life shows, each at a stratified instant after its anchor: the
+                    # first loss line (then the checkpoint's preparation or its write), the hidden directory of a
+                    # checkpoint write appearing (inside the write), the first saved checkpoint (retention, the next
+                    # step or its write; such a life leaves a newer checkpoint, so later lives resume mid-run).
+                    k, n = training_kills.index(i), len(TRAINING_KILL_ANCHORS)
+                    anchor, window = TRAINING_KILL_ANCHORS[k % n]
+                    where = f"training (after {anchor})"
                     _wait_for_line(log, "| loss", proc, timeout=60)
-                    time.sleep(rng.uniform(0.0, 0.6))
+                    if anchor == "write started":
+                        _wait_for(lambda: any(out.glob(".step-*.tmp-*")), proc, timeout=60)
+                    elif anchor == "checkpoint saved":
+                        _wait_for_line(log, "saved checkpoint", proc, timeout=60)
+                    same_anchor = len(range(k % n, len(training_kills), n))
+                    time.sleep(_stratified(rng, k // n, same_anchor, 0.0, window))
                 if proc.poll() is not None:
                     where = "finished before the kill"
             finally:
@@ -122,6 +153,7 @@ def test_kill_9_at_20_random_instants_then_resume_reproduces_the_losses(tmp_path
         kill_phases={k: killed_at.count(k) for k in set(killed_at)},
         hidden_debris_seen_after_kills=debris_seen,
         problems=problems[:10],
+        lives_resumed=sum("resuming from" in (tmp_path / f"life-{i}.log").read_text() for i in range(kills)),
         final_exit=final.returncode,
         reference_exit=ref_code,
         steps_compared=len(ref_losses),
@@ -132,6 +164,7 @@ def test_kill_9_at_20_random_instants_then_resume_reproduces_the_losses(tmp_path
     )
     assert problems == []
     assert final.returncode == 0, final.stderr[-3000:]
+    assert "resuming from" in final.stderr, final.stderr[-3000:]  # the losses compared below span a resume
     assert ref_code == 0, (tmp_path / "reference.log").read_text()[-3000:]
     assert sorted(ref_losses) == list(range(1, max_steps + 1))
     assert sorted(got) == list(range(1, max_steps + 1)), sorted(got)

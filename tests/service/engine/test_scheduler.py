@@ -28,7 +28,7 @@ def prefill_all(sched: Scheduler, tokens: list[int | None] | None = None, now: f
     return sched.postprocess(batch, tokens if tokens is not None else [7] * batch.size, now)
 
 
-def test_prefill_packs_prompts_up_to_the_chunk_budget():
+def test_prefill_packs_whole_prompts_up_to_the_chunk_budget_and_cuts_only_the_first():
     sched = make(slots=8, context=2048)
     short = [Sequence(list(range(1, 11)), 4, GREEDY) for _ in range(3)]
     long = Sequence(list(range(1, 101)), 4, GREEDY)
@@ -37,17 +37,18 @@ def test_prefill_packs_prompts_up_to_the_chunk_budget():
         sched.add(s)
     sched.admit(0.0)
     batch = sched.schedule()
-    # No padding between packed prompts: the three short ones and as much of the long one as the budget allows.
-    assert [(it.seq, it.start, it.end) for it in batch.prefill] == [*((s, 0, 10) for s in short), (long, 0, 34)]
+    # No padding between packed prompts: the three short ones; the long one does not fit whole, and the last one
+    # waits behind it (first come, first served).
+    assert [(it.seq, it.start, it.end) for it in batch.prefill] == [(s, 0, 10) for s in short]
     for it in batch.prefill:
         it.seq.num_cached = it.end
     for s in short:
         sched.finish(s, FinishReason.CANCELLED, 0.0)  # as if they finished at once
     batch = sched.schedule()
-    assert [(it.seq, it.start, it.end) for it in batch.prefill] == [(long, 34, 98)]
-    long.num_cached = 98
+    assert [(it.seq, it.start, it.end) for it in batch.prefill] == [(long, 0, 64)]  # first: cut at the chunk
+    long.num_cached = 64
     batch = sched.schedule()
-    assert [(it.seq, it.start, it.end) for it in batch.prefill] == [(long, 98, 100), (last, 0, 5)]
+    assert [(it.seq, it.start, it.end) for it in batch.prefill] == [(long, 64, 100), (last, 0, 5)]
 
 
 def test_postprocess_appends_and_records_progress():
@@ -259,3 +260,117 @@ def test_a_steady_stream_of_new_prompts_does_not_starve_the_recompute():
         recomputed_steps += any(it.seq is moved[0] for it in batch.prefill)
         sched.postprocess(batch, [7] * batch.size, float(i))
     assert moved[0].prefilled and recomputed_steps == 3  # 21 tokens in chunks of 8, between the new prompts
+
+
+def test_a_burst_of_prompts_is_prefilled_a_group_at_a_time_and_a_long_prompt_alone_still_in_whole_chunks():
+    sched = Scheduler(CacheManager(8, 256), max_queue=8, prefill_chunk=64, prefill_group=25)
+    burst = [seq(prompt_len=10, max_tokens=50) for _ in range(5)]
+    for s in burst:
+        sched.add(s)
+    sched.admit(0.0)
+    batch = sched.schedule()
+    # Two whole prompts (a third would make 30 tokens): the first two answer after 20 tokens of work, not after 50.
+    assert [(it.seq, it.start, it.end) for it in batch.prefill] == [(s, 0, 10) for s in burst[:2]]
+    sched.postprocess(batch, [7, 7], 0.1)
+    assert sched.schedule().decode == burst[:2]  # not mixed, no `now`: a decode step between two prompt steps
+
+    alone = Scheduler(CacheManager(2, 256), max_queue=2, prefill_chunk=64, prefill_group=16)
+    long = seq(prompt_len=100)
+    alone.add(long)
+    alone.admit(0.0)
+    assert [(it.start, it.end) for it in alone.schedule().prefill] == [(0, 64)]  # the group only limits the others
+
+    with pytest.raises(ValueError, match="prefill_group"):
+        Scheduler(CacheManager(2, 64), max_queue=2, prefill_chunk=64, prefill_group=0)
+
+
+def test_mixed_steps_decode_every_ready_sequence_with_the_next_prompt_group():
+    sched = Scheduler(CacheManager(8, 256), max_queue=8, prefill_chunk=64, prefill_group=20)
+    sched.mixed = True
+    burst = [seq(prompt_len=10, max_tokens=3) for _ in range(5)]
+    for s in burst:
+        sched.add(s)
+    sched.admit(0.0)
+    steps = []
+    t = 0.0
+    while sched.has_work():
+        batch = sched.schedule()
+        assert batch is not None
+        steps.append(([(it.seq, it.end) for it in batch.prefill], list(batch.decode)))
+        # One token per row, prefill items first: 100 + row for a prompt's first token, 200 + row after it.
+        tokens = [100 + i if it.completes_prompt else None for i, it in enumerate(batch.prefill)]
+        tokens += [200 + i for i in range(len(batch.decode))]
+        stats = StepStats()
+        sched.postprocess(batch, tokens, t, stats)
+        assert stats.batch_size == len(tokens)
+        t += 1.0
+    a, b, c, d, e = burst
+    assert steps == [
+        ([(a, 10), (b, 10)], []),
+        ([(c, 10), (d, 10)], [a, b]),
+        ([(e, 10)], [a, b, c, d]),  # a and b end here (3 tokens)
+        ([], [c, d, e]),
+        ([], [e]),
+    ]
+    assert [s.output_ids for s in burst] == [
+        [100, 200, 200],
+        [101, 201, 201],
+        [100, 202, 200],
+        [101, 203, 201],
+        [100, 202, 200],
+    ]
+    assert [s.first_token_time for s in burst] == [0.0, 0.0, 1.0, 1.0, 2.0]
+    assert all(s.finish_reason is FinishReason.LENGTH for s in burst)
+    with pytest.raises(ValueError, match="tokens for a batch of"):
+        sched.postprocess(Batch(prefill=[], decode=[a]), [], t)
+
+
+@pytest.mark.parametrize("mixed", [False, True])
+def test_new_prompts_go_first_until_a_running_stream_has_waited_max_decode_stall(mixed):
+    sched = Scheduler(CacheManager(8, 256), max_queue=8, prefill_chunk=64, prefill_group=10, max_decode_stall=1.0)
+    sched.mixed = mixed
+    first = seq(prompt_len=10, max_tokens=50)
+    sched.add(first)
+    sched.admit(0.0)
+    sched.postprocess(sched.schedule(0.0), [7], now=0.0)  # its first token at t=0
+    later = [seq(prompt_len=10, max_tokens=50) for _ in range(3)]
+    for s in later:
+        sched.add(s)
+    sched.admit(0.1)
+    kinds = []
+    for now in (0.1, 0.5, 1.0, 1.1):
+        batch = sched.schedule(now)
+        names = {id(s): name for name, s in [("first", first), *((f"later{i}", s) for i, s in enumerate(later))]}
+        kinds.append(([names[id(it.seq)] for it in batch.prefill], [names[id(s)] for s in batch.decode]))
+        sched.postprocess(batch, [7] * batch.size, now)
+    # Two prompt steps in a row while `first` has waited less than a second; then it is decoded, in the prompt
+    # step (mixed) or in a step of its own before the last prompt.
+    if mixed:
+        assert kinds == [
+            (["later0"], []),
+            (["later1"], []),
+            (["later2"], ["first", "later0", "later1"]),
+            ([], ["first", "later0", "later1", "later2"]),
+        ]
+    else:
+        assert kinds == [(["later0"], []), (["later1"], []), ([], ["first", "later0", "later1"]), (["later2"], [])]
+    with pytest.raises(ValueError, match="max_decode_stall"):
+        Scheduler(CacheManager(2, 64), max_queue=2, prefill_chunk=64, max_decode_stall=-1.0)
+
+
+def test_a_large_burst_is_prefilled_in_groups_of_about_an_eighth_of_its_tokens():
+    sched = Scheduler(CacheManager(64, 256), max_queue=64, prefill_chunk=512, prefill_group=16, max_decode_stall=10)
+    burst = [seq(prompt_len=10, max_tokens=50) for _ in range(64)]
+    for s in burst:
+        sched.add(s)
+    sched.admit(0.0)
+    sizes = []
+    while any(not s.prefilled for s in burst):
+        batch = sched.schedule(0.0)
+        assert batch is not None and not batch.decode
+        sizes.append(len(batch.prefill))
+        sched.postprocess(batch, [7] * batch.size, 0.0)
+    # 640 tokens waiting: 8 prompts (80 tokens, not prefill_group's 16), then groups shrinking with what is left,
+    # down to one 10-token prompt (two would pass 16).
+    assert sizes[:4] == [8, 7, 6, 5] and sum(sizes) == 64 and sizes == sorted(sizes, reverse=True), sizes
+    assert sizes[-1] == 1 and len(sizes) < 32  # not 64 steps of one prompt
