@@ -70,8 +70,9 @@ class Settings(BaseSettings):
     prefill_group: int = Field(
         64,
         ge=1,
-        description="prompt tokens after which a step starts no further waiting prompt: a burst of requests is "
-        "prefilled a few at a time, so most get their first token before the last prompt is computed",
+        description="native int4 kernels: prompt tokens a step holds at most besides its first prompt (further "
+        "prompts join whole): a burst of requests is prefilled a few at a time, so most get their first token "
+        "before the last prompt is computed",
     )
     max_decode_stall: float = Field(
         1.0,

@@ -264,6 +264,7 @@ def test_a_steady_stream_of_new_prompts_does_not_starve_the_recompute():
 
 def test_a_burst_of_prompts_is_prefilled_a_group_at_a_time_and_a_long_prompt_alone_still_in_whole_chunks():
     sched = Scheduler(CacheManager(8, 256), max_queue=8, prefill_chunk=64, prefill_group=25)
+    sched.mixed = True  # groups are for a runner whose steps cost little beyond their tokens
     burst = [seq(prompt_len=10, max_tokens=50) for _ in range(5)]
     for s in burst:
         sched.add(s)
@@ -272,9 +273,16 @@ def test_a_burst_of_prompts_is_prefilled_a_group_at_a_time_and_a_long_prompt_alo
     # Two whole prompts (a third would make 30 tokens): the first two answer after 20 tokens of work, not after 50.
     assert [(it.seq, it.start, it.end) for it in batch.prefill] == [(s, 0, 10) for s in burst[:2]]
     sched.postprocess(batch, [7, 7], 0.1)
-    assert sched.schedule().decode == burst[:2]  # not mixed, no `now`: a decode step between two prompt steps
+    assert sched.schedule().decode == burst[:2]  # no `now`: the running streams are decoded with the next group
+
+    torch_path = Scheduler(CacheManager(8, 256), max_queue=8, prefill_chunk=64, prefill_group=25)
+    for s in [seq(prompt_len=10) for _ in range(5)]:
+        torch_path.add(s)
+    torch_path.admit(0.0)
+    assert len(torch_path.schedule().prefill) == 5  # not mixed: the whole burst in one step
 
     alone = Scheduler(CacheManager(2, 256), max_queue=2, prefill_chunk=64, prefill_group=16)
+    alone.mixed = True
     long = seq(prompt_len=100)
     alone.add(long)
     alone.admit(0.0)
@@ -327,7 +335,7 @@ def test_mixed_steps_decode_every_ready_sequence_with_the_next_prompt_group():
 
 @pytest.mark.parametrize("mixed", [False, True])
 def test_new_prompts_go_first_until_a_running_stream_has_waited_max_decode_stall(mixed):
-    sched = Scheduler(CacheManager(8, 256), max_queue=8, prefill_chunk=64, prefill_group=10, max_decode_stall=1.0)
+    sched = Scheduler(CacheManager(8, 256), max_queue=8, prefill_chunk=10, prefill_group=10, max_decode_stall=1.0)
     sched.mixed = mixed
     first = seq(prompt_len=10, max_tokens=50)
     sched.add(first)
@@ -360,6 +368,7 @@ def test_new_prompts_go_first_until_a_running_stream_has_waited_max_decode_stall
 
 def test_a_large_burst_is_prefilled_in_groups_of_about_an_eighth_of_its_tokens():
     sched = Scheduler(CacheManager(64, 256), max_queue=64, prefill_chunk=512, prefill_group=16, max_decode_stall=10)
+    sched.mixed = True
     burst = [seq(prompt_len=10, max_tokens=50) for _ in range(64)]
     for s in burst:
         sched.add(s)
