@@ -77,8 +77,9 @@ class Settings(BaseSettings):
     max_decode_stall: float = Field(
         1.0,
         ge=0,
-        description="seconds a running stream may wait for its next token while new prompts are prefilled ahead of "
-        "it (0: running streams are decoded at least every other step)",
+        description="seconds a running stream may wait for its next token while a burst of new prompts (at least as "
+        "many as the running streams) is prefilled ahead of it (0: running streams are decoded at least every other "
+        "step)",
     )
     recompute_chunk: int = Field(
         64, ge=1, description="tokens per step recomputed for the requests a hot reload moved to the new model"

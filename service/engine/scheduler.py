@@ -106,10 +106,12 @@ class Scheduler:
         # holding them all, at the cost of one step's fixed overhead per group; the first prompt of a step is cut at
         # prefill_chunk only, so a long prompt alone takes no more steps.
         self.prefill_group = min(prefill_group or prefill_chunk, prefill_chunk)
-        # Seconds a running stream may wait for its next token while new prompts are prefilled ahead of it. Prefill
-        # is compute-bound: a burst's prompts computed group after group, with nothing else in their steps, give the
-        # median request its first token soonest (a decode row would cost as much as a prompt token there); past
-        # this wait the running streams are decoded again. 0: they are decoded at least every other step.
+        # Seconds a running stream may wait for its next token while a burst of new prompts (at least as many as
+        # the running streams) is prefilled ahead of it. Prefill is compute-bound: a burst's prompts computed group
+        # after group, with nothing else in their steps, give the median request its first token soonest (a decode
+        # row would cost as much as a prompt token there); past this wait the running streams are decoded again. A
+        # prompt or two arriving while many streams run is not a burst: holding the streams back for it would cost
+        # each of them a step for one request's first token. 0: streams are decoded at least every other step.
         self.max_decode_stall = max_decode_stall
         # Tokens one step may recompute for the sequences a model swap moved (default: prefill_chunk). Smaller than
         # a prompt chunk: a request arriving during the recompute waits for the step in progress, so that step's
@@ -212,10 +214,12 @@ class Scheduler:
         first token does not wait for the moved streams' history), except right after a prompt step, so that a
         steady arrival of requests cannot starve the moved streams.
 
-        Ready sequences wait while new prompts are prefilled, until one of them has waited `max_decode_stall`
-        seconds for its next token. Then, with `mixed`, the step also decodes every ready sequence (as every
-        recompute step does); otherwise a step is prefill or decode, and a prefill step does not follow a step of
-        its own kind: a long prompt or a long recompute then delays running streams by one chunk at a time.
+        While at least as many new prompts wait as sequences are ready (a burst), the ready ones wait while the
+        prompts are prefilled, until one of them has waited `max_decode_stall` seconds for its next token; with
+        fewer (a steady arrival of requests) they are not held back. When they are not, with `mixed` the step also
+        decodes every ready sequence (as every recompute step does); otherwise a step is prefill or decode, and a
+        prefill step does not follow a step of its own kind: a long prompt or a long recompute then delays running
+        streams by one chunk at a time.
         """
         for s in self.running:
             if s.share_from is not None and s.share_from.finished and not s.share_from.prefilled:
@@ -237,8 +241,8 @@ class Scheduler:
         for kind in order:
             if not pending[kind]:
                 continue
-            if kind == "prompt" and ready and not stalled:
-                decode: list[Sequence] = []  # prompts first: the running streams have not waited too long
+            if kind == "prompt" and ready and not stalled and len(pending["prompt"]) >= len(ready):
+                decode: list[Sequence] = []  # a burst's prompts first: the running streams have not waited too long
             elif self.mixed or not ready:
                 decode = ready
             # A prompt chunk may follow anything but a prompt chunk (a new request need not wait for a decode step

@@ -262,13 +262,19 @@ def test_a_steady_stream_of_new_prompts_does_not_starve_the_recompute():
     assert moved[0].prefilled and recomputed_steps == 3  # 21 tokens in chunks of 8, between the new prompts
 
 
-def test_a_burst_of_prompts_is_prefilled_a_group_at_a_time_and_a_long_prompt_alone_still_in_whole_chunks():
-    sched = Scheduler(CacheManager(8, 256), max_queue=8, prefill_chunk=64, prefill_group=25)
-    sched.mixed = True  # groups are for a runner whose steps cost little beyond their tokens
-    burst = [seq(prompt_len=10, max_tokens=50) for _ in range(5)]
+def admitted_burst(sched: Scheduler, n: int, max_tokens: int = 50) -> list[Sequence]:
+    """`n` 10-token prompts arriving together, admitted at t=0."""
+    burst = [seq(prompt_len=10, max_tokens=max_tokens) for _ in range(n)]
     for s in burst:
         sched.add(s)
     sched.admit(0.0)
+    return burst
+
+
+def test_a_burst_of_prompts_is_prefilled_a_group_at_a_time_and_a_long_prompt_alone_still_in_whole_chunks():
+    sched = Scheduler(CacheManager(8, 256), max_queue=8, prefill_chunk=64, prefill_group=25)
+    sched.mixed = True  # groups are for a runner whose steps cost little beyond their tokens
+    burst = admitted_burst(sched, 5)
     batch = sched.schedule()
     # Two whole prompts (a third would make 30 tokens): the first two answer after 20 tokens of work, not after 50.
     assert [(it.seq, it.start, it.end) for it in batch.prefill] == [(s, 0, 10) for s in burst[:2]]
@@ -295,10 +301,7 @@ def test_a_burst_of_prompts_is_prefilled_a_group_at_a_time_and_a_long_prompt_alo
 def test_mixed_steps_decode_every_ready_sequence_with_the_next_prompt_group():
     sched = Scheduler(CacheManager(8, 256), max_queue=8, prefill_chunk=64, prefill_group=20)
     sched.mixed = True
-    burst = [seq(prompt_len=10, max_tokens=3) for _ in range(5)]
-    for s in burst:
-        sched.add(s)
-    sched.admit(0.0)
+    burst = admitted_burst(sched, 5, max_tokens=3)
     steps = []
     t = 0.0
     while sched.has_work():
@@ -369,17 +372,35 @@ def test_new_prompts_go_first_until_a_running_stream_has_waited_max_decode_stall
 def test_a_large_burst_is_prefilled_in_groups_of_about_an_eighth_of_its_tokens():
     sched = Scheduler(CacheManager(64, 256), max_queue=64, prefill_chunk=512, prefill_group=16, max_decode_stall=10)
     sched.mixed = True
-    burst = [seq(prompt_len=10, max_tokens=50) for _ in range(64)]
-    for s in burst:
-        sched.add(s)
-    sched.admit(0.0)
-    sizes = []
+    burst = admitted_burst(sched, 64)
+    sizes, decoded = [], []
     while any(not s.prefilled for s in burst):
         batch = sched.schedule(0.0)
-        assert batch is not None and not batch.decode
+        assert batch is not None
         sizes.append(len(batch.prefill))
+        decoded.append(len(batch.decode))
         sched.postprocess(batch, [7] * batch.size, 0.0)
     # 640 tokens waiting: 8 prompts (80 tokens, not prefill_group's 16), then groups shrinking with what is left,
     # down to one 10-token prompt (two would pass 16).
     assert sizes[:4] == [8, 7, 6, 5] and sum(sizes) == 64 and sizes == sorted(sizes, reverse=True), sizes
     assert sizes[-1] == 1 and len(sizes) < 32  # not 64 steps of one prompt
+    # The prompts go first while at least as many wait as streams are ready (the first 32), then share the steps.
+    first_mixed = next(i for i, d in enumerate(decoded) if d)
+    assert sum(sizes[:first_mixed]) >= 32 and decoded[first_mixed] == sum(sizes[:first_mixed]), (sizes, decoded)
+
+
+@pytest.mark.parametrize("mixed", [False, True])
+def test_a_prompt_arriving_while_more_streams_run_does_not_hold_them_back(mixed):
+    sched = Scheduler(CacheManager(8, 256), max_queue=8, prefill_chunk=64, prefill_group=64, max_decode_stall=1.0)
+    sched.mixed = mixed
+    running = admitted_burst(sched, 3)
+    sched.postprocess(sched.schedule(0.0), [7, 7, 7], now=0.0)
+    sched.postprocess(sched.schedule(0.05), [7, 7, 7], now=0.05)  # a decode step
+    newcomer = seq(prompt_len=10, max_tokens=50)
+    sched.add(newcomer)
+    sched.admit(0.1)
+    batch = sched.schedule(0.1)  # one prompt, three streams: a steady arrival, not a burst
+    assert [it.seq for it in batch.prefill] == [newcomer]
+    assert batch.decode == (running if mixed else [])
+    sched.postprocess(batch, [7] * batch.size, 0.1)
+    assert sched.schedule(0.2).decode == [*running, newcomer]  # not mixed: decoded at the very next step
