@@ -234,14 +234,11 @@ class Scheduler:
                 pending["recompute" if s.output_ids else "prompt"].append(s)
         # Slot order keeps a decode batch contiguous in the cache when possible (a view instead of a gather).
         ready.sort(key=lambda s: s.slot)
-        stalled = now is None or any(
-            s.last_token_time is not None and now - s.last_token_time >= self.max_decode_stall for s in ready
-        )
         order: tuple[_Kind, _Kind] = ("recompute", "prompt") if self._recompute_owed else ("prompt", "recompute")
         for kind in order:
             if not pending[kind]:
                 continue
-            if kind == "prompt" and ready and not stalled and len(pending["prompt"]) >= len(ready):
+            if kind == "prompt" and ready and len(pending["prompt"]) >= len(ready) and not self._stalled(ready, now):
                 decode: list[Sequence] = []  # a burst's prompts first: the running streams have not waited too long
             elif self.mixed or not ready:
                 decode = ready
@@ -265,6 +262,12 @@ class Scheduler:
             return None
         self._last = "decode"
         return Batch(prefill=[], decode=ready)
+
+    def _stalled(self, ready: list[Sequence], now: float | None) -> bool:
+        """Some ready sequence has waited `max_decode_stall` seconds for its next token (always, without `now`)."""
+        return now is None or any(
+            s.last_token_time is not None and now - s.last_token_time >= self.max_decode_stall for s in ready
+        )
 
     def _prefill_items(self, pending: list[Sequence], chunk: int, group: int | None = None) -> list[PrefillItem]:
         """Chunks for one step, first come first served, packed back to back by the runner (no padding between
