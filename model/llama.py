@@ -70,13 +70,21 @@ class Transformer(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        self.tok_embeddings = nn.Embedding(config.vocab_size, config.n_embd)
+        # Built on the meta device (a shape to be given a checkpoint's tensors), nothing is computed: an op on meta
+        # tensors (the embedding's default init, the rotary tables) goes through torch._refs, which imports
+        # torch._dynamo, ~2 s of every server start. Anywhere else the model is initialised as usual.
+        on_meta = torch.empty(0).device.type == "meta"
+        meta_weight = torch.empty(config.vocab_size, config.n_embd) if on_meta else None
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.n_embd, _weight=meta_weight)
         self.layers = nn.ModuleList(TransformerBlock(config, i) for i in range(config.n_layer))
         self.norm = RMSNorm(config.n_embd, config.norm_eps)
         self.output = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
-        cos, sin = precompute_rope(config.head_dim, config.block_size, config.rope_theta)
+        if on_meta:
+            cos = sin = torch.empty(config.block_size, config.head_dim)
+        else:
+            cos, sin = precompute_rope(config.head_dim, config.block_size, config.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 

@@ -30,7 +30,6 @@ from typing import TYPE_CHECKING, Any
 
 import llguidance
 import llguidance.hf
-import llguidance.torch
 import numpy as np
 import torch
 
@@ -114,7 +113,12 @@ class StructuredOutput:
     def fill_bitmask(self, bitmask: torch.Tensor, row: int = 0) -> None:
         """Write the next token's allowed set into row `row` of an int32 (B, ceil(V / 32)) CPU bitmask
         (bit t % 32 of word t // 32), as vLLM and llguidance lay it out."""
-        llguidance.torch.fill_next_token_bitmask(self._matcher, bitmask, row)
+        # What llguidance.torch.fill_next_token_bitmask does, without importing that module: its torch.compile'd
+        # helper pulls in dynamo and inductor, ~4 s of every server start (python -X importtime) for a call this size.
+        v = bitmask[row]
+        if bitmask.dtype != torch.int32 or not bitmask.is_cpu or not v.is_contiguous():
+            raise ValueError("bitmask: a contiguous int32 CPU tensor (B, ceil(V / 32))")
+        self._matcher.unsafe_compute_mask_ptr(v.data_ptr(), v.numel() * v.element_size())
 
     def allowed_tokens(self) -> torch.Tensor:
         """Bool (vocab_size,): the tokens that keep the output a valid prefix (the end token once complete)."""

@@ -104,3 +104,20 @@ def test_the_drain_lets_the_last_events_out_before_exiting():
     in_flight.count = 0
     drain.join(timeout=5)
     assert server.should_exit
+
+
+def test_starting_the_server_does_not_import_the_compiler(tiny_checkpoint):
+    # torch.compile's modules (dynamo, inductor) took ~4 s of every server start when a dependency imported them at
+    # module level (llguidance.torch), and ~2 s more when loading a checkpoint initialised an embedding on the meta
+    # device; only SMOLLM_COMPILE=decode needs them, and it imports them when it compiles.
+    code = (
+        "import sys, pathlib, service.__main__, service.app\n"
+        "from service.loading import make_loader\n"
+        "from tests.service.conftest import tiny_settings\n"
+        f"path = pathlib.Path({str(tiny_checkpoint)!r})\n"
+        "make_loader(tiny_settings(path))(path)\n"
+        "print(sorted(m for m in ('torch._dynamo', 'torch._inductor') if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"

@@ -103,6 +103,21 @@ def test_allowed_tokens_reads_the_bitmask_bit_by_bit(tokenizer):
     assert 0 < sum(want) < 100  # a digit, or what may follow one
 
 
+def test_fill_bitmask_refuses_a_tensor_it_cannot_write(tokenizer):
+    matcher = StructuredOutput.from_response_format({"type": "json_object"}, tokenizer, 49152)
+    words = (49152 + 31) // 32
+    for bad in (
+        torch.zeros(1, words, dtype=torch.int64),  # not int32
+        torch.zeros(1, 2 * words, dtype=torch.int32)[:, ::2],  # a row that is not contiguous
+        torch.zeros(1, words - 1, dtype=torch.int32),  # too narrow for the vocabulary
+    ):
+        with pytest.raises(ValueError):
+            matcher.fill_bitmask(bad)
+    rows = torch.zeros(3, words, dtype=torch.int32)
+    matcher.fill_bitmask(rows, row=1)
+    assert rows[0].eq(0).all() and rows[2].eq(0).all() and rows[1].ne(0).any()
+
+
 def test_end_token_allowed_exactly_when_complete(tokenizer):
     matcher = StructuredOutput.from_response_format(_schema_format(SMALL), tokenizer)
     ids = tokenizer.encode('{"a":42,"b":true,"c":"yz"}')
