@@ -52,7 +52,13 @@ def stdlib_files() -> list[Path]:
     """The standard library's `.py` files, without installed third-party packages."""
     root = Path(sysconfig.get_paths()["stdlib"])
     skip = {"site-packages", "dist-packages", "__pycache__"}
-    return sorted(p for p in root.rglob("*.py") if not skip.intersection(p.relative_to(root).parts))
+    found: list[Path] = []
+    # A walk that never enters the skipped folders: filtering rglob's results visited every installed package
+    # too, ~0.9 s of each training run's start.
+    for folder, subfolders, names in os.walk(root):
+        subfolders[:] = [d for d in subfolders if d not in skip]
+        found += (Path(folder, n) for n in names if n.endswith(".py"))
+    return sorted(found)
 
 
 def resolve_sources(sources: list[str], max_files: int | None = None) -> list[Path]:

@@ -22,15 +22,14 @@ def plot_loss(out_dir: Path) -> Path:
     metrics = out_dir / METRICS_FILE
     if not metrics.is_file():
         raise FileNotFoundError(f"{metrics}: not found (is {out_dir} a trainer output directory?)")
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: no display in a container
-    import matplotlib.pyplot as plt
+    # A bare Figure draws with Agg into files (no display in a container) without importing pyplot.
+    from matplotlib.figure import Figure
 
     records = read_metrics(metrics)
     train = [(r["step"], r["loss"]) for r in records if "loss" in r]
     val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig = Figure(figsize=(8, 5))
+    ax = fig.subplots()
     if train:
         ax.plot(*zip(*train, strict=True), label="train loss")
     if val:
@@ -43,7 +42,6 @@ def plot_loss(out_dir: Path) -> Path:
     target = out_dir / PLOT_FILE
     tmp = out_dir / f".{PLOT_FILE}.tmp.png"
     fig.savefig(tmp, dpi=100)
-    plt.close(fig)
     tmp.replace(target)
     return target
 

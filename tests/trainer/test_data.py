@@ -1,4 +1,6 @@
 import json
+import sysconfig
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -101,3 +103,21 @@ def test_sampler_state_round_trip_and_rank_shards():
     single = WindowSampler(tokens, 16, 4, seed=5).next_batch()[0]
     halves = [WindowSampler(tokens, 16, 4, seed=5, rank=r, world_size=2).next_batch()[0] for r in (0, 1)]
     assert single.equal(torch.cat(halves))
+
+
+def test_the_stdlib_source_is_every_standard_library_module_and_no_installed_package():
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = data.stdlib_files()
+    assert files == sorted(files) and len(files) > 500
+    assert root / "os.py" in files and root / "json" / "__init__.py" in files
+    for f in files:
+        parts = f.relative_to(root).parts
+        assert f.suffix == ".py" and f.is_file(), f
+        assert not {"site-packages", "dist-packages", "__pycache__"} & set(parts), f
+    # Nothing under the standard library's folder that is not skipped is left out.
+    everything = [
+        p
+        for p in root.rglob("*.py")
+        if not {"site-packages", "dist-packages", "__pycache__"} & set(p.relative_to(root).parts)
+    ]
+    assert sorted(everything) == files
