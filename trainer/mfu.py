@@ -71,8 +71,9 @@ def datasheet_peak_flops(device_name: str, dtype: torch.dtype) -> float | None:
 
 def measure_matmul_flops(device: torch.device, dtype: torch.dtype, n: int | None = None, repeats: int = 3) -> float:
     """FLOP/s of an n x n matmul in `dtype` on `device` (best of `repeats`, after a warm-up). Large enough that
-    the kernel, not the call, is timed: n=2048 on a CPU (17 GFLOP), 8192 on a GPU."""
-    n = n or (8192 if device.type == "cuda" else 2048)
+    the kernel, not the call, is timed: n=1024 on a CPU (2.1 GFLOP, ~20 ms at 100 GFLOP/s: 2048 gave the same
+    figure within this host's noise for 8x the work at every trainer start), 8192 on a GPU."""
+    n = n or (8192 if device.type == "cuda" else 1024)
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
     best = math.inf
