@@ -205,3 +205,69 @@ def test_queued_requests_are_rechecked_against_the_new_model(make_engine, tokeni
     run(engine, [fits, too_big])
     assert fits.finish_reason is FinishReason.LENGTH and all(t < 1000 for t in fits.output_ids)
     assert too_big.finish_reason is FinishReason.ERROR and "vocabulary (1000)" in finishes(events)[too_big].error
+
+
+def test_a_mixed_step_that_raises_fails_its_rows_and_the_engine_serves_on(tokenizer):
+    """On the native int4 kernels one step can prefill new prompts and decode running streams together. When it
+    raises after writing (and here corrupting) its rows' KV, every running request, both kinds in the step among
+    them, ends with the error, every slot is free again, and nothing those requests wrote is reused: the same
+    prompt afterwards gives the tokens it gives on a fresh engine."""
+    from model import native
+    from model.quant import quantize_model
+    from service.engine import Engine
+    from tests.service.engine.conftest import prompts
+
+    if native.native_kernels() is None:
+        pytest.skip("no native kernels here")
+    model = tiny_model(0)
+    quantize_model(model, "int4")
+
+    def engine() -> Engine:
+        opts = dict(max_batch_size=4, max_context=512, max_queue=8, prefill_chunk=512, prefill_group=8)
+        return Engine(model, tokenizer, info=ModelInfo("tiny-int4"), **opts)
+
+    ps = prompts(tokenizer, 4)
+    fresh = Sequence(ps[1], 6, GREEDY, ignore_eos=True)
+    run(engine(), [fresh])
+
+    e = engine()
+    assert e.scheduler.mixed
+    real_run, failed = e.runner.run, []
+
+    def flaky(batch):
+        if batch.prefill and batch.decode and not failed:
+            failed.append(([it.seq for it in batch.prefill], len(batch.decode)))
+            real_run(batch)
+            k, v = e.runner.cache.k, e.runner.cache.v  # (layer, slot, head, position, dim)
+            for slot, written in [(it.seq.slot, it.end) for it in batch.prefill] + [
+                (s.slot, s.total_len) for s in batch.decode
+            ]:
+                k[:, slot, :, :written] = float("nan")
+                v[:, slot, :, :written] = float("nan")
+            raise RuntimeError("boom in a mixed step")
+        return real_run(batch)
+
+    e.runner.run = flaky
+    events: list = []
+    e.start()
+    try:
+        running = Sequence(ps[0], 400, GREEDY, ignore_eos=True, emit=collect(events))
+        e.submit(running)
+        assert wait(lambda: len(running.output_ids) >= 2 or running.finish_reason is not None)
+        assert running.finish_reason is None  # still decoding when the others arrive
+        arriving = [Sequence(p, 6, GREEDY, ignore_eos=True, emit=collect(events)) for p in ps[1:]]
+        for s in arriving:
+            e.submit(s)
+        assert wait(lambda: all(s.finish_reason is not None for s in [running, *arriving]))
+        # The step that raised held the running stream and new prompts, the one asked again among them.
+        assert failed and failed[0][1] == 1 and arriving[0] in failed[0][0]
+        ends = finishes(events)
+        for s in [running, *arriving]:
+            assert s.finish_reason is FinishReason.ERROR and "boom in a mixed step" in ends[s].error, s.finish_reason
+        assert wait(lambda: e.cache_manager.num_free == 4)
+        again = Sequence(ps[1], 6, GREEDY, ignore_eos=True)
+        e.submit(again)
+        assert wait(lambda: again.finish_reason is not None)
+        assert again.finish_reason is FinishReason.LENGTH and again.output_ids == fresh.output_ids
+    finally:
+        e.stop()
