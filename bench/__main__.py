@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 import torch
 
-from bench import anchors, prefix_reuse, report, structured, training
+from bench import anchors, prefix_reuse, report, training
 from bench.ceiling import measure_ceiling
 from bench.loadgen import LoadConfig, run_load_sync
 from bench.machine import describe_machine, machine_line
@@ -53,6 +53,13 @@ def _choice_list(choices: tuple[str, ...]):
         return values
 
     return parse
+
+
+def _device_parser() -> argparse.ArgumentParser:
+    """`--device` alone, read first: the GPU check has arguments of its own, which the CPU run's parser refuses."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    return p
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -106,7 +113,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--device",
         choices=("cpu", "cuda"),
         default="cpu",
-        help="cuda: the GPU check instead (bench/cuda.py; takes --checkpoint, --out, --quick)",
+        help="cuda: the GPU check instead (bench/cuda.py): every other argument goes to it (--checkpoint, --out, "
+        "--quick, --budget, --random-weights; see python -m bench.cuda --help)",
     )
     args = p.parse_args(argv)
     args.concurrency = args.concurrency or ([1, 4] if args.quick else [1, 4, 16, 64])
@@ -294,6 +302,9 @@ def run_engine_sections(args: argparse.Namespace, checkpoint: Path, threads: int
             runs=1 if args.quick else 3,
         )
     if "structured" in wanted:
+        # Imported here: llguidance is a serving dependency the GPU check (`--device cuda`) does not need.
+        from bench import structured
+
         out["structured"] = _anchor(
             "structured", structured.measure, model, tokenizer, max_tokens=args.structured_tokens
         )
@@ -301,12 +312,12 @@ def run_engine_sections(args: argparse.Namespace, checkpoint: Path, threads: int
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    if args.device == "cuda":
+    device, rest = _device_parser().parse_known_args(sys.argv[1:] if argv is None else argv)
+    if device.device == "cuda":
         from bench import cuda
 
-        forward = ["--out", str(args.out)] + (["--quick"] if args.quick else [])
-        return cuda.main(forward + (["--checkpoint", str(args.checkpoint)] if args.checkpoint else []))
+        return cuda.main(rest)
+    args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

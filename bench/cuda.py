@@ -6,10 +6,11 @@ Sections, in order, each skipped (and said so) when what is left of the budget c
 2. parity: greedy tokens through the Engine (the serving path) on the device in bf16 against the Engine on the CPU
    in fp32, for a few fixed prompts; bf16 may drift late, so divergence is reported, and the run fails only when
    the first token differs on most prompts;
-3. throughput: concurrent greedy sequences (ignore_eos) through the Engine directly, no HTTP, with transformers
-   `generate()` on the same device beside it;
-4. decode step: one batched decode step eager and under `torch.compile(mode="reduce-overhead")` (CUDA graphs) per
-   batch size, at a fixed key length.
+3. throughput: concurrent greedy sequences (ignore_eos) through the Engine directly, no HTTP, eager and with
+   SMOLLM_COMPILE=decode (each level run twice, the second timed, and compared token for token with the eager
+   run), with transformers `generate()` on the same device beside it;
+4. decode step: one batched decode step eager and through the engine's compiled step (CompiledDecode: static
+   shapes, CUDA graphs on CUDA) per batch size, at a fixed key length.
 
 Prints a table and writes a JSON under bench/results/. Exit 2 without a CUDA device, 1 when parity fails.
 """
@@ -141,9 +142,10 @@ def run_engine(
     max_batch_size: int,
     timeout: float,
     ignore_eos: bool = True,
+    compile: str = "off",
 ) -> EngineRun:
-    """Submit every prompt at once to a fresh Engine (greedy), wait for all, and return their tokens and timing.
-    Raises TimeoutError when they do not finish within `timeout` seconds."""
+    """Submit every prompt at once to a fresh Engine (greedy; `compile` as SMOLLM_COMPILE), wait for all, and return
+    their tokens and timing. Raises TimeoutError when they do not finish within `timeout` seconds."""
     from model.sampling import SamplingParams
     from service.engine import Engine, StreamEvent
     from service.engine import Sequence as Seq
@@ -158,6 +160,7 @@ def run_engine(
         max_queue=max(64, len(prompts)),
         prefill_chunk=512,
         info=ModelInfo("bench"),
+        compile=compile,
     )
     done = threading.Semaphore(0)
 
@@ -247,45 +250,62 @@ def engine_throughput(
     max_batch_size: int,
     budget: Budget,
     prompts: Sequence[str] | None = None,
+    compile: str = "off",
+    tokens: dict[str, list[list[int]]] | None = None,
+    reference: dict[str, list[list[int]]] | None = None,
 ) -> dict[str, Any]:
-    """Tokens/s and TTFT p50 of `c` concurrent greedy sequences of exactly `max_tokens` tokens, per level. A
-    warm-up round (small) comes first so allocator and kernel selection stay out of the figures."""
+    """Tokens/s and TTFT p50 of `c` concurrent greedy sequences of exactly `max_tokens` tokens, per level, through an
+    Engine with `compile` (SMOLLM_COMPILE). Allocator and kernel selection stay out of the figures: eager runs one
+    small warm-up round first; `compile="decode"` runs each level twice and times the second, since its graphs
+    (one per batch and key bucket) compile on first use. Each level's generated ids go into `tokens`; where
+    `reference` has the level (the eager run's ids), the row says how many sequences match it exactly."""
     from bench.loadgen import DEFAULT_PROMPTS
 
     texts = prompts or DEFAULT_PROMPTS
     vocab = model.config.vocab_size
-    run_engine(
-        model,
-        tokenizer,
-        encode_prompts(tokenizer, texts, 2, vocab),
-        min(4, max_tokens),
-        max_batch_size=max_batch_size,
-        timeout=max(budget.left(), 1.0),
-    )
-    out: dict[str, Any] = {}
-    # A level costs about what the previous one did, scaled by its steps: a first guess of 30 s, then measured.
-    estimate = 30.0
-    for c in levels:
-        if not budget.fits(f"engine c={c}", estimate):
-            out[str(c)] = {"skipped": budget.skipped[-1]}
-            continue
-        r = run_engine(
+    if compile == "off":
+        run_engine(
             model,
             tokenizer,
-            encode_prompts(tokenizer, texts, c, vocab),
-            max_tokens,
+            encode_prompts(tokenizer, texts, 2, vocab),
+            min(4, max_tokens),
             max_batch_size=max_batch_size,
             timeout=max(budget.left(), 1.0),
         )
-        out[str(c)] = {
+    out: dict[str, Any] = {}
+    # A level costs about what the previous one did, scaled by its steps: a first guess, then measured. Compiling
+    # a level's graphs costs far more than running it (26-76 s a graph on an H200's 16 cores).
+    estimate = 30.0 if compile == "off" else 150.0
+    for c in levels:
+        if not budget.fits(f"engine{'' if compile == 'off' else ' compile=' + compile} c={c}", estimate):
+            out[str(c)] = {"skipped": budget.skipped[-1]}
+            continue
+        ids = encode_prompts(tokenizer, texts, c, vocab)
+        t0 = time.monotonic()
+        for _ in range(1 if compile == "off" else 2):
+            r = run_engine(
+                model,
+                tokenizer,
+                ids,
+                max_tokens,
+                max_batch_size=max_batch_size,
+                timeout=max(budget.left(), 1.0),
+                compile=compile,
+            )
+        row: dict[str, Any] = {
             "concurrency": c,
             "tokens": r.total_tokens,
             "seconds": r.seconds,
             "tokens_per_s": r.total_tokens / r.seconds if r.seconds > 0 else None,
             "ttft_p50_ms": 1000 * statistics.median(r.ttft_s) if r.ttft_s else None,
         }
-        estimate = 2 * r.seconds + 5
-        log.info("engine c=%d: %.0f tok/s", c, out[str(c)]["tokens_per_s"] or 0)
+        if tokens is not None:
+            tokens[str(c)] = r.tokens
+        if reference is not None and str(c) in reference:
+            row["same_tokens_as_eager"] = sum(a == b for a, b in zip(r.tokens, reference[str(c)], strict=True))
+        out[str(c)] = row
+        estimate = (time.monotonic() - t0) + 5 if compile == "off" else 2 * r.seconds + 60
+        log.info("engine compile=%s c=%d: %.0f tok/s", compile, c, row["tokens_per_s"] or 0)
     return out
 
 
@@ -311,14 +331,6 @@ def transformers_anchor(
     return out
 
 
-def _decode_inputs(model, cache, batch: int, kv_len: int):
-    from model.kv_cache import CacheBatch
-
-    cb = CacheBatch.build(cache, list(range(batch)), [[kv_len - 1]] * batch, kv_len=kv_len)
-    idx = torch.arange(batch, device=model.device).view(-1, 1) % model.config.vocab_size
-    return idx, cb
-
-
 def decode_step(
     model,
     batch_sizes: Sequence[int],
@@ -329,11 +341,13 @@ def decode_step(
     compile_options: dict[str, Any] | None = None,
     compile_estimate: float = 90.0,
 ) -> dict[str, Any]:
-    """Milliseconds per batched decode step (model forward, all rows at position kv_len - 1), eager and compiled
-    (`torch.compile(step, **compile_options)`, default mode="reduce-overhead": CUDA graphs), per batch size, and
-    whether the compiled step picks the same greedy tokens. The compiled function takes the step's tensors and
-    rebuilds the CacheBatch around them, so no model file changes: the cache is the same buffers every step."""
-    options = {"mode": "reduce-overhead"} if compile_options is None else compile_options
+    """Milliseconds per batched decode step (all rows at position kv_len - 1), eager and through the engine's own
+    compiled step (`service.engine.compiled_decode.CompiledDecode`, SMOLLM_COMPILE=decode: static shapes, CUDA
+    graphs on CUDA; `compile_options` replaces its options, for tests), per batch size, and whether the compiled
+    step picks the same greedy tokens."""
+    from service.engine.compiled_decode import compile_options as engine_options
+
+    options = engine_options(model.device) if compile_options is None else compile_options
     out: dict[str, Any] = {"kv_len": kv_len, "steps": steps, "compile_options": options, "sizes": {}}
     for b in batch_sizes:
         out["sizes"][str(b)] = row = _decode_size(model, b, kv_len, steps, budget, options, compile_estimate)
@@ -345,15 +359,20 @@ def _decode_size(
     model, b: int, kv_len: int, steps: int, budget: Budget, options: dict[str, Any], compile_estimate: float
 ) -> dict[str, Any]:
     from model.kv_cache import CacheBatch
+    from service.engine.compiled_decode import CompiledDecode
 
     device = model.device
     row: dict[str, Any] = {}
     if not budget.fits(f"decode step eager b={b}", 10.0):
         return {"skipped": budget.skipped[-1]}
-    cache = model.new_kv_cache(max_slots=b, max_len=kv_len)
-    idx, cb = _decode_inputs(model, cache, b, kv_len)
+    cache = model.new_kv_cache(max_slots=b + 1, max_len=kv_len)  # slot b: the compiled step's scratch slot
+    tokens = [i % model.config.vocab_size for i in range(b)]
+    slots, positions = list(range(b)), [kv_len - 1] * b
+    idx = torch.tensor(tokens, device=device).view(-1, 1)
+    slot_t = torch.tensor(slots, device=device)
+    pos_t = torch.tensor(positions, device=device).view(-1, 1)
 
-    def timed(fn: Callable[[], torch.Tensor], n: int = steps) -> tuple[float, torch.Tensor]:
+    def timed(fn: Callable[[], torch.Tensor | None], n: int = steps) -> tuple[float, torch.Tensor | None]:
         for _ in range(3):
             fn()
         _sync(device)
@@ -361,36 +380,28 @@ def _decode_size(
         for _ in range(n):
             logits = fn()
         _sync(device)
-        return 1000 * (time.perf_counter() - t0) / n, logits.clone()
+        return 1000 * (time.perf_counter() - t0) / n, logits
 
     with torch.no_grad():
-        row["eager_ms"], eager_logits = timed(lambda: model(idx, batch=cb))
+        row["eager_ms"], eager_logits = timed(
+            lambda: model(idx, batch=CacheBatch.decode(cache, slot_t, pos_t, kv_len))[:, 0]
+        )
         if not budget.fits(f"decode step compiled b={b}", compile_estimate):
             row["compiled"] = budget.skipped[-1]
             return row
-        slot_index, n_kv = cb.slot_index, cb.kv_len
-
-        def step(
-            idx: torch.Tensor, positions: torch.Tensor, flat_index: torch.Tensor, mask: torch.Tensor
-        ) -> torch.Tensor:
-            batch = CacheBatch(
-                cache=cache, positions=positions, flat_index=flat_index, slot_index=slot_index, kv_len=n_kv, mask=mask
-            )
-            return model(idx, batch=batch)
-
-        try:
-            compiled = torch.compile(step, **options)
-            t0 = time.perf_counter()
-            compiled(idx, cb.positions, cb.flat_index, cb.mask)
-            _sync(device)
-            row["compile_s"] = time.perf_counter() - t0
-            row["compiled_ms"], compiled_logits = timed(lambda: compiled(idx, cb.positions, cb.flat_index, cb.mask))
-            row["speedup"] = row["eager_ms"] / row["compiled_ms"]
-            row["same_argmax"] = bool(torch.equal(eager_logits.argmax(-1), compiled_logits.argmax(-1)))
-            row["max_abs_logit_diff"] = float((eager_logits - compiled_logits).abs().max())
-        except Exception as e:  # a compile failure is a finding to report, not a reason to stop the check
-            log.exception("torch.compile of the decode step failed (b=%d)", b)
-            row["compiled"] = f"failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        compiled = CompiledDecode(model, cache, scratch_slot=b, pad_id=0, kv_align=kv_len, options=options)
+        t0 = time.perf_counter()
+        first = compiled(tokens, slots, positions, kv_len)
+        _sync(device)
+        if first is None:  # CompiledDecode logged the compiler's traceback and would decode eagerly from now on
+            row["compiled"] = "failed: torch.compile raised (the log has the traceback); the engine would run eager"
+            return row
+        row["compile_s"] = time.perf_counter() - t0
+        row["compiled_ms"], compiled_logits = timed(lambda: compiled(tokens, slots, positions, kv_len))
+        assert eager_logits is not None and compiled_logits is not None
+        row["speedup"] = row["eager_ms"] / row["compiled_ms"]
+        row["same_argmax"] = bool(torch.equal(eager_logits.argmax(-1), compiled_logits.argmax(-1)))
+        row["max_abs_logit_diff"] = float((eager_logits.float() - compiled_logits.float()).abs().max())
     return row
 
 
@@ -402,6 +413,7 @@ def run_check(
     budget: Budget,
     parity_tokens: int = 32,
     levels: Sequence[int] = (1, 64, 256),
+    compiled_levels: Sequence[int] = (1, 64),
     max_tokens: int = 128,
     max_batch_size: int = 256,
     anchor_batches: Sequence[int] = (1, 64),
@@ -420,6 +432,8 @@ def run_check(
     tokenizer = load_tokenizer(checkpoint)
     results["load_s"] = time.monotonic() - t0
 
+    eager_tokens: dict[str, list[list[int]]] = {}
+
     def parity() -> dict[str, Any]:
         reference = load_model(checkpoint, torch.float32, "cpu")
         return greedy_parity(model, reference, tokenizer, max_tokens=parity_tokens, timeout=max(budget.left(), 1.0))
@@ -430,7 +444,27 @@ def run_check(
             "engine",
             30.0,
             lambda: engine_throughput(
-                model, tokenizer, levels, max_tokens=max_tokens, max_batch_size=max_batch_size, budget=budget
+                model,
+                tokenizer,
+                levels,
+                max_tokens=max_tokens,
+                max_batch_size=max_batch_size,
+                budget=budget,
+                tokens=eager_tokens,
+            ),
+        ),
+        (
+            "engine_compiled",
+            150.0,
+            lambda: engine_throughput(
+                model,
+                tokenizer,
+                compiled_levels,
+                max_tokens=max_tokens,
+                max_batch_size=max_batch_size,
+                budget=budget,
+                compile="decode",
+                reference=eager_tokens,
             ),
         ),
         (
@@ -499,22 +533,24 @@ def format_report(results: dict[str, Any]) -> str:
             f"| {r['prompt'][:40]} | {r['matching']}/{r['tokens']} | {_fmt(r['first_divergence'], 'd')} |"
             for r in parity["prompts"]
         ]
-    if results.get("engine") or results.get("transformers"):
+    if results.get("engine") or results.get("engine_compiled") or results.get("transformers"):
         lines += [
             "",
             "## throughput (greedy, exactly max_tokens each)",
             "| what | c / batch | tok/s | TTFT p50 ms |",
             "|---|---|---|---|",
         ]
-        for c, r in (results.get("engine") or {}).items():
-            lines.append(
-                f"| Engine | {c} | "
-                + (
-                    f"{_fmt(r['tokens_per_s'])} | {_fmt(r['ttft_p50_ms'])} |"
-                    if "skipped" not in r
-                    else f"{r['skipped']} | |"
+        for key, what in (("engine", "Engine"), ("engine_compiled", "Engine, SMOLLM_COMPILE=decode")):
+            for c, r in (results.get(key) or {}).items():
+                same = f" ({r['same_tokens_as_eager']}/{c} sequences = eager)" if "same_tokens_as_eager" in r else ""
+                lines.append(
+                    f"| {what} | {c} | "
+                    + (
+                        f"{_fmt(r['tokens_per_s'])}{same} | {_fmt(r['ttft_p50_ms'])} |"
+                        if "skipped" not in r
+                        else f"{r['skipped']} | |"
+                    )
                 )
-            )
         for b, r in (results.get("transformers") or {}).items():
             lines.append(
                 f"| transformers generate() | {b} | "
@@ -588,6 +624,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         kw = dict(
             levels=(1, 8),
+            compiled_levels=(),
             max_tokens=16,
             anchor_batches=(1,),
             step_sizes=(1, 8),

@@ -4,7 +4,10 @@ a tiny model, so the code a GPU owner runs once is exercised here."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -28,6 +31,33 @@ def test_without_cuda_exits_2_with_a_message(entry, capsys, tmp_path):
     err = capsys.readouterr().err
     assert err.startswith("error: no CUDA device: ") and "torch.cuda.is_available() is False" in err
     assert "Traceback" not in err and not list(tmp_path.iterdir())
+
+
+def test_bench_device_cuda_hands_every_other_argument_to_the_gpu_check(monkeypatch, tmp_path):
+    seen: list[list[str]] = []
+    monkeypatch.setattr(cuda, "main", lambda argv: seen.append(argv) or 0)
+    argv = ["--budget", "300", "--device", "cuda", "--random-weights", "--checkpoint", "ck", "--out", str(tmp_path)]
+    assert bench_main(argv) == 0
+    assert seen == [["--budget", "300", "--random-weights", "--checkpoint", "ck", "--out", str(tmp_path)]]
+
+
+def test_the_gpu_check_needs_no_serving_only_package(tmp_path):
+    """A GPU machine has torch and transformers but not llguidance: `python -m bench --device cuda` must get as far
+    as looking for the device without it (here, where there is none, exit 2 with the message)."""
+    code = (
+        "import sys; sys.modules['llguidance'] = None\n"  # None in sys.modules makes `import llguidance` fail
+        "from bench.__main__ import main\n"
+        f"sys.exit(main(['--device', 'cuda', '--out', {str(tmp_path)!r}]))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("error: no CUDA device: "), proc.stderr
 
 
 def test_budget_skips_what_does_not_fit():
@@ -66,6 +96,29 @@ def test_engine_throughput_levels_and_budget(tiny):
     assert "skipped" in skipped["1"]
 
 
+@pytest.fixture
+def eager_compiler(monkeypatch):
+    """The engine's compiled step through dynamo with the eager backend: the same graph capture and static shapes,
+    without inductor's minutes of C++ compilation on this CPU."""
+    from service.engine import compiled_decode
+
+    monkeypatch.setattr(compiled_decode, "compile_options", lambda device: {"backend": "eager", "fullgraph": True})
+
+
+def test_compiled_engine_levels_are_compared_with_the_eager_tokens(tiny, eager_compiler):
+    model, tokenizer = tiny
+    eager: dict[str, list[list[int]]] = {}
+    kw = dict(max_tokens=6, max_batch_size=2, budget=cuda.Budget(300.0))
+    cuda.engine_throughput(model, tokenizer, [1, 2], tokens=eager, **kw)
+    assert [len(eager[c]) for c in ("1", "2")] == [1, 2] and all(len(t) == 6 for t in eager["2"])
+    out = cuda.engine_throughput(model, tokenizer, [1, 2], compile="decode", reference=eager, **kw)
+    assert out["1"]["same_tokens_as_eager"] == 1 and out["2"]["same_tokens_as_eager"] == 2
+    assert out["2"]["tokens"] == 12 and out["2"]["tokens_per_s"] > 0
+    wrong = {"2": [[t + 1 for t in seq] for seq in eager["2"]]}
+    out = cuda.engine_throughput(model, tokenizer, [2], compile="decode", reference=wrong, **kw)
+    assert out["2"]["same_tokens_as_eager"] == 0
+
+
 def test_decode_step_eager_and_compiled_agree(tiny):
     model, _ = tiny
     out = cuda.decode_step(
@@ -76,7 +129,7 @@ def test_decode_step_eager_and_compiled_agree(tiny):
         assert row["eager_ms"] > 0 and row["compiled_ms"] > 0 and row["same_argmax"], row
 
 
-def test_run_check_end_to_end_on_cpu(tiny_checkpoint, tmp_path):
+def test_run_check_end_to_end_on_cpu(tiny_checkpoint, tmp_path, eager_compiler):
     results = cuda.run_check(
         tiny_checkpoint,
         torch.device("cpu"),
@@ -84,6 +137,7 @@ def test_run_check_end_to_end_on_cpu(tiny_checkpoint, tmp_path):
         budget=cuda.Budget(300.0),
         parity_tokens=4,
         levels=(1, 2),
+        compiled_levels=(2,),
         max_tokens=4,
         max_batch_size=2,
         anchor_batches=(1,),
@@ -95,11 +149,13 @@ def test_run_check_end_to_end_on_cpu(tiny_checkpoint, tmp_path):
     assert results["environment"]["device"] == "cpu"
     assert results["parity"]["ok"]
     assert set(results["engine"]) == {"1", "2"}
+    assert results["engine_compiled"]["2"]["same_tokens_as_eager"] == 2
     assert results["transformers"]["1"]["new_tokens"] == 4
     assert results["decode_step"]["sizes"]["1"]["same_argmax"]
     assert results["skipped"] == []
     text = cuda.format_report(results)
     assert "greedy parity" in text and "| Engine | 2 |" in text and "transformers generate()" in text
+    assert "| Engine, SMOLLM_COMPILE=decode | 2 | " in text and "(2/2 sequences = eager)" in text
     json.dumps(results)  # the JSON the CLI writes
 
 
@@ -139,6 +195,7 @@ def test_a_failing_section_is_reported_and_the_rest_run(tiny_checkpoint, monkeyp
         dtype="float32",
         budget=cuda.Budget(300.0),
         levels=(1,),
+        compiled_levels=(),
         max_tokens=4,
         max_batch_size=2,
         anchor_batches=(),
