@@ -91,6 +91,11 @@ class CompiledDecode:
         # silently send the rest back to eager.
         graphs = len(self.buckets) * len(self.kv_buckets)
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, graphs)
+        # Dynamo keeps compiled graphs per code object, not per instance: an earlier CompiledDecode's graphs (the
+        # model before a hot reload, an earlier engine in this process) would count against that limit and, once
+        # it is reached, dynamo runs the step eagerly without a word. Only the newest instance decodes, so its
+        # predecessors' graphs are dropped.
+        torch._dynamo.reset_code(CompiledDecode._forward.__code__)
         if self.cudagraphs:
             torch._dynamo.mark_static_address(cache.k)
             torch._dynamo.mark_static_address(cache.v)

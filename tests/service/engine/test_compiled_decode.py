@@ -82,6 +82,26 @@ def test_failed_compile_falls_back_to_eager_with_a_warning(make_engine, tokenize
     torch._dynamo.reset()
 
 
+def test_each_new_compiled_step_compiles_afresh_however_many_came_before(make_engine):
+    """Dynamo counts graphs per code object: without dropping its predecessors' graphs, the ninth CompiledDecode
+    in a process (eight hot reloads) would hit the recompile limit and run eagerly, its compiler never called."""
+    model = make_engine().runner.model
+    compiled_by: list[int] = []
+
+    def backend_of(i: int):
+        def backend(gm, example_inputs):
+            compiled_by.append(i)
+            return gm.forward
+
+        return backend
+
+    for i in range(torch._dynamo.config.recompile_limit + 2):
+        cache = model.new_kv_cache(max_slots=2, max_len=64)
+        step = CompiledDecode(model, cache, scratch_slot=1, pad_id=0, kv_align=64, options={"backend": backend_of(i)})
+        assert step([5], [0], [3], 4) is not None and not step.failed
+    assert compiled_by == list(range(torch._dynamo.config.recompile_limit + 2))
+
+
 def test_a_swapped_model_decodes_with_its_own_weights(make_engine, tokenizer, monkeypatch):
     # dynamo with its eager backend: the same guards and graph capture as inductor without its compile time.
     monkeypatch.setattr(
