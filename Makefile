@@ -43,7 +43,7 @@ generate: install
 	$(BIN)/python -m model.generate --chat --prompt "$(or $(PROMPT),What is the capital of France?)"
 
 train: install
-	$(BIN)/python -m trainer --config trainer/configs/$(or $(CONFIG),demo).yaml --out $(or $(OUT),runs/demo)
+	$(BIN)/python -m trainer --config trainer/configs/$(or $(CONFIG),demo).yaml --out $(or $(OUT),runs/demo) $(ARGS)
 
 bench-deps: install
 	VENV=$(VENV) bench/deps.sh

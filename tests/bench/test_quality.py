@@ -78,6 +78,7 @@ def test_main_rejects_unknown_modes(capsys):
 
 @pytest.mark.slow
 @pytest.mark.timeout(1800)  # three full passes over the text; minutes on a shared 2-core CPU
+@pytest.mark.long
 def test_quant_modes_keep_the_real_models_quality():
     from model.bundled import default_checkpoint
 

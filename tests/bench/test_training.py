@@ -36,6 +36,7 @@ def test_bad_case_is_refused_by_the_trainers_validation():
         run_training(peak_flops={"bfloat16": 1e11}, cases=[TrainCase("tiny", 1, 1024, steps=1, warmup=0)])
 
 
+@pytest.mark.long
 def test_each_trainer_option_gets_a_row_with_speed_and_memory_next_to_transformers():
     """Also: both models' float32 rows, their MFU against the peak measured here (none was given)."""
     case = TrainCase("tiny", 2, 32, dtype="float32", steps=1, warmup=1, variants=tuple(VARIANTS))

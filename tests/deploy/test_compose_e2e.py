@@ -175,6 +175,7 @@ def _sse_events(client: httpx.Client, body: dict) -> list[tuple[str, dict]]:
 
 
 @pytest.mark.slow  # the server starts on the embedded 135M model, as in compose, until a checkpoint lands
+@pytest.mark.long
 def test_compose_up_trains_serves_and_hot_reloads(tmp_path):
     compose = load_compose(env={"TRAIN_CONFIG": TRAIN_CONFIG})
     services = compose["services"]

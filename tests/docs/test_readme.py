@@ -173,23 +173,25 @@ def test_compose_commands():
 SHORT = "eval_every=0 sample_every=0"
 
 
+@pytest.mark.long
 def test_training_commands(tmp_path):
     # `make train` (demo) runs the same entry point as the explicit demo command below; check it expands so.
     dry = _run("make -n train")
     assert "-m trainer --config trainer/configs/demo.yaml" in dry.stdout
 
     tiny = next(c for c in COMMANDS if c == "make train CONFIG=tiny")
-    _run(f"{tiny} OUT={tmp_path / 'tiny'}", timeout=600)
-    assert (tmp_path / "tiny" / "latest").is_file()
-    latest = (tmp_path / "tiny" / "latest").read_text().strip()
-    assert load_model(tmp_path / "tiny" / latest).config.n_layer == 2
+    # Half the preset's 40 steps: its first evaluation, sample and checkpoint still come at step 20.
+    proc = _run(f"{tiny} OUT={tmp_path / 'tiny'} ARGS='max_steps=20'", timeout=600)
+    assert (tmp_path / "tiny" / "latest").read_text().strip() == "step-000020"
+    assert load_model(tmp_path / "tiny" / "step-000020").config.n_layer == 2
+    assert "sample @20" in proc.stderr and "val" in proc.stderr
 
     for command in COMMANDS:
         if command.startswith(".venv/bin/python -m trainer ") and "configs/demo.yaml" in command:
             out = tmp_path / "demo"
-            _run(
-                _venv(command.replace("runs/demo", str(out))) + f" max_steps=2 checkpoint_every=2 {SHORT}", timeout=600
-            )
+            # Two steps of one 64-token sequence: the 135M model loads, trains and checkpoints all the same.
+            shorter = "max_steps=2 checkpoint_every=2 batch_size=1 data.seq_len=64"
+            _run(_venv(command.replace("runs/demo", str(out))) + f" {shorter} {SHORT}", timeout=600)
             assert (out / "step-000002" / "model.safetensors").is_file()
         elif command.startswith(".venv/bin/torchrun"):
             out = tmp_path / "ddp"
@@ -202,6 +204,7 @@ def test_training_commands(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_sft_commands(tmp_path):
     """README's fine-tune-then-measure flow on the embedded model, cut to one step, one held-out row and no
     samples (the full demo's figures are in README and sft-demo.yaml)."""
@@ -222,6 +225,7 @@ def test_sft_commands(tmp_path):
 # ---------------------------------------------------------------- model CLIs
 
 
+@pytest.mark.long
 def test_model_commands(tmp_path):
     for command in (c for c in COMMANDS if c.startswith(".venv/bin/python -m model.")):
         command = _venv(command.replace("ckpt/SmolLM2-135M-Instruct", str(tmp_path / "converted")))

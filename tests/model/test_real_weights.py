@@ -39,6 +39,7 @@ def test_logits_match(ours, theirs, tokenizer):
         assert diff <= 1e-3, prompt
 
 
+@pytest.mark.long
 def test_greedy_continuations_match(ours, theirs, tokenizer):
     for prompt in PROMPTS:
         ids = tokenizer.encode(prompt, add_special_tokens=False)
@@ -46,6 +47,7 @@ def test_greedy_continuations_match(ours, theirs, tokenizer):
         assert mine == _hf_greedy(theirs, ids, 32), prompt
 
 
+@pytest.mark.long
 def test_transformers_loading_the_gguf_agrees(ours, tokenizer):
     gguf = bundled_gguf_path()
     from_gguf = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32).eval()

@@ -29,6 +29,7 @@ def server(tmp_path_factory, tiny_checkpoint) -> Iterator[ServerProcess]:
         yield s
 
 
+@pytest.mark.long
 def test_schemathesis_finds_no_server_error(server, tmp_path, figures):
     st = shutil.which("st", path=str(Path(sys.executable).parent)) or shutil.which("st")
     if st is None:

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.reliability.harness import (
     REPO,
@@ -361,6 +362,7 @@ async def _async(value: bool) -> bool:
     return value
 
 
+@pytest.mark.long
 def test_hot_reload_while_the_trainer_writes_checkpoints(tmp_path, start_server, figures):
     # The real trainer writes into the watched directory (keeping only the newest checkpoint, so the server
     # may find one deleted under it) while clients stream.

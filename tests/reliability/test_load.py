@@ -8,6 +8,7 @@ import random
 import time
 
 import httpx
+import pytest
 
 from tests.reliability.harness import (
     check_generate_stream,
@@ -25,6 +26,7 @@ ROUNDS = 3  # the first warms up; the memory check compares the later two with i
 MAX_TOKENS = 8
 
 
+@pytest.mark.long
 def test_64_streaming_clients_on_the_embedded_model(start_server, figures):
     # The embedded SmolLM2-135M-Instruct as `make serve` runs it (SMOLLM_CHECKPOINT unset, dtype auto: bf16 where
     # the hardware computes it natively, fp32 on CPUs that would emulate it ~100x slower, such as the CI machine's).

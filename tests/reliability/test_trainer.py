@@ -85,6 +85,7 @@ def _stratified(rng: random.Random, k: int, n: int, low: float, high: float) -> 
     return low + width * (k + rng.random())
 
 
+@pytest.mark.long
 def test_kill_9_at_8_random_instants_then_resume_reproduces_the_losses(tmp_path, figures):
     kills, max_steps = 8, 24
     # Every step writes a checkpoint (about as long as a step here). The instants are stratified (one random
@@ -173,6 +174,7 @@ def test_kill_9_at_8_random_instants_then_resume_reproduces_the_losses(tmp_path,
     assert check_out_dir(out) == []
 
 
+@pytest.mark.long
 def test_kill_9_inside_a_checkpoint_write_leaves_latest_on_the_previous_one(tmp_path, figures):
     # The trainer's test hook pauses inside the write of step 4 (after the trainer state, before the rename).
     out = tmp_path / "out"
@@ -244,21 +246,23 @@ BAD_DATA = [
 
 
 @pytest.mark.parametrize("case", BAD_DATA)
-def test_bad_data_stops_the_job_with_a_clear_error(tmp_path, case, figures):
+def test_bad_data_stops_the_job_with_a_clear_error(tmp_path, case, figures, capsys):
+    # The trainer's entry point in this process (the command line's arguments, its exit code and stderr): a
+    # process start per case would cost ~8 s of imports that test nothing here. An exception escaping main()
+    # fails the test as a traceback would; test_missing_init_checkpoint_stops_the_job_before_any_work below runs
+    # the same error path as a process.
+    from trainer.__main__ import main
+
     source = _bad_sources(tmp_path)[case]
     out = tmp_path / "out"
-    r = run_trainer(out, "max_steps=2", f"data.sources=[{source}]", f"data.cache_dir={tmp_path / 'tokens'}")
-    error_lines = [line for line in r.stderr.splitlines() if line.startswith("error:")]
-    figures.update(
-        case=case,
-        exit_code=r.returncode,
-        error=error_lines[:1],
-        out_dir_created=out.exists(),
-        traceback="Traceback" in r.stderr,
-    )
-    assert r.returncode != 0
-    assert error_lines, r.stderr[-2000:]
-    assert "Traceback" not in r.stderr, r.stderr[-2000:]
+    argv = trainer_cmd(out, "max_steps=2", f"data.sources=[{source}]", f"data.cache_dir={tmp_path / 'tokens'}")
+    assert argv[1:3] == ["-m", "trainer"]
+    code = main(argv[3:])
+    stderr = capsys.readouterr().err
+    error_lines = [line for line in stderr.splitlines() if line.startswith("error:")]
+    figures.update(case=case, exit_code=code, error=error_lines[:1], out_dir_created=out.exists())
+    assert code != 0
+    assert error_lines, stderr[-2000:]
     # The message names the file (or the empty corpus it made).
     assert Path(source).name in error_lines[0] or "empty" in error_lines[0], error_lines[0]
     assert not list(out.glob("step-*")) if out.exists() else True

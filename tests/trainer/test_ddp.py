@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from model.run_dir import read_latest
 from trainer.loop import prepare, run
 
@@ -22,6 +24,7 @@ def torchrun_trainer(config: Path, out: Path) -> subprocess.CompletedProcess:
     return res
 
 
+@pytest.mark.long
 def test_two_processes_match_one_and_resume(config_file, make_config, tmp_path, losses):
     overrides = ["max_steps=4", "checkpoint_every=2", "batch_size=4", "grad_accum=2"]
     single = tmp_path / "single"

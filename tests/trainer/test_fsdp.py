@@ -118,6 +118,7 @@ def test_one_process_writes_the_sharded_layout_and_resumes_from_it(make_config, 
     assert sorted(p.name for p in plain.iterdir() if p.name.startswith("step-")) == ["step-000004"]
 
 
+@pytest.mark.long
 def test_two_processes_match_one_resume_exactly_and_export_for_the_server(config_file, make_config, tmp_path, losses):
     from transformers import AutoModelForCausalLM
 
