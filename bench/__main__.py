@@ -56,14 +56,21 @@ def _choice_list(choices: tuple[str, ...]):
 
 
 def _device_parser() -> argparse.ArgumentParser:
-    """`--device` alone, read first: the GPU check has arguments of its own, which the CPU run's parser refuses."""
+    """`--device` alone, read first: the GPU check has arguments of its own, which the CPU run's parser refuses.
+    The CPU run's parser takes it as a parent, so `--help` lists it."""
     p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="cuda: the GPU check instead (bench/cuda.py): every other argument goes to it (--checkpoint, --out, "
+        "--quick, --budget, --random-weights; see python -m bench.cuda --help)",
+    )
     return p
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0], parents=[_device_parser()])
     p.add_argument("--quick", action="store_true", help="smoke run: few tokens and requests, tiny training only")
     p.add_argument(
         "--only",
@@ -109,13 +116,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--checkpoint", type=Path, default=None, help="model to serve (default: the embedded one)")
     p.add_argument("--out", type=Path, default=Path("bench/results"))
-    p.add_argument(
-        "--device",
-        choices=("cpu", "cuda"),
-        default="cpu",
-        help="cuda: the GPU check instead (bench/cuda.py): every other argument goes to it (--checkpoint, --out, "
-        "--quick, --budget, --random-weights; see python -m bench.cuda --help)",
-    )
     args = p.parse_args(argv)
     args.concurrency = args.concurrency or ([1, 4] if args.quick else [1, 4, 16, 64])
     args.max_tokens = args.max_tokens or (16 if args.quick else 128)

@@ -184,7 +184,7 @@ def test_training_commands(tmp_path):
     proc = _run(f"{tiny} OUT={tmp_path / 'tiny'} ARGS='max_steps=20'", timeout=600)
     assert (tmp_path / "tiny" / "latest").read_text().strip() == "step-000020"
     assert load_model(tmp_path / "tiny" / "step-000020").config.n_layer == 2
-    assert "sample @20" in proc.stderr and "val" in proc.stderr
+    assert "sample @20" in proc.stderr and re.search(r"step 20/20 \| loss [\d.]+ val [\d.]+", proc.stderr)
 
     for command in COMMANDS:
         if command.startswith(".venv/bin/python -m trainer ") and "configs/demo.yaml" in command:
