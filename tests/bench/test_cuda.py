@@ -129,6 +129,19 @@ def test_decode_step_eager_and_compiled_agree(tiny):
         assert row["eager_ms"] > 0 and row["compiled_ms"] > 0 and row["same_argmax"], row
 
 
+def test_a_decode_step_that_fails_to_compile_is_reported_with_its_eager_time(tiny):
+    def broken_backend(gm, example_inputs):
+        raise RuntimeError("injected compiler failure")
+
+    model, _ = tiny
+    out = cuda.decode_step(
+        model, [2], kv_len=64, steps=2, budget=cuda.Budget(120.0), compile_options={"backend": broken_backend}
+    )
+    row = out["sizes"]["2"]
+    assert row["eager_ms"] > 0 and "compiled_ms" not in row
+    assert row["compiled"].startswith("failed: torch.compile raised"), row
+
+
 def test_run_check_end_to_end_on_cpu(tiny_checkpoint, tmp_path, eager_compiler):
     results = cuda.run_check(
         tiny_checkpoint,
