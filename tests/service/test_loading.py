@@ -59,6 +59,31 @@ def test_explicit_dtypes_win_over_the_cpu(monkeypatch, tiny_checkpoint, capabili
         assert resolve_precision(tiny_settings(tiny_checkpoint, dtype=name, device="cpu")).dtype == dtype
 
 
+@pytest.mark.parametrize("capability", [AVX2, AVX512_BF16])
+def test_auto_serves_int4_in_fp32_on_the_native_kernels(monkeypatch, tiny_checkpoint, capability):
+    """The native int4 kernels compute in an fp32 model, so `auto` with int4 is fp32 on both kinds of CPU where
+    they run; where they cannot, int4 runs aten's kernel in the dtype auto picks for the CPU."""
+    from model import native
+    from model.quant import Int4Linear
+
+    monkeypatch.setattr(devices, "cpu_capability", lambda: capability)
+    settings = tiny_settings(tiny_checkpoint, dtype="auto", device="cpu", quant="int4")
+    if native.native_kernels() is not None:
+        assert resolve_precision(settings).dtype == torch.float32
+        model, _ = make_loader(settings)(tiny_checkpoint)
+        assert model.dtype == torch.float32
+        assert {m.kernel for m in model.modules() if isinstance(m, Int4Linear)} == {"native"}
+    # An explicit dtype wins.
+    explicit = tiny_settings(tiny_checkpoint, dtype="bfloat16", device="cpu", quant="int4")
+    assert resolve_precision(explicit).dtype == torch.bfloat16
+    monkeypatch.setattr(native, "native_kernels", lambda: None)
+    expected = torch.bfloat16 if capability.native_bf16 else torch.float32
+    assert resolve_precision(settings).dtype == expected
+    model, _ = make_loader(settings)(tiny_checkpoint)
+    assert model.dtype == expected
+    assert {m.kernel for m in model.modules() if isinstance(m, Int4Linear)} == {"aten"}
+
+
 def test_the_choice_is_logged_at_start(monkeypatch, tiny_checkpoint, caplog):
     monkeypatch.setattr(devices, "cpu_capability", lambda: CpuCapability(isa="FAKEISA", native_bf16=False))
     with caplog.at_level(logging.INFO, logger="service.loading"):

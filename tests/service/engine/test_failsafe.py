@@ -220,7 +220,7 @@ def test_a_mixed_step_that_raises_fails_its_rows_and_the_engine_serves_on(tokeni
     if native.native_kernels() is None:
         pytest.skip("no native kernels here")
     model = tiny_model(0)
-    quantize_model(model, "int4")
+    quantize_model(model, "int4", int4_kernel="native")
 
     def engine() -> Engine:
         opts = dict(max_batch_size=4, max_context=512, max_queue=8, prefill_chunk=512, prefill_group=8)

@@ -43,7 +43,7 @@ def test_native_int4_prompts_are_not_padded(make_engine, tokenizer, monkeypatch)
         model = engine.runner.model
         if quant == "int4":
             model = tiny_model(0)
-            quantize_model(model, "int4")
+            quantize_model(model, "int4", int4_kernel="native")
             engine.runner.set_model(model)
         rows: list[int] = []
         forward = model.forward
@@ -76,7 +76,7 @@ def test_native_int4_mixed_steps_give_each_stream_the_tokens_it_gets_alone(token
     if native.native_kernels() is None:
         pytest.skip("no native kernels here")
     model = tiny_model(0)
-    quantize_model(model, "int4")
+    quantize_model(model, "int4", int4_kernel="native")
     greedy = SamplingParams(temperature=0.0, logprobs=0)
 
     def engine() -> Engine:
