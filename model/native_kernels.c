@@ -43,7 +43,7 @@ static inline int64_t scale_offset(int64_t j) { return 2 * j; }
 static inline int64_t min_offset(int64_t j) { return 16 + 2 * j; }
 static inline int64_t nibble_offset(int64_t j, int i) { return 32 + (i / 4) * 32 + j * 4 + i % 4; }
 
-int smollm_abi_version(void) { return 5; }
+int smollm_abi_version(void) { return 6; }
 
 int smollm_block_bytes(void) { return 20; }
 
@@ -228,6 +228,97 @@ static inline __attribute__((always_inline)) void q4_group_tile(const uint8_t *w
     }
 }
 
+/* Every row tile of group g: tiles of 4 rows, then the rest as one tile. */
+static void q4_group_rows(const uint8_t *w, int64_t nb, int64_t g, const int8_t *xq, const float *xd,
+                          const float *xsum, int64_t k, int64_t rows, float *yg, int64_t n, int width) {
+    int64_t r = 0;
+    for (; r + 4 <= rows; r += 4)
+        q4_group_tile(w, nb, g, xq + r * k, xd + r * nb, xsum + r * nb, k, 4, yg + r * n, n, width);
+    switch (rows - r) {
+    case 3: q4_group_tile(w, nb, g, xq + r * k, xd + r * nb, xsum + r * nb, k, 3, yg + r * n, n, width); break;
+    case 2: q4_group_tile(w, nb, g, xq + r * k, xd + r * nb, xsum + r * nb, k, 2, yg + r * n, n, width); break;
+    case 1: q4_group_tile(w, nb, g, xq + r * k, xd + r * nb, xsum + r * nb, k, 1, yg + r * n, n, width); break;
+    default: break;
+    }
+}
+
+/* The same tile with AVX512-VNNI's vpdpbusd (on 256-bit registers: AVX512VL): each row's 4 u8 x s8 products of a
+   chunk go straight into its 32-bit lane, one instruction where AVX2 takes two maddubs and an add, and the
+   16-bit-to-32-bit madd at the end of a block goes away. The integer sums are exact either way, so every output
+   is bit for bit the AVX2 tile's. Chosen at run time (`smollm_q4_isa`). */
+#define VNNI_TARGET __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512vnni")))
+static inline __attribute__((always_inline)) VNNI_TARGET void q4_group_tile_vnni(
+    const uint8_t *w, int64_t nb, int64_t g, const int8_t *xq, const float *xd, const float *xsum, int64_t k, int R,
+    float *y, int64_t ldy, int width) {
+    const __m256i low4 = _mm256_set1_epi8(0x0f);
+    __m256 acc[4];
+    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *blk = group_block(w, nb, g, b);
+        __m256i sums[4];
+        for (int r = 0; r < R; r++) sums[r] = _mm256_setzero_si256();
+        for (int t = 0; t < 4; t++) {
+            const __m256i raw = _mm256_loadu_si256((const __m256i *)(blk + 32 + 32 * t));
+            const __m256i lo = _mm256_and_si256(raw, low4), hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low4);
+            for (int r = 0; r < R; r++) {
+                const int8_t *xb = xq + r * k + b * QK;
+                sums[r] = _mm256_dpbusd_epi32(sums[r], lo, broadcast4(xb + 4 * t));
+                sums[r] = _mm256_dpbusd_epi32(sums[r], hi, broadcast4(xb + 16 + 4 * t));
+            }
+        }
+        const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)blk));
+        const __m256 m = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(blk + 16)));
+        for (int r = 0; r < R; r++) {
+            const __m256 s = _mm256_cvtepi32_ps(sums[r]);
+            acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(d, _mm256_set1_ps(xd[r * nb + b])), s, acc[r]);
+            acc[r] = _mm256_fmadd_ps(m, _mm256_set1_ps(xsum[r * nb + b]), acc[r]);
+        }
+    }
+    for (int r = 0; r < R; r++) {
+        if (width == GROUP) {
+            _mm256_storeu_ps(y + r * ldy, acc[r]);
+        } else {
+            float tmp[GROUP];
+            _mm256_storeu_ps(tmp, acc[r]);
+            memcpy(y + r * ldy, tmp, (size_t)width * sizeof(float));
+        }
+    }
+}
+
+static VNNI_TARGET void q4_group_rows_vnni(const uint8_t *w, int64_t nb, int64_t g, const int8_t *xq,
+                                           const float *xd, const float *xsum, int64_t k, int64_t rows, float *yg,
+                                           int64_t n, int width) {
+    int64_t r = 0;
+    for (; r + 4 <= rows; r += 4)
+        q4_group_tile_vnni(w, nb, g, xq + r * k, xd + r * nb, xsum + r * nb, k, 4, yg + r * n, n, width);
+    switch (rows - r) {
+    case 3: q4_group_tile_vnni(w, nb, g, xq + r * k, xd + r * nb, xsum + r * nb, k, 3, yg + r * n, n, width); break;
+    case 2: q4_group_tile_vnni(w, nb, g, xq + r * k, xd + r * nb, xsum + r * nb, k, 2, yg + r * n, n, width); break;
+    case 1: q4_group_tile_vnni(w, nb, g, xq + r * k, xd + r * nb, xsum + r * nb, k, 1, yg + r * n, n, width); break;
+    default: break;
+    }
+}
+
+/* Which 4-bit kernel smollm_q4_matmul runs: 1 for AVX512-VNNI where the CPU has it, else 0 (AVX2). -1 until the
+   first call asks the CPU; smollm_q4_set_isa(0) pins AVX2 (tests compare the two). */
+static int q4_isa = -1;
+
+int smollm_q4_isa(void) {
+    if (q4_isa < 0) {
+        __builtin_cpu_init();
+        q4_isa = __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl") ? 1 : 0;
+    }
+    return q4_isa;
+}
+
+/* Pins the kernel: 0 for AVX2, 1 for AVX512-VNNI (refused, returning the kernel in use, where the CPU lacks it). */
+int smollm_q4_set_isa(int isa) {
+    q4_isa = -1;
+    const int best = smollm_q4_isa();
+    q4_isa = isa <= best ? isa : best;
+    return q4_isa;
+}
+
 /* y (rows, n) = x (rows, k) @ W.T with W (n, k) in groups of 4-bit blocks; k a multiple of 32. `scratch` holds
    rows * (k / 4 + 2 * k / 32) floats (the quantized activations, their scales and block sums). */
 void smollm_q4_matmul(const float *x, int64_t rows, int64_t k, const uint8_t *w, int64_t n, float *y, float *scratch,
@@ -235,22 +326,17 @@ void smollm_q4_matmul(const float *x, int64_t rows, int64_t k, const uint8_t *w,
     const int64_t nb = k / QK, groups = (n + GROUP - 1) / GROUP;
     float *xd = scratch, *xsum = scratch + rows * nb;
     int8_t *xq = (int8_t *)(scratch + 2 * rows * nb);
+    const int vnni = smollm_q4_isa() == 1;
     quantize_rows_q8(x, rows, k, xq, xd, xsum, nthreads);
     /* Threads split the groups of weight rows, so each streams its own part of the weights once (a group's blocks
        stay in L1 while every tile of activation rows passes over them); the activations stay cached. */
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t g = 0; g < groups; g++) {
         const int width = (int)(n - g * GROUP < GROUP ? n - g * GROUP : GROUP);
-        float *yg = y + g * GROUP;
-        int64_t r = 0;
-        for (; r + 4 <= rows; r += 4)
-            q4_group_tile(w, nb, g, xq + r * k, xd + r * nb, xsum + r * nb, k, 4, yg + r * n, n, width);
-        switch (rows - r) {
-        case 3: q4_group_tile(w, nb, g, xq + r * k, xd + r * nb, xsum + r * nb, k, 3, yg + r * n, n, width); break;
-        case 2: q4_group_tile(w, nb, g, xq + r * k, xd + r * nb, xsum + r * nb, k, 2, yg + r * n, n, width); break;
-        case 1: q4_group_tile(w, nb, g, xq + r * k, xd + r * nb, xsum + r * nb, k, 1, yg + r * n, n, width); break;
-        default: break;
-        }
+        if (vnni)
+            q4_group_rows_vnni(w, nb, g, xq, xd, xsum, k, rows, y + g * GROUP, n, width);
+        else
+            q4_group_rows(w, nb, g, xq, xd, xsum, k, rows, y + g * GROUP, n, width);
     }
 }
 

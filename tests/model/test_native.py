@@ -70,6 +70,39 @@ def test_q4_matmul_is_the_dequantized_product_row_by_row(out_features):
     assert torch.equal(zero, torch.zeros(1, out_features))  # an all-zero (padding) row stays zero, not NaN
 
 
+@pytest.fixture
+def q4_isa():
+    """Puts the 4-bit products back on the CPU's best kernel after a test pinned one."""
+    best = native.q4_isa()
+    yield best
+    native.set_q4_isa(best)
+
+
+@needs_native
+@torch.inference_mode()
+def test_vnni_products_are_the_avx2_products_bit_for_bit(q4_isa):
+    """AVX512-VNNI runs where the CPU has it, and gives every output the AVX2 kernel gives (exact integer sums):
+    tiles of 4 rows and each tail, whole and padded groups of weight rows, a whole model's fused step."""
+    assert q4_isa == ("AVX512-VNNI" if torch.cpu._is_vnni_supported() else "AVX2")
+    if q4_isa != "AVX512-VNNI":
+        assert native.set_q4_isa("AVX512-VNNI") == "AVX2"  # refused where the CPU lacks it
+        pytest.skip("no AVX512-VNNI on this CPU")
+    gen = torch.Generator().manual_seed(7)
+    model = tiny("int4")
+    tokens = torch.randint(0, CONFIG.vocab_size, (1, 9), generator=gen)
+    for out_features, k in ((40, 96), (21, 160)):
+        blocks = native.q4_quantize(torch.randn(out_features, k, generator=gen))
+        x = torch.randn(11, k, generator=gen)
+        ys, logits = {}, {}
+        for isa in native.Q4_ISAS:
+            assert native.set_q4_isa(isa) == isa
+            ys[isa] = [native.q4_matmul(x[:rows].contiguous(), blocks, out_features) for rows in range(1, 12)]
+            logits[isa] = model(tokens)
+        for a, b in zip(*ys.values(), strict=True):
+            assert torch.equal(a, b)
+        assert torch.equal(*logits.values())
+
+
 @needs_native
 @torch.inference_mode()
 def test_int4_native_layer_streams_the_blocks_for_prompts_and_decode_rows_alike():
