@@ -251,23 +251,21 @@ def test_fbgemm_rows_do_not_depend_on_the_batch():
 
 
 @needs_fbgemm
-def test_int8_kernel_follows_the_cpu():
-    assert pick_int8_kernel(lambda: AVX2) == "fbgemm"
-    assert pick_int8_kernel(lambda: AMX) == "aten"
-    for mode in ("int8", "int4"):
-        model = tiny()
-        quantize_model(model, mode, capability=lambda: AMX)
-        assert model.output.kernel == "aten"
-        model = tiny()
-        quantize_model(model, mode, capability=lambda: AVX2)
-        assert model.output.kernel == "fbgemm"
+def test_int8_layers_run_fbgemm_on_both_kinds_of_cpu():
+    """fbgemm wherever torch has it: measured faster than aten's kernel on AVX2 and on AMX alike (model/quant.py)."""
+    assert pick_int8_kernel() == "fbgemm"
+    for capability in (AVX2, AMX):
+        for mode in ("int8", "int4"):
+            model = tiny()
+            quantize_model(model, mode, capability=lambda capability=capability: capability)
+            assert model.output.kernel == "fbgemm"
 
 
 def test_int8_kernel_falls_back_to_aten_without_fbgemm(monkeypatch):
     import model.quant
 
     monkeypatch.setattr(model.quant, "fbgemm_available", lambda: False)
-    assert pick_int8_kernel(lambda: AVX2) == "aten"
+    assert pick_int8_kernel() == "aten"
     model = tiny()
     quantize_model(model, "int8", capability=lambda: AVX2)
     assert {m.kernel for m in model.modules() if isinstance(m, Int8Linear)} == {"aten"}
