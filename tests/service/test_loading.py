@@ -60,28 +60,36 @@ def test_explicit_dtypes_win_over_the_cpu(monkeypatch, tiny_checkpoint, capabili
 
 
 @pytest.mark.parametrize("capability", [AVX2, AVX512_BF16])
-def test_auto_serves_int4_in_fp32_on_the_native_kernels(monkeypatch, tiny_checkpoint, capability):
-    """The native int4 kernels compute in an fp32 model, so `auto` with int4 is fp32 on both kinds of CPU where
-    they run; where they cannot, int4 runs aten's kernel in the dtype auto picks for the CPU."""
+def test_auto_serves_quantized_modes_in_fp32_where_their_kernels_take_it(monkeypatch, tiny_checkpoint, capability):
+    """The native int4 kernels and fbgemm's int8 GEMM take fp32 activations, so `auto` with int4 or int8 is fp32 on
+    both kinds of CPU where they run; where they cannot, the mode runs aten's kernels in the dtype auto picks for
+    the CPU. An explicit dtype wins."""
+    import model.quant
     from model import native
-    from model.quant import Int4Linear
+    from model.quant import Int4Linear, Int8Linear
 
     monkeypatch.setattr(devices, "cpu_capability", lambda: capability)
-    settings = tiny_settings(tiny_checkpoint, dtype="auto", device="cpu", quant="int4")
-    if native.native_kernels() is not None:
-        assert resolve_precision(settings).dtype == torch.float32
-        model, _ = make_loader(settings)(tiny_checkpoint)
-        assert model.dtype == torch.float32
-        assert {m.kernel for m in model.modules() if isinstance(m, Int4Linear)} == {"native"}
-    # An explicit dtype wins.
-    explicit = tiny_settings(tiny_checkpoint, dtype="bfloat16", device="cpu", quant="int4")
-    assert resolve_precision(explicit).dtype == torch.bfloat16
-    monkeypatch.setattr(native, "native_kernels", lambda: None)
-    expected = torch.bfloat16 if capability.native_bf16 else torch.float32
-    assert resolve_precision(settings).dtype == expected
-    model, _ = make_loader(settings)(tiny_checkpoint)
-    assert model.dtype == expected
-    assert {m.kernel for m in model.modules() if isinstance(m, Int4Linear)} == {"aten"}
+    fallback = torch.bfloat16 if capability.native_bf16 else torch.float32
+    for mode, layer_type, fast, switch_off in (
+        ("int4", Int4Linear, "native", lambda: monkeypatch.setattr(native, "native_kernels", lambda: None)),
+        ("int8", Int8Linear, "fbgemm", lambda: monkeypatch.setattr(model.quant, "fbgemm_available", lambda: False)),
+    ):
+        settings = tiny_settings(tiny_checkpoint, dtype="auto", device="cpu", quant=mode)
+        fast_here = model.quant.pick_int4_kernel() if mode == "int4" else model.quant.pick_int8_kernel()
+        if fast_here == fast:
+            assert resolve_precision(settings).dtype == torch.float32
+            loaded, _ = make_loader(settings)(tiny_checkpoint)
+            assert loaded.dtype == torch.float32
+            assert {m.kernel for m in loaded.modules() if isinstance(m, layer_type)} == {fast}
+        explicit = tiny_settings(tiny_checkpoint, dtype="bfloat16", device="cpu", quant=mode)
+        assert resolve_precision(explicit).dtype == torch.bfloat16
+        switch_off()
+        assert resolve_precision(settings).dtype == fallback
+        loaded, _ = make_loader(settings)(tiny_checkpoint)
+        assert loaded.dtype == fallback
+        assert {m.kernel for m in loaded.modules() if isinstance(m, layer_type)} == {"aten"}
+        monkeypatch.undo()
+        monkeypatch.setattr(devices, "cpu_capability", lambda: capability)
 
 
 def test_the_choice_is_logged_at_start(monkeypatch, tiny_checkpoint, caplog):
