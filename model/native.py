@@ -179,6 +179,10 @@ def native_kernels(capability: Callable[[], CpuCapability] = cpu_capability) -> 
                 return None
             path = build(cache, cc)
         lib = load(path)
+        if cap.isa != "AVX512":
+            # torch kept to AVX2 on an AVX-512 CPU (ATEN_CPU_CAPABILITY=avx2, to approximate an AVX2-only machine):
+            # these kernels keep to it too, so a run labelled AVX2 runs AVX2 code.
+            lib.smollm_q4_set_isa(0)
         log.info("native CPU kernels loaded: 4-bit products on %s", Q4_ISAS[lib.smollm_q4_isa()])
         return lib
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:

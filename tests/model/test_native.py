@@ -4,6 +4,7 @@ the PyTorch path computes, row by row whatever the batch."""
 from __future__ import annotations
 
 import logging
+import os
 
 import pytest
 import torch
@@ -101,6 +102,21 @@ def test_vnni_products_are_the_avx2_products_bit_for_bit(q4_isa):
         for a, b in zip(*ys.values(), strict=True):
             assert torch.equal(a, b)
         assert torch.equal(*logits.values())
+
+
+@needs_native
+def test_the_4_bit_products_keep_to_torchs_isa():
+    """ATEN_CPU_CAPABILITY=avx2 on an AVX-512 CPU (the bench's way to approximate an AVX2-only machine) keeps the
+    native kernels to AVX2 as well."""
+    import subprocess
+    import sys
+
+    code = "from model import native; print(native.q4_isa())"
+    run = subprocess.run(
+        [sys.executable, "-c", code], env={**os.environ, "ATEN_CPU_CAPABILITY": "avx2"}, capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "AVX2"
 
 
 @needs_native
