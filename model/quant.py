@@ -278,9 +278,9 @@ def pick_int8_kernel() -> str:
 
     fbgemm on CPUs with native bf16 too, by measurement (Xeon with AMX, 2 threads, 2026-11-30): the 49152 x 576
     output projection took 0.78 / 3.1 / 13.9 ms for 1 / 16 / 64 rows on fbgemm against 1.05 / 7.5 / 29.5 on aten's
-    kernel with bf16 activations; served in process, int8 mode 46.7 / 257 / 405 tok/s at 1 / 16 / 64 streams against
-    45.7 / 206 / 308. (oneDNN's packed bf16 GEMM, AMX, took 1.3 / 1.5 / 2.5 ms, but its result for a row changes
-    with the number of rows around it.)"""
+    kernel with bf16 activations; served in process, int8 mode on fbgemm in an fp32 model 46.7 / 257 / 405 tok/s at
+    1 / 16 / 64 streams against 45.7 / 206 / 308 on aten's kernel in a bf16 model. (oneDNN's packed bf16 GEMM,
+    AMX, took 1.3 / 1.5 / 2.5 ms, but its result for a row changes with the number of rows around it.)"""
     return "fbgemm" if fbgemm_available() else "aten"
 
 
