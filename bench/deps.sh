@@ -11,7 +11,7 @@
 # level, the best one picked at start) and llama-cpp-python for an AVX2 baseline.
 # To approximate an AVX2-only CPU on an AVX-512 one, build with LLAMA_CPU_FLAGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON
 # -DGGML_AVX512=OFF" into a fresh bench/.deps, and run the bench with ATEN_CPU_CAPABILITY=avx2
-# ONEDNN_MAX_CPU_ISA=AVX2.
+# ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 (fbgemm's int8 kernels stay AVX-512: bench/machine.py).
 # Environment: VENV (default .venv), LLAMA_CPP_PYTHON_VERSION (default: latest), JOBS (default 2),
 # LLAMA_PORTABLE (default 0), LLAMA_CPU_FLAGS (overrides the CPU flags of both builds).
 # Each part is attempted even if another failed; the exit status says whether all succeeded.

@@ -42,6 +42,13 @@ def cpu_model(cpuinfo: str | None = None) -> str:
     return platform.processor() or platform.machine()
 
 
+# What keeps a run to a lower ISA than the CPU's, to approximate an AVX2-only machine on an AVX-512 one: torch's
+# own kernels and the native ones (ATEN_CPU_CAPABILITY), oneDNN (packed linears, bf16 support), and MKL, which runs
+# torch's fp32 matmuls (on the AMX Xeon 1024^2 fp32 went from 321 to 187 GFLOP/s with it, and did not move with the
+# other two). fbgemm (int8) has no such switch: it runs its AVX-512 kernels whatever is set.
+RESTRICTING_ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+
+
 def isa_label(torch_isa: str, native_bf16: bool, flags: set[str]) -> str:
     """One word for tables: AMX, AVX512-BF16, AVX-512, AVX2 (or torch's level when it is none of these).
     AMX comes from the CPU flags (torch's dispatch level does not name it); the rest from what torch/oneDNN use,
@@ -69,7 +76,7 @@ def describe_machine(measure: bool = True, quick: bool = False) -> dict[str, Any
         "cores": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
-        "restricted": {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA") if k in os.environ},
+        "restricted": {k: os.environ[k] for k in RESTRICTING_ENV if k in os.environ},
     }
     if measure:
         from bench.ceiling import measure_matmul_flops, measure_read_bandwidth

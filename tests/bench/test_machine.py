@@ -28,9 +28,12 @@ def test_isa_label_names_the_kind_of_cpu():
 
 def test_describe_machine_records_isa_threads_and_measurements(monkeypatch):
     monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+    monkeypatch.setenv("MKL_ENABLE_INSTRUCTIONS", "AVX2")  # MKL runs torch's fp32 matmuls: restricted apart
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
     record = describe_machine(measure=False)
     assert record["torch_cpu_capability"] == torch.backends.cpu.get_cpu_capability()
-    assert record["threads"] == torch.get_num_threads() and record["restricted"] == {"ATEN_CPU_CAPABILITY": "avx2"}
+    assert record["threads"] == torch.get_num_threads()
+    assert record["restricted"] == {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
     assert "bandwidth_gbs" not in record
     line = machine_line({**record, "bandwidth_gbs": 18.04, "matmul_gflops": {"float32": 90.2, "bfloat16": 0.9}})
     assert record["isa"] in line and "read 18.0 GB/s" in line and "float32 90 / bfloat16 1 GFLOP/s" in line
