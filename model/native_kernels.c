@@ -1,4 +1,5 @@
-/* CPU kernels for the decode step on x86-64 with AVX2, FMA and F16C, built at first use by model/native.py.
+/* CPU kernels for the decode step on x86-64 with AVX2, FMA and F16C, built at first use by model/native.py (the
+4-bit products also have an AVX512-VNNI tile, picked at run time where the CPU has it).
 
 Why hand-written: on CPUs without native bf16 the stock weight-only int4 kernel streams 4-bit weights at ~4 GB/s
 and wants bf16 activations, and a one-token step spends as long again in ~4,000 small tensor ops around the
