@@ -187,6 +187,33 @@ static inline __m256i broadcast4(const int8_t *x) {
     return _mm256_set1_epi32(v);
 }
 
+/* acc[r] += (d * xd) * s + m * xsum for one block: its 8 rows' scales d and minimums m, and each activation row's
+   integer sums s (8 lanes of int32, one per weight row). */
+static inline __attribute__((always_inline)) void q4_block_accumulate(const uint8_t *blk, const __m256i *s, int R,
+                                                                      const float *xd, const float *xsum,
+                                                                      int64_t nb, int64_t b, __m256 *acc) {
+    const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)blk));
+    const __m256 m = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(blk + 16)));
+    for (int r = 0; r < R; r++) {
+        acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(d, _mm256_set1_ps(xd[r * nb + b])), _mm256_cvtepi32_ps(s[r]), acc[r]);
+        acc[r] = _mm256_fmadd_ps(m, _mm256_set1_ps(xsum[r * nb + b]), acc[r]);
+    }
+}
+
+/* Stores a tile's R rows of 8 outputs (the first `width` of them in a padded last group). */
+static inline __attribute__((always_inline)) void q4_tile_store(const __m256 *acc, int R, float *y, int64_t ldy,
+                                                                int width) {
+    for (int r = 0; r < R; r++) {
+        if (width == GROUP) {
+            _mm256_storeu_ps(y + r * ldy, acc[r]);
+        } else {
+            float tmp[GROUP];
+            _mm256_storeu_ps(tmp, acc[r]);
+            memcpy(y + r * ldy, tmp, (size_t)width * sizeof(float));
+        }
+    }
+}
+
 /* y[r, 8 outputs of group g] for a tile of R rows (1..4) of quantized activations. Per block the 8 sub-products
    (maddubs: pairs of u8 x s8, at most 2 * 15 * 127 each) add up in 16-bit lanes (8 * 3810 < 32767), pairs of lanes
    give each output's integer dot product s (madd), and acc += (d * xd) * s, then acc += m * xsum. Every output
@@ -210,37 +237,27 @@ static inline __attribute__((always_inline)) void q4_group_tile(const uint8_t *w
                 sums[r] = t == 0 ? part : _mm256_add_epi16(sums[r], part);
             }
         }
-        const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)blk));
-        const __m256 m = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(blk + 16)));
-        for (int r = 0; r < R; r++) {
-            const __m256 s = _mm256_cvtepi32_ps(_mm256_madd_epi16(sums[r], ones));
-            acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(d, _mm256_set1_ps(xd[r * nb + b])), s, acc[r]);
-            acc[r] = _mm256_fmadd_ps(m, _mm256_set1_ps(xsum[r * nb + b]), acc[r]);
-        }
+        for (int r = 0; r < R; r++) sums[r] = _mm256_madd_epi16(sums[r], ones);
+        q4_block_accumulate(blk, sums, R, xd, xsum, nb, b, acc);
     }
-    for (int r = 0; r < R; r++) {
-        if (width == GROUP) {
-            _mm256_storeu_ps(y + r * ldy, acc[r]);
-        } else {
-            float tmp[GROUP];
-            _mm256_storeu_ps(tmp, acc[r]);
-            memcpy(y + r * ldy, tmp, (size_t)width * sizeof(float));
-        }
-    }
+    q4_tile_store(acc, R, y, ldy, width);
 }
 
-/* Every row tile of group g: tiles of 4 rows, then the rest as one tile. */
+/* The body of a q4_group_rows function: every row tile of group g with TILE, tiles of 4 rows and then the rest as
+   one tile, R a constant in each call so that the tile's loops unroll (a macro: C has no templates). */
+#define Q4_GROUP_ROWS_BODY(TILE)                                                                                  \
+    int64_t r = 0;                                                                                                \
+    for (; r + 4 <= rows; r += 4) TILE(w, nb, g, xq + r * k, xd + r * nb, xsum + r * nb, k, 4, yg + r * n, n, width); \
+    switch (rows - r) {                                                                                           \
+    case 3: TILE(w, nb, g, xq + r * k, xd + r * nb, xsum + r * nb, k, 3, yg + r * n, n, width); break;           \
+    case 2: TILE(w, nb, g, xq + r * k, xd + r * nb, xsum + r * nb, k, 2, yg + r * n, n, width); break;           \
+    case 1: TILE(w, nb, g, xq + r * k, xd + r * nb, xsum + r * nb, k, 1, yg + r * n, n, width); break;           \
+    default: break;                                                                                               \
+    }
+
 static void q4_group_rows(const uint8_t *w, int64_t nb, int64_t g, const int8_t *xq, const float *xd,
                           const float *xsum, int64_t k, int64_t rows, float *yg, int64_t n, int width) {
-    int64_t r = 0;
-    for (; r + 4 <= rows; r += 4)
-        q4_group_tile(w, nb, g, xq + r * k, xd + r * nb, xsum + r * nb, k, 4, yg + r * n, n, width);
-    switch (rows - r) {
-    case 3: q4_group_tile(w, nb, g, xq + r * k, xd + r * nb, xsum + r * nb, k, 3, yg + r * n, n, width); break;
-    case 2: q4_group_tile(w, nb, g, xq + r * k, xd + r * nb, xsum + r * nb, k, 2, yg + r * n, n, width); break;
-    case 1: q4_group_tile(w, nb, g, xq + r * k, xd + r * nb, xsum + r * nb, k, 1, yg + r * n, n, width); break;
-    default: break;
-    }
+    Q4_GROUP_ROWS_BODY(q4_group_tile)
 }
 
 /* The same tile with AVX512-VNNI's vpdpbusd (on 256-bit registers: AVX512VL): each row's 4 u8 x s8 products of a
@@ -267,37 +284,15 @@ static inline __attribute__((always_inline)) VNNI_TARGET void q4_group_tile_vnni
                 sums[r] = _mm256_dpbusd_epi32(sums[r], hi, broadcast4(xb + 16 + 4 * t));
             }
         }
-        const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)blk));
-        const __m256 m = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(blk + 16)));
-        for (int r = 0; r < R; r++) {
-            const __m256 s = _mm256_cvtepi32_ps(sums[r]);
-            acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(d, _mm256_set1_ps(xd[r * nb + b])), s, acc[r]);
-            acc[r] = _mm256_fmadd_ps(m, _mm256_set1_ps(xsum[r * nb + b]), acc[r]);
-        }
+        q4_block_accumulate(blk, sums, R, xd, xsum, nb, b, acc);
     }
-    for (int r = 0; r < R; r++) {
-        if (width == GROUP) {
-            _mm256_storeu_ps(y + r * ldy, acc[r]);
-        } else {
-            float tmp[GROUP];
-            _mm256_storeu_ps(tmp, acc[r]);
-            memcpy(y + r * ldy, tmp, (size_t)width * sizeof(float));
-        }
-    }
+    q4_tile_store(acc, R, y, ldy, width);
 }
 
 static VNNI_TARGET void q4_group_rows_vnni(const uint8_t *w, int64_t nb, int64_t g, const int8_t *xq,
                                            const float *xd, const float *xsum, int64_t k, int64_t rows, float *yg,
                                            int64_t n, int width) {
-    int64_t r = 0;
-    for (; r + 4 <= rows; r += 4)
-        q4_group_tile_vnni(w, nb, g, xq + r * k, xd + r * nb, xsum + r * nb, k, 4, yg + r * n, n, width);
-    switch (rows - r) {
-    case 3: q4_group_tile_vnni(w, nb, g, xq + r * k, xd + r * nb, xsum + r * nb, k, 3, yg + r * n, n, width); break;
-    case 2: q4_group_tile_vnni(w, nb, g, xq + r * k, xd + r * nb, xsum + r * nb, k, 2, yg + r * n, n, width); break;
-    case 1: q4_group_tile_vnni(w, nb, g, xq + r * k, xd + r * nb, xsum + r * nb, k, 1, yg + r * n, n, width); break;
-    default: break;
-    }
+    Q4_GROUP_ROWS_BODY(q4_group_tile_vnni)
 }
 
 /* Which 4-bit kernel smollm_q4_matmul runs: 1 for AVX512-VNNI where the CPU has it, else 0 (AVX2). -1 until the
