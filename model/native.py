@@ -51,11 +51,12 @@ SOURCE = Path(__file__).with_name("native_kernels.c")
 # as the eager model does, and results do not depend on the compiler's choices).
 CFLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC")
 ABI_VERSION = 6
-# The 4-bit products' kernels (smollm_q4_isa), chosen by the C code from what the CPU has: AVX512-VNNI's vpdpbusd
-# (AVX-512 CPUs from Cascade Lake and Zen 4 on) gives the same integer sums as AVX2's maddubs in fewer instructions.
-# Measured on the AMX Xeon (2 threads, 2026-11-30): a 3072 x 576 product 1.5x (16 rows) to 1.7x (64 rows) faster,
-# a 576 x 1536 one 1.6-1.8x; one row unchanged (it waits on memory).
-Q4_ISAS = ("AVX2", "AVX512-VNNI")
+# The 4-bit products' kernels (smollm_q4_isa), by index, chosen by the C code from what the CPU has: vpdpbusd, as
+# AVX512-VNNI (AVX-512 CPUs from Cascade Lake and Zen 4 on) or AVX-VNNI (Intel client CPUs from Alder Lake on, which
+# have no AVX-512), gives the same integer sums as AVX2's maddubs in fewer instructions. Measured on the AMX Xeon
+# (2 threads, 2026-11-30, AVX512-VNNI): a 3072 x 576 product 1.5x (16 rows) to 1.7x (64 rows) faster, a 576 x 1536
+# one 1.6-1.8x; one row unchanged (it waits on memory).
+Q4_ISAS = ("AVX2", "AVX512-VNNI", "AVX-VNNI")
 Q4_BLOCK = 32  # weights per 4-bit block
 Q4_BLOCK_BYTES = 20  # fp16 scale, fp16 minimum, 16 bytes of nibbles
 Q4_GROUP = 8  # weight rows stored interleaved (model/native_kernels.c)
@@ -151,8 +152,8 @@ def q4_isa() -> str | None:
 
 
 def set_q4_isa(isa: str) -> str:
-    """Pins the 4-bit products to `isa` (one of Q4_ISAS; for tests and measurements: both give the same bits) and
-    returns the one in use, which stays the best the CPU has when it lacks `isa`."""
+    """Pins the 4-bit products to `isa` (one of Q4_ISAS; for tests and measurements: all give the same bits) and
+    returns the one in use: unchanged when the CPU (or the compiler that built the kernels) lacks `isa`."""
     lib = native_kernels()
     if lib is None:
         raise RuntimeError("native CPU kernels unavailable here")

@@ -1,5 +1,5 @@
 /* CPU kernels for the decode step on x86-64 with AVX2, FMA and F16C, built at first use by model/native.py (the
-4-bit products also have an AVX512-VNNI tile, picked at run time where the CPU has it).
+4-bit products also have AVX512-VNNI and AVX-VNNI tiles, picked at run time where the CPU has them).
 
 Why hand-written: on CPUs without native bf16 the stock weight-only int4 kernel streams 4-bit weights at ~4 GB/s
 and wants bf16 activations, and a one-token step spends as long again in ~4,000 small tensor ops around the
@@ -260,59 +260,83 @@ static void q4_group_rows(const uint8_t *w, int64_t nb, int64_t g, const int8_t 
     Q4_GROUP_ROWS_BODY(q4_group_tile)
 }
 
-/* The same tile with AVX512-VNNI's vpdpbusd (on 256-bit registers: AVX512VL): each row's 4 u8 x s8 products of a
-   chunk go straight into its 32-bit lane, one instruction where AVX2 takes two maddubs and an add, and the
-   16-bit-to-32-bit madd at the end of a block goes away. The integer sums are exact either way, so every output
-   is bit for bit the AVX2 tile's. Chosen at run time (`smollm_q4_isa`). */
-#define VNNI_TARGET __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512vnni")))
-static inline __attribute__((always_inline)) VNNI_TARGET void q4_group_tile_vnni(
-    const uint8_t *w, int64_t nb, int64_t g, const int8_t *xq, const float *xd, const float *xsum, int64_t k, int R,
-    float *y, int64_t ldy, int width) {
-    const __m256i low4 = _mm256_set1_epi8(0x0f);
-    __m256 acc[4];
-    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
-    for (int64_t b = 0; b < nb; b++) {
-        const uint8_t *blk = group_block(w, nb, g, b);
-        __m256i sums[4];
-        for (int r = 0; r < R; r++) sums[r] = _mm256_setzero_si256();
-        for (int t = 0; t < 4; t++) {
-            const __m256i raw = _mm256_loadu_si256((const __m256i *)(blk + 32 + 32 * t));
-            const __m256i lo = _mm256_and_si256(raw, low4), hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low4);
-            for (int r = 0; r < R; r++) {
-                const int8_t *xb = xq + r * k + b * QK;
-                sums[r] = _mm256_dpbusd_epi32(sums[r], lo, broadcast4(xb + 4 * t));
-                sums[r] = _mm256_dpbusd_epi32(sums[r], hi, broadcast4(xb + 16 + 4 * t));
-            }
-        }
-        q4_block_accumulate(blk, sums, R, xd, xsum, nb, b, acc);
+/* The same tile with vpdpbusd, as AVX512-VNNI (EVEX, on 256-bit registers: AVX512VL; Cascade Lake, Ice Lake,
+   Sapphire Rapids, Zen 4 on) or AVX-VNNI (VEX: Alder Lake and later Intel client CPUs, which lack AVX-512): each
+   row's 4 u8 x s8 products of a chunk go straight into its 32-bit lane, one instruction where AVX2 takes two
+   maddubs and an add, and the 16-bit-to-32-bit madd at the end of a block goes away. The integer sums are exact
+   either way, so every output is bit for bit the AVX2 tile's. Defines NAME (the tile) and NAME_rows (every row
+   tile of a group) for a target and its intrinsic; chosen at run time (`smollm_q4_isa`). */
+#define DEFINE_Q4_VNNI_TILE(NAME, TARGET, DPBUSD)                                                                 \
+    static inline __attribute__((always_inline)) __attribute__((target(TARGET))) void NAME(                       \
+        const uint8_t *w, int64_t nb, int64_t g, const int8_t *xq, const float *xd, const float *xsum, int64_t k, \
+        int R, float *y, int64_t ldy, int width) {                                                                \
+        const __m256i low4 = _mm256_set1_epi8(0x0f);                                                              \
+        __m256 acc[4];                                                                                            \
+        for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();                                                 \
+        for (int64_t b = 0; b < nb; b++) {                                                                        \
+            const uint8_t *blk = group_block(w, nb, g, b);                                                        \
+            __m256i sums[4];                                                                                      \
+            for (int r = 0; r < R; r++) sums[r] = _mm256_setzero_si256();                                         \
+            for (int t = 0; t < 4; t++) {                                                                         \
+                const __m256i raw = _mm256_loadu_si256((const __m256i *)(blk + 32 + 32 * t));                     \
+                const __m256i lo = _mm256_and_si256(raw, low4);                                                   \
+                const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low4);                             \
+                for (int r = 0; r < R; r++) {                                                                     \
+                    const int8_t *xb = xq + r * k + b * QK;                                                       \
+                    sums[r] = DPBUSD(sums[r], lo, broadcast4(xb + 4 * t));                                        \
+                    sums[r] = DPBUSD(sums[r], hi, broadcast4(xb + 16 + 4 * t));                                   \
+                }                                                                                                 \
+            }                                                                                                     \
+            q4_block_accumulate(blk, sums, R, xd, xsum, nb, b, acc);                                              \
+        }                                                                                                         \
+        q4_tile_store(acc, R, y, ldy, width);                                                                     \
+    }                                                                                                             \
+    static __attribute__((target(TARGET))) void NAME##_rows(const uint8_t *w, int64_t nb, int64_t g,              \
+                                                            const int8_t *xq, const float *xd, const float *xsum, \
+                                                            int64_t k, int64_t rows, float *yg, int64_t n,        \
+                                                            int width) {                                          \
+        Q4_GROUP_ROWS_BODY(NAME)                                                                                  \
     }
-    q4_tile_store(acc, R, y, ldy, width);
+
+DEFINE_Q4_VNNI_TILE(q4_tile_avx512vnni, "avx2,fma,f16c,avx512f,avx512vl,avx512vnni", _mm256_dpbusd_epi32)
+/* AVX-VNNI's intrinsics came with GCC 11 and clang 12: an older compiler builds the other kernels without it. */
+#if (defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 11)
+#define HAVE_AVXVNNI 1
+DEFINE_Q4_VNNI_TILE(q4_tile_avxvnni, "avx2,fma,f16c,avxvnni", _mm256_dpbusd_avx_epi32)
+#else
+#define HAVE_AVXVNNI 0
+#endif
+
+/* The 4-bit kernels, by index: 0 AVX2, 1 AVX512-VNNI, 2 AVX-VNNI (model/native.py's Q4_ISAS). */
+enum { Q4_AVX2, Q4_AVX512VNNI, Q4_AVXVNNI, Q4_ISA_COUNT };
+
+static int q4_isa_supported(int isa) {
+    __builtin_cpu_init();
+    switch (isa) {
+    case Q4_AVX2: return 1;
+    case Q4_AVX512VNNI: return __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl");
+#if HAVE_AVXVNNI
+    case Q4_AVXVNNI: return __builtin_cpu_supports("avxvnni");
+#endif
+    default: return 0;
+    }
 }
 
-static VNNI_TARGET void q4_group_rows_vnni(const uint8_t *w, int64_t nb, int64_t g, const int8_t *xq,
-                                           const float *xd, const float *xsum, int64_t k, int64_t rows, float *yg,
-                                           int64_t n, int width) {
-    Q4_GROUP_ROWS_BODY(q4_group_tile_vnni)
-}
-
-/* Which 4-bit kernel smollm_q4_matmul runs: 1 for AVX512-VNNI where the CPU has it, else 0 (AVX2). -1 until the
-   first call asks the CPU; smollm_q4_set_isa(0) pins AVX2 (tests compare the two). */
+/* Which 4-bit kernel smollm_q4_matmul runs: the first of AVX512-VNNI, AVX-VNNI, AVX2 the CPU has. -1 until the first
+   call asks the CPU; smollm_q4_set_isa pins another (tests compare them). */
 static int q4_isa = -1;
 
 int smollm_q4_isa(void) {
-    if (q4_isa < 0) {
-        __builtin_cpu_init();
-        q4_isa = __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl") ? 1 : 0;
-    }
+    if (q4_isa < 0)
+        q4_isa = q4_isa_supported(Q4_AVX512VNNI) ? Q4_AVX512VNNI : q4_isa_supported(Q4_AVXVNNI) ? Q4_AVXVNNI : Q4_AVX2;
     return q4_isa;
 }
 
-/* Pins the kernel: 0 for AVX2, 1 for AVX512-VNNI (refused, returning the kernel in use, where the CPU lacks it). */
+/* Pins the kernel to `isa` (refused, returning the kernel in use, where the CPU or this build lacks it). */
 int smollm_q4_set_isa(int isa) {
-    q4_isa = -1;
-    const int best = smollm_q4_isa();
-    q4_isa = isa <= best ? isa : best;
-    return q4_isa;
+    if (isa >= 0 && isa < Q4_ISA_COUNT && q4_isa_supported(isa))
+        q4_isa = isa;
+    return smollm_q4_isa();
 }
 
 /* y (rows, n) = x (rows, k) @ W.T with W (n, k) in groups of 4-bit blocks; k a multiple of 32. `scratch` holds
@@ -322,15 +346,19 @@ void smollm_q4_matmul(const float *x, int64_t rows, int64_t k, const uint8_t *w,
     const int64_t nb = k / QK, groups = (n + GROUP - 1) / GROUP;
     float *xd = scratch, *xsum = scratch + rows * nb;
     int8_t *xq = (int8_t *)(scratch + 2 * rows * nb);
-    const int vnni = smollm_q4_isa() == 1;
+    const int isa = smollm_q4_isa();
     quantize_rows_q8(x, rows, k, xq, xd, xsum, nthreads);
     /* Threads split the groups of weight rows, so each streams its own part of the weights once (a group's blocks
        stay in L1 while every tile of activation rows passes over them); the activations stay cached. */
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t g = 0; g < groups; g++) {
         const int width = (int)(n - g * GROUP < GROUP ? n - g * GROUP : GROUP);
-        if (vnni)
-            q4_group_rows_vnni(w, nb, g, xq, xd, xsum, k, rows, y + g * GROUP, n, width);
+        if (isa == Q4_AVX512VNNI)
+            q4_tile_avx512vnni_rows(w, nb, g, xq, xd, xsum, k, rows, y + g * GROUP, n, width);
+#if HAVE_AVXVNNI
+        else if (isa == Q4_AVXVNNI)
+            q4_tile_avxvnni_rows(w, nb, g, xq, xd, xsum, k, rows, y + g * GROUP, n, width);
+#endif
         else
             q4_group_rows(w, nb, g, xq, xd, xsum, k, rows, y + g * GROUP, n, width);
     }
