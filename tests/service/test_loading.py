@@ -10,6 +10,8 @@ from pydantic import ValidationError
 from torch import nn
 
 import model.device as devices
+import model.quant as quant
+from model import native
 from model.device import CpuCapability
 from model.packed_linear import PackedLinear, can_pack
 from service.loading import build_engine, kv_slots, make_loader, resolve_precision
@@ -59,37 +61,38 @@ def test_explicit_dtypes_win_over_the_cpu(monkeypatch, tiny_checkpoint, capabili
         assert resolve_precision(tiny_settings(tiny_checkpoint, dtype=name, device="cpu")).dtype == dtype
 
 
+# Each weight-only mode: its layer type, the kernel that takes fp32 activations, and how to make that kernel absent.
+QUANT_KERNELS = {
+    "int4": (quant.Int4Linear, "native", (native, "native_kernels", lambda: None)),
+    "int8": (quant.Int8Linear, "fbgemm", (quant, "fbgemm_available", lambda: False)),
+}
+
+
+@pytest.mark.parametrize("mode", sorted(QUANT_KERNELS))
 @pytest.mark.parametrize("capability", [AVX2, AVX512_BF16])
-def test_auto_serves_quantized_modes_in_fp32_where_their_kernels_take_it(monkeypatch, tiny_checkpoint, capability):
+def test_auto_serves_quantized_modes_in_fp32_where_their_kernels_take_it(
+    monkeypatch, tiny_checkpoint, capability, mode
+):
     """The native int4 kernels and fbgemm's int8 GEMM take fp32 activations, so `auto` with int4 or int8 is fp32 on
     both kinds of CPU where they run; where they cannot, the mode runs aten's kernels in the dtype auto picks for
     the CPU. An explicit dtype wins."""
-    import model.quant
-    from model import native
-    from model.quant import Int4Linear, Int8Linear
-
+    layer_type, fast, (module, attr, absent) = QUANT_KERNELS[mode]
     monkeypatch.setattr(devices, "cpu_capability", lambda: capability)
-    fallback = torch.bfloat16 if capability.native_bf16 else torch.float32
-    for mode, layer_type, fast, switch_off in (
-        ("int4", Int4Linear, "native", lambda: monkeypatch.setattr(native, "native_kernels", lambda: None)),
-        ("int8", Int8Linear, "fbgemm", lambda: monkeypatch.setattr(model.quant, "fbgemm_available", lambda: False)),
-    ):
-        settings = tiny_settings(tiny_checkpoint, dtype="auto", device="cpu", quant=mode)
-        fast_here = model.quant.pick_int4_kernel() if mode == "int4" else model.quant.pick_int8_kernel()
-        if fast_here == fast:
-            assert resolve_precision(settings).dtype == torch.float32
-            loaded, _ = make_loader(settings)(tiny_checkpoint)
-            assert loaded.dtype == torch.float32
-            assert {m.kernel for m in loaded.modules() if isinstance(m, layer_type)} == {fast}
-        explicit = tiny_settings(tiny_checkpoint, dtype="bfloat16", device="cpu", quant=mode)
-        assert resolve_precision(explicit).dtype == torch.bfloat16
-        switch_off()
-        assert resolve_precision(settings).dtype == fallback
+    settings = tiny_settings(tiny_checkpoint, dtype="auto", device="cpu", quant=mode)
+    fast_here = quant.pick_int4_kernel() if mode == "int4" else quant.pick_int8_kernel()
+    if fast_here == fast:
+        assert resolve_precision(settings).dtype == torch.float32
         loaded, _ = make_loader(settings)(tiny_checkpoint)
-        assert loaded.dtype == fallback
-        assert {m.kernel for m in loaded.modules() if isinstance(m, layer_type)} == {"aten"}
-        monkeypatch.undo()
-        monkeypatch.setattr(devices, "cpu_capability", lambda: capability)
+        assert loaded.dtype == torch.float32
+        assert {m.kernel for m in loaded.modules() if isinstance(m, layer_type)} == {fast}
+    explicit = tiny_settings(tiny_checkpoint, dtype="bfloat16", device="cpu", quant=mode)
+    assert resolve_precision(explicit).dtype == torch.bfloat16
+    monkeypatch.setattr(module, attr, absent)
+    fallback = torch.bfloat16 if capability.native_bf16 else torch.float32
+    assert resolve_precision(settings).dtype == fallback
+    loaded, _ = make_loader(settings)(tiny_checkpoint)
+    assert loaded.dtype == fallback
+    assert {m.kernel for m in loaded.modules() if isinstance(m, layer_type)} == {"aten"}
 
 
 def test_the_choice_is_logged_at_start(monkeypatch, tiny_checkpoint, caplog):
