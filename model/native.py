@@ -144,6 +144,14 @@ def load(path: Path) -> ctypes.CDLL:
     return lib
 
 
+def q4_isa_within(best: str, torch_isa: str) -> str:
+    """The 4-bit kernel to run when the CPU's best is `best` and torch dispatches at `torch_isa`: AVX512-VNNI only
+    where torch runs AVX-512 code too, so that torch kept to AVX2 on an AVX-512 CPU (ATEN_CPU_CAPABILITY=avx2, to
+    approximate an AVX2-only machine) keeps these kernels to AVX2 as well and a run labelled AVX2 runs AVX2 code.
+    AVX-VNNI is VEX code of the AVX2 class: a CPU whose best it is (Alder Lake) has no AVX-512 for torch either."""
+    return "AVX2" if best == "AVX512-VNNI" and torch_isa != "AVX512" else best
+
+
 def q4_isa() -> str | None:
     """The instruction set the 4-bit products run on (one of Q4_ISAS: the best this CPU has), None without the
     kernels."""
@@ -180,10 +188,7 @@ def native_kernels(capability: Callable[[], CpuCapability] = cpu_capability) -> 
                 return None
             path = build(cache, cc)
         lib = load(path)
-        if cap.isa != "AVX512":
-            # torch kept to AVX2 on an AVX-512 CPU (ATEN_CPU_CAPABILITY=avx2, to approximate an AVX2-only machine):
-            # these kernels keep to it too, so a run labelled AVX2 runs AVX2 code.
-            lib.smollm_q4_set_isa(0)
+        lib.smollm_q4_set_isa(Q4_ISAS.index(q4_isa_within(Q4_ISAS[lib.smollm_q4_isa()], cap.isa)))
         log.info("native CPU kernels loaded: 4-bit products on %s", Q4_ISAS[lib.smollm_q4_isa()])
         return lib
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:

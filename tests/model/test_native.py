@@ -111,6 +111,13 @@ def test_vnni_products_are_the_avx2_products_bit_for_bit(q4_isa):
         assert torch.equal(avx2_logits, logits)
 
 
+def test_the_4_bit_kernel_within_torchs_isa():
+    assert native.q4_isa_within("AVX512-VNNI", "AVX512") == "AVX512-VNNI"
+    assert native.q4_isa_within("AVX512-VNNI", "AVX2") == "AVX2"  # torch kept to AVX2 on an AVX-512 CPU
+    assert native.q4_isa_within("AVX-VNNI", "AVX2") == "AVX-VNNI"  # an Alder Lake: torch is AVX2 there anyway
+    assert native.q4_isa_within("AVX2", "AVX2") == "AVX2"
+
+
 @needs_native
 def test_the_4_bit_products_keep_to_torchs_isa():
     """ATEN_CPU_CAPABILITY=avx2 on an AVX-512 CPU (the bench's way to approximate an AVX2-only machine) keeps the
