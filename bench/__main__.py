@@ -168,6 +168,16 @@ def supports_ignore_eos(base_url: str) -> bool:
         return False
 
 
+def served_precision(base_url: str) -> dict[str, str] | None:
+    """How our server says it computes (`/v1/models`' `smollm` object: dtype, quant, KV cache dtype, CPU ISA), so
+    that a result names what `auto` resolved to; None where the server does not say."""
+    try:
+        info = httpx.get(base_url + "/v1/models", timeout=10.0).json()["data"][0].get("smollm")
+    except (httpx.HTTPError, ValueError, KeyError, IndexError):
+        return None
+    return info if isinstance(info, dict) else None
+
+
 def drive(
     server: ServerProcess,
     args: argparse.Namespace,
@@ -216,6 +226,7 @@ def run_serving(args: argparse.Namespace, checkpoint: Path, logs: Path) -> dict[
                     "ignore_eos": bool(extra),
                     "dtype": dtype,
                     "quant": quant,
+                    "served": served_precision(server.base_url),
                 }
         except ServerError as e:
             log.error("%s", e)

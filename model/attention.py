@@ -98,5 +98,6 @@ class Attention(nn.Module):
         # Fold the query heads that share a key/value head into the query length, so attention reads each
         # cached key/value head once instead of n_rep expanded copies.
         q = q.permute(0, 2, 1, 3).reshape(B, self.n_kv_head, self.n_rep * T, self.head_dim)
-        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        # A cache stored in another dtype (fp16 under an fp32 model) is widened for the product: exact.
+        y = F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask)
         return y.view(B, self.n_head, T, self.head_dim).transpose(1, 2)

@@ -50,7 +50,7 @@ SOURCE = Path(__file__).with_name("native_kernels.c")
 # -ffp-contract=off: no product is fused into an add unless the source says so (the rotary embedding then rounds
 # as the eager model does, and results do not depend on the compiler's choices).
 CFLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC")
-ABI_VERSION = 6
+ABI_VERSION = 7
 # The 4-bit products' kernels (smollm_q4_isa), by index, chosen by the C code from what the CPU has: vpdpbusd, as
 # AVX512-VNNI (AVX-512 CPUs from Cascade Lake and Zen 4 on) or AVX-VNNI (Intel client CPUs from Alder Lake on, which
 # have no AVX-512), gives the same integer sums as AVX2's maddubs in fewer instructions. Measured on the AMX Xeon
@@ -68,17 +68,19 @@ Q4_GROUP = 8  # weight rows stored interleaved (model/native_kernels.c)
 FUSED_MAX_ROWS = 512
 FUSED_MAX_MEAN_KEYS = 384
 DISABLE_ENV = "SMOLLM_NATIVE_KERNELS"
+# The KV cache element types the native attention reads (model/native_kernels.c): fp16 halves what it reads.
+KV_DTYPES = (torch.float32, torch.float16)
 
 _P, _I, _INT, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
 _SIGNATURES: dict[str, list[Any]] = {
     "smollm_q4_quantize": [_P, _I, _I, _P],
     "smollm_q4_dequantize": [_P, _I, _I, _P, _INT],
     "smollm_q4_matmul": [_P, _I, _I, _P, _I, _P, _P, _INT],
-    "smollm_attention_decode": [_P, _I, _I, _I, _I, _P, _P, _P, _P, _I, _P, _P, _I, _P, _P, _INT],
-    # x, rows, dim, n_layer, norms x2, eps, weights x4, heads, kv heads, head_dim, hidden, cos, sin, k, v, max_slots,
-    # max_len, slots, positions, kv_len, scratch, threads
+    "smollm_attention_decode": [_P, _I, _I, _I, _I, _P, _P, _P, _P, _INT, _I, _P, _P, _I, _P, _P, _INT],
+    # x, rows, dim, n_layer, norms x2, eps, weights x4, heads, kv heads, head_dim, hidden, cos, sin, k, v, kv_half,
+    # max_slots, max_len, slots, positions, kv_len, scratch, threads
     "smollm_decode_layers": [_P, _I, _I, _I, _P, _P, _F, _P, _P, _P, _P, _I, _I, _I, _I]
-    + [_P, _P, _P, _P, _I, _I, _P, _P, _I, _P, _INT],
+    + [_P, _P, _P, _P, _INT, _I, _I, _P, _P, _I, _P, _INT],
     "smollm_rms_norm": [_P, _I, _I, _P, _F, _P],
 }
 
@@ -207,6 +209,18 @@ def usable(*tensors: torch.Tensor) -> bool:
     return native_kernels() is not None
 
 
+def cache_usable(cache: torch.Tensor) -> bool:
+    """Whether the native attention reads and writes this KV cache tensor: fp32 or fp16 (KV_DTYPES), on the CPU."""
+    return cache.dtype in KV_DTYPES and cache.device.type == "cpu"
+
+
+def kv_half(cache: torch.Tensor) -> int:
+    """The C kernels' flag for a KV cache tensor's element type: 1 for fp16, 0 for fp32."""
+    if not cache_usable(cache):
+        raise ValueError(f"native attention: KV cache of {cache.dtype} on {cache.device}, expected one of {KV_DTYPES}")
+    return int(cache.dtype == torch.float16)
+
+
 def fuses_prompt(tokens: int, keys: int) -> bool:
     """Whether `tokens` prompt tokens attending `keys` keys in all run faster as independent rows (the fused
     layers) than as causal blocks: at most FUSED_MAX_ROWS of them, at most FUSED_MAX_MEAN_KEYS keys on average."""
@@ -220,7 +234,7 @@ def token_rows(batch: CacheBatch | None, x: torch.Tensor) -> tuple[torch.Tensor,
     its position, the keys of the whole step being written first, which is causal attention within each prompt.
     One-token segments (the decode rows of a mixed step) always fit, as they do in a decode step. None
     otherwise."""
-    if batch is None or batch.slots is None or not usable(x, batch.cache.k):
+    if batch is None or batch.slots is None or not usable(x) or not cache_usable(batch.cache.k):
         return None
     positions = batch.positions.reshape(-1)
     if batch.segments is None:
@@ -306,6 +320,7 @@ def decode_layers(
         sin_rows.data_ptr(),
         cache.k.data_ptr(),
         cache.v.data_ptr(),
+        kv_half(cache.k),
         max_slots,
         max_len,
         slots.data_ptr(),
@@ -381,8 +396,11 @@ def attention_decode(
     """One decode token per row: rotate the queries and keys of `qkv` (rows, (n_head + 2 n_kv_head) head_dim),
     write keys and values into a layer's cache (max_slots, n_kv_head, max_len, head_dim) at (slots[r], positions[r]),
     and attend each row's keys 0..positions[r] (every position below kv_len). cos, sin (rows, head_dim); all fp32 and
-    contiguous, slots and positions (rows,) int64. Returns (rows, n_head * head_dim)."""
+    contiguous but the cache (fp32 or fp16, KV_DTYPES), slots and positions (rows,) int64. Returns
+    (rows, n_head * head_dim)."""
     lib = _require()
+    if v_cache.dtype != k_cache.dtype:
+        raise ValueError(f"native attention: keys in {k_cache.dtype}, values in {v_cache.dtype}")
     rows = qkv.shape[0]
     head_dim = k_cache.shape[-1]
     max_len = k_cache.shape[-2]
@@ -399,6 +417,7 @@ def attention_decode(
         sin.data_ptr(),
         k_cache.data_ptr(),
         v_cache.data_ptr(),
+        kv_half(k_cache),
         max_len,
         slots.data_ptr(),
         positions.data_ptr(),

@@ -44,7 +44,7 @@ static inline int64_t scale_offset(int64_t j) { return 2 * j; }
 static inline int64_t min_offset(int64_t j) { return 16 + 2 * j; }
 static inline int64_t nibble_offset(int64_t j, int i) { return 32 + (i / 4) * 32 + j * 4 + i % 4; }
 
-int smollm_abi_version(void) { return 6; }
+int smollm_abi_version(void) { return 7; }
 
 int smollm_block_bytes(void) { return 20; }
 
@@ -374,36 +374,67 @@ static inline void rope(const float *x, const float *cos, const float *sin, int6
     }
 }
 
-static inline float dot(const float *a, const float *b, int64_t n) {
+/* The KV cache holds fp32 or fp16 (`half`: a compile-time constant in each caller, so each kind gets its own loops).
+   fp16 halves what attention reads, which at 64 streams is most of its time; the values are rounded once, when
+   written (round to nearest even, as torch's .to(float16)), and widened exactly when read. */
+static inline __attribute__((always_inline)) __m256 kv_load8(const void *cache, int64_t i, const int half) {
+    if (half) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)cache + i)));
+    return _mm256_loadu_ps((const float *)cache + i);
+}
+
+static inline __attribute__((always_inline)) float kv_at(const void *cache, int64_t i, const int half) {
+    return half ? _cvtsh_ss(((const uint16_t *)cache)[i]) : ((const float *)cache)[i];
+}
+
+static inline __attribute__((always_inline)) void kv_store(void *cache, int64_t at, const float *x, int64_t n,
+                                                           const int half) {
+    if (!half) {
+        memcpy((float *)cache + at, x, (size_t)n * sizeof(float));
+        return;
+    }
+    uint16_t *dst = (uint16_t *)cache + at;
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm_storeu_si128((__m128i *)(dst + i), _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT));
+    for (; i < n; i++) dst[i] = _cvtss_sh(x[i], _MM_FROUND_TO_NEAREST_INT);
+}
+
+static inline __attribute__((always_inline)) float kv_dot(const float *q, const void *keys, int64_t at, int64_t n,
+                                                          const int half) {
     __m256 acc = _mm256_setzero_ps();
     int64_t i = 0;
-    for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+    for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), kv_load8(keys, at + i, half), acc);
     float s = hsum256(acc);
-    for (; i < n; i++) s += a[i] * b[i];
+    for (; i < n; i++) s += q[i] * kv_at(keys, at + i, half);
     return s;
 }
 
 /* One decode token per row, for every row and head of one layer:
    - qkv (rows, (n_head + 2 * n_kv_head) * head_dim): the fused projection's output, queries then keys then values;
    - cos, sin (rows, head_dim): each row's rotary tables at its position;
-   - k_cache, v_cache (max_slots, n_kv_head, max_len, head_dim): the layer's cache; row r writes its rotated key and
-     its value at (slots[r], head, positions[r]) and attends keys 0..positions[r] of its own slot;
+   - k_cache, v_cache (max_slots, n_kv_head, max_len, head_dim), fp32 or (kv_half) fp16: the layer's cache; row r
+     writes its rotated key and its value at (slots[r], head, positions[r]) and attends keys 0..positions[r] of its
+     own slot;
    - out (rows, n_head * head_dim). `scratch` holds rows * n_head * (head_dim + kv_len) floats, kv_len > every
      position. */
-void smollm_attention_decode(const float *qkv, int64_t rows, int64_t n_head, int64_t n_kv_head, int64_t head_dim,
-                             const float *cos, const float *sin, float *k_cache, float *v_cache, int64_t max_len,
-                             const int64_t *slots, const int64_t *positions, int64_t kv_len, float *out,
-                             float *scratch, int nthreads) {
+static inline __attribute__((always_inline)) void attention_rows(const float *qkv, int64_t rows, int64_t n_head,
+                                                                 int64_t n_kv_head, int64_t head_dim, const float *cos,
+                                                                 const float *sin, void *k_cache, void *v_cache,
+                                                                 int64_t max_len, const int64_t *slots,
+                                                                 const int64_t *positions, int64_t kv_len, float *out,
+                                                                 float *scratch, int nthreads, const int half) {
     const int64_t width = (n_head + 2 * n_kv_head) * head_dim;
     const int64_t n_rep = n_head / n_kv_head;
     const float scale = 1.0f / sqrtf((float)head_dim);
     for (int64_t r = 0; r < rows; r++) {
         const float *kr = qkv + r * width + n_head * head_dim;
         const float *vr = kr + n_kv_head * head_dim;
+        float *rotated = scratch; /* free until the attention below uses it */
         for (int64_t h = 0; h < n_kv_head; h++) {
             const int64_t at = ((slots[r] * n_kv_head + h) * max_len + positions[r]) * head_dim;
-            rope(kr + h * head_dim, cos + r * head_dim, sin + r * head_dim, head_dim, k_cache + at);
-            memcpy(v_cache + at, vr + h * head_dim, (size_t)head_dim * sizeof(float));
+            rope(kr + h * head_dim, cos + r * head_dim, sin + r * head_dim, head_dim, rotated);
+            kv_store(k_cache, at, rotated, head_dim, half);
+            kv_store(v_cache, at, vr + h * head_dim, head_dim, half);
         }
     }
 #pragma omp parallel for num_threads(nthreads) schedule(static)
@@ -413,21 +444,20 @@ void smollm_attention_decode(const float *qkv, int64_t rows, int64_t n_head, int
         float *q = scratch + task * (head_dim + kv_len);
         float *score = q + head_dim;
         rope(qkv + r * width + h * head_dim, cos + r * head_dim, sin + r * head_dim, head_dim, q);
-        const float *keys = k_cache + (slots[r] * n_kv_head + kvh) * max_len * head_dim;
-        const float *values = v_cache + (slots[r] * n_kv_head + kvh) * max_len * head_dim;
+        const int64_t base = (slots[r] * n_kv_head + kvh) * max_len * head_dim; /* this head's keys and values */
         float top = -INFINITY;
         int64_t t = 0;
         if (head_dim % 8 == 0) {
             /* Four keys at a time: each query load serves four products, and one reduction gives four scores. */
             for (; t + 4 <= len; t += 4) {
-                const float *k0 = keys + t * head_dim;
+                const int64_t k0 = base + t * head_dim;
                 __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
                 for (int64_t i = 0; i < head_dim; i += 8) {
                     const __m256 qv = _mm256_loadu_ps(q + i);
-                    a0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + i), a0);
-                    a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + head_dim + i), a1);
-                    a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + 2 * head_dim + i), a2);
-                    a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + 3 * head_dim + i), a3);
+                    a0 = _mm256_fmadd_ps(qv, kv_load8(k_cache, k0 + i, half), a0);
+                    a1 = _mm256_fmadd_ps(qv, kv_load8(k_cache, k0 + head_dim + i, half), a1);
+                    a2 = _mm256_fmadd_ps(qv, kv_load8(k_cache, k0 + 2 * head_dim + i, half), a2);
+                    a3 = _mm256_fmadd_ps(qv, kv_load8(k_cache, k0 + 3 * head_dim + i, half), a3);
                 }
                 const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
                 const __m128 sums = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
@@ -436,7 +466,7 @@ void smollm_attention_decode(const float *qkv, int64_t rows, int64_t n_head, int
             }
         }
         for (; t < len; t++) {
-            score[t] = dot(q, keys + t * head_dim, head_dim) * scale;
+            score[t] = kv_dot(q, k_cache, base + t * head_dim, head_dim, half) * scale;
             top = score[t] > top ? score[t] : top;
         }
         __m256 sum8 = _mm256_setzero_ps();
@@ -462,21 +492,34 @@ void smollm_attention_decode(const float *qkv, int64_t rows, int64_t n_head, int
             for (int j = 0; j < 8; j++) acc[j] = _mm256_setzero_ps();
             for (int64_t t = 0; t < len; t++) {
                 const __m256 p = _mm256_set1_ps(score[t] * inv);
-                const float *v = values + t * head_dim + i0;
-                for (int j = 0; j < 8; j++) acc[j] = _mm256_fmadd_ps(p, _mm256_loadu_ps(v + 8 * j), acc[j]);
+                const int64_t v = base + t * head_dim + i0;
+                for (int j = 0; j < 8; j++) acc[j] = _mm256_fmadd_ps(p, kv_load8(v_cache, v + 8 * j, half), acc[j]);
             }
             for (int j = 0; j < 8; j++) _mm256_storeu_ps(y + i0 + 8 * j, acc[j]);
         }
         for (int64_t i = i0; i < head_dim; i++) y[i] = 0.0f;
         for (int64_t t = 0; i0 < head_dim && t < len; t++) {
             const float p = score[t] * inv;
-            const float *v = values + t * head_dim;
+            const int64_t v = base + t * head_dim;
             int64_t i = i0;
             for (; i + 8 <= head_dim; i += 8)
-                _mm256_storeu_ps(y + i, _mm256_fmadd_ps(_mm256_set1_ps(p), _mm256_loadu_ps(v + i), _mm256_loadu_ps(y + i)));
-            for (; i < head_dim; i++) y[i] += p * v[i];
+                _mm256_storeu_ps(y + i, _mm256_fmadd_ps(_mm256_set1_ps(p), kv_load8(v_cache, v + i, half),
+                                                        _mm256_loadu_ps(y + i)));
+            for (; i < head_dim; i++) y[i] += p * kv_at(v_cache, v + i, half);
         }
     }
+}
+
+void smollm_attention_decode(const float *qkv, int64_t rows, int64_t n_head, int64_t n_kv_head, int64_t head_dim,
+                             const float *cos, const float *sin, void *k_cache, void *v_cache, int kv_half,
+                             int64_t max_len, const int64_t *slots, const int64_t *positions, int64_t kv_len,
+                             float *out, float *scratch, int nthreads) {
+    if (kv_half)
+        attention_rows(qkv, rows, n_head, n_kv_head, head_dim, cos, sin, k_cache, v_cache, max_len, slots, positions,
+                       kv_len, out, scratch, nthreads, 1);
+    else
+        attention_rows(qkv, rows, n_head, n_kv_head, head_dim, cos, sin, k_cache, v_cache, max_len, slots, positions,
+                       kv_len, out, scratch, nthreads, 0);
 }
 
 /* y = weight * x / sqrt(mean(x^2) + eps), row by row: (rows, dim) fp32. */
@@ -524,8 +567,9 @@ int64_t smollm_decode_layer_scratch(int64_t rows, int64_t dim, int64_t n_head, i
 void smollm_decode_layer(float *x, int64_t rows, int64_t dim, const float *attn_norm, const float *ffn_norm, float eps,
                          const uint8_t *wqkv, const uint8_t *wo, const uint8_t *w13, const uint8_t *w2,
                          int64_t n_head, int64_t n_kv_head, int64_t head_dim, int64_t hidden, const float *cos,
-                         const float *sin, float *k_cache, float *v_cache, int64_t max_len, const int64_t *slots,
-                         const int64_t *positions, int64_t kv_len, float *scratch, int nthreads) {
+                         const float *sin, void *k_cache, void *v_cache, int kv_half, int64_t max_len,
+                         const int64_t *slots, const int64_t *positions, int64_t kv_len, float *scratch,
+                         int nthreads) {
     const int64_t q_width = n_head * head_dim, qkv_width = (n_head + 2 * n_kv_head) * head_dim;
     float *h = scratch;                                  /* rows x dim */
     float *qkv = h + rows * dim;                         /* rows x qkv_width */
@@ -538,8 +582,8 @@ void smollm_decode_layer(float *x, int64_t rows, int64_t dim, const float *attn_
 
     rms_norm_rows(x, rows, dim, attn_norm, eps, h, nthreads);
     smollm_q4_matmul(h, rows, dim, wqkv, qkv_width, qkv, mm, nthreads);
-    smollm_attention_decode(qkv, rows, n_head, n_kv_head, head_dim, cos, sin, k_cache, v_cache, max_len, slots,
-                            positions, kv_len, att, att_scratch, nthreads);
+    smollm_attention_decode(qkv, rows, n_head, n_kv_head, head_dim, cos, sin, k_cache, v_cache, kv_half, max_len,
+                            slots, positions, kv_len, att, att_scratch, nthreads);
     smollm_q4_matmul(att, rows, q_width, wo, dim, out, mm, nthreads);
     add_rows(x, out, rows, dim, nthreads);
 
@@ -554,17 +598,18 @@ void smollm_decode_layer(float *x, int64_t rows, int64_t dim, const float *attn_
 
 /* Every block of the model for one decode token per row (smollm_decode_layer, layer after layer): the per-layer
    weights come as arrays of n_layer pointers, the cache as its whole (n_layer, max_slots, n_kv_head, max_len,
-   head_dim) buffers. */
+   head_dim) buffers, fp32 or (kv_half) fp16. */
 void smollm_decode_layers(float *x, int64_t rows, int64_t dim, int64_t n_layer, const float *const *attn_norms,
                           const float *const *ffn_norms, float eps, const uint8_t *const *wqkv,
                           const uint8_t *const *wo, const uint8_t *const *w13, const uint8_t *const *w2,
                           int64_t n_head, int64_t n_kv_head, int64_t head_dim, int64_t hidden, const float *cos,
-                          const float *sin, float *k_cache, float *v_cache, int64_t max_slots, int64_t max_len,
-                          const int64_t *slots, const int64_t *positions, int64_t kv_len, float *scratch,
-                          int nthreads) {
-    const int64_t layer_size = max_slots * n_kv_head * max_len * head_dim;
+                          const float *sin, void *k_cache, void *v_cache, int kv_half, int64_t max_slots,
+                          int64_t max_len, const int64_t *slots, const int64_t *positions, int64_t kv_len,
+                          float *scratch, int nthreads) {
+    const int64_t layer_bytes = max_slots * n_kv_head * max_len * head_dim * (kv_half ? 2 : 4);
     for (int64_t l = 0; l < n_layer; l++)
         smollm_decode_layer(x, rows, dim, attn_norms[l], ffn_norms[l], eps, wqkv[l], wo[l], w13[l], w2[l], n_head,
-                            n_kv_head, head_dim, hidden, cos, sin, k_cache + l * layer_size, v_cache + l * layer_size,
-                            max_len, slots, positions, kv_len, scratch, nthreads);
+                            n_kv_head, head_dim, hidden, cos, sin, (char *)k_cache + l * layer_bytes,
+                            (char *)v_cache + l * layer_bytes, kv_half, max_len, slots, positions, kv_len, scratch,
+                            nthreads);
 }

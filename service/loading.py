@@ -14,7 +14,7 @@ import torch
 
 from model import device as devices
 from model.device import dtype_name, pick_device, resolve_dtype
-from model.kv_cache import KVCache
+from model.kv_cache import KVCache, resolve_kv_dtype
 from model.llama import Transformer
 from service.checkpoints import resolve_checkpoint, step_of
 from service.engine import Engine
@@ -32,6 +32,7 @@ class Precision:
     device: torch.device
     dtype: torch.dtype
     quant: str
+    kv_dtype: torch.dtype  # what the KV cache stores (model.kv_cache.resolve_kv_dtype)
     cpu_isa: str  # torch's CPU dispatch level ("AVX2", "AVX512", ...); "" on CUDA
     native_bf16: bool | None  # the CPU computes bf16 natively; None on CUDA
 
@@ -41,6 +42,7 @@ class Precision:
             "dtype": dtype_name(self.dtype),
             "device": self.device.type,
             "quant": self.quant,
+            "kv_cache_dtype": dtype_name(self.kv_dtype),
             "cpu_isa": self.cpu_isa,
         }
 
@@ -58,7 +60,10 @@ def resolve_precision(settings: Settings) -> Precision:
     else:
         isa, native = "", None
         dtype = resolve_dtype(settings.dtype, device)
-    return Precision(device=device, dtype=dtype, quant=settings.quant, cpu_isa=isa, native_bf16=native)
+    kv_dtype = resolve_kv_dtype(settings.kv_cache_dtype, dtype, quantized=settings.quant != "none")
+    return Precision(
+        device=device, dtype=dtype, quant=settings.quant, kv_dtype=kv_dtype, cpu_isa=isa, native_bf16=native
+    )
 
 
 # What AutoTokenizer reads from a checkpoint directory (config.json: the tokenizer class may be resolved from it).
@@ -122,12 +127,13 @@ def make_loader(settings: Settings, precision: Precision | None = None) -> Loade
     return load
 
 
-def kv_slots(settings: Settings, model: Transformer) -> int:
-    """KV cache slots: max_batch_size, or fewer when `kv_cache_memory` GiB cannot hold that many."""
+def kv_slots(settings: Settings, model: Transformer, kv_dtype: torch.dtype | None = None) -> int:
+    """KV cache slots: max_batch_size, or fewer when `kv_cache_memory` GiB cannot hold that many of `kv_dtype`
+    (default: the model's dtype)."""
     if settings.kv_cache_memory is None:
         return settings.max_batch_size
     c = model.config
-    per_slot = KVCache.bytes_per_token(c.n_layer, c.n_kv_head, c.head_dim, model.dtype) * min(
+    per_slot = KVCache.bytes_per_token(c.n_layer, c.n_kv_head, c.head_dim, kv_dtype or model.dtype) * min(
         settings.max_context, c.block_size
     )
     fit = int(settings.kv_cache_memory * 2**30 // per_slot)
@@ -150,16 +156,17 @@ def build_engine(settings: Settings) -> tuple[Engine, CheckpointWatcher | None]:
     path = resolved.path or default_checkpoint()
     precision = resolve_precision(settings)
     log.info(
-        "precision: dtype %s (%s requested), device %s, quant %s%s",
+        "precision: dtype %s (%s requested), device %s, quant %s, KV cache %s%s",
         dtype_name(precision.dtype),
         settings.dtype,
         precision.device,
         precision.quant,
+        dtype_name(precision.kv_dtype),
         f", CPU ISA {precision.cpu_isa} (native bf16: {precision.native_bf16})" if precision.cpu_isa else "",
     )
     loader = make_loader(settings, precision)
     model, tokenizer = loader(path)
-    slots = kv_slots(settings, model)
+    slots = kv_slots(settings, model, precision.kv_dtype)
     engine = Engine(
         model,
         tokenizer,
@@ -174,6 +181,7 @@ def build_engine(settings: Settings) -> tuple[Engine, CheckpointWatcher | None]:
         prefill_group=settings.prefill_group,
         max_decode_stall=settings.max_decode_stall,
         compile=settings.compile,
+        kv_dtype=precision.kv_dtype,
     )
     watcher = None
     if resolved.watch_dir is not None and settings.reload_interval > 0:
@@ -187,12 +195,13 @@ def build_engine(settings: Settings) -> tuple[Engine, CheckpointWatcher | None]:
             retry_after=settings.reload_retry_after,
         )
     log.info(
-        "serving %s (%s, %s); KV cache %d slots x %d tokens = %.1f MiB",
+        "serving %s (%s, %s); KV cache %d slots x %d tokens in %s = %.1f MiB",
         path,
         dtype_name(model.dtype),
         model.device,
         slots,
         engine.max_context,
+        dtype_name(engine.runner.cache.k.dtype),
         engine.runner.cache.nbytes / 2**20,
     )
     return engine, watcher

@@ -309,6 +309,7 @@ class ServingInfo(BaseModel):
     dtype: str = Field(description="compute dtype, as resolved from SMOLLM_DTYPE (auto picks by hardware)")
     device: str
     quant: Literal["none", "int8", "int4"]
+    kv_cache_dtype: str = Field(description="what the KV cache stores, as resolved from SMOLLM_KV_CACHE_DTYPE")
     cpu_isa: str = Field(description="the CPU's instruction set as torch dispatches to it; empty on CUDA")
 
 

@@ -22,11 +22,17 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535, description="port to listen on")
     dtype: Literal["auto", "bfloat16", "float32"] = Field(
         "auto",
-        description="weights, activations and KV cache: auto is bfloat16 where the hardware computes it natively "
-        "(CUDA with bf16, a CPU with AVX512-BF16 or AMX), float32 elsewhere (emulated bf16 is ~100x slower)",
+        description="weights and activations (and the KV cache, see kv_cache_dtype): auto is bfloat16 where the "
+        "hardware computes it natively (CUDA with bf16, a CPU with AVX512-BF16 or AMX), float32 elsewhere (emulated "
+        "bf16 is ~100x slower)",
     )
     quant: Literal["none", "int8", "int4"] = Field(
         "none", description="weight-only quantization of the linear layers after loading (needs model.quant)"
+    )
+    kv_cache_dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto",
+        description="what the KV cache stores: auto is float16 under a quantized (int8/int4) float32 model, whose "
+        "attention then reads half the bytes, and the compute dtype otherwise",
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available, else cpu")
     max_batch_size: int = Field(64, ge=1, description="concurrent running sequences (KV cache slots)")

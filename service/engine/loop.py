@@ -19,6 +19,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import torch
+
 from model.llama import Transformer
 from model.sampling import TokenHistory
 from model.tokenizer import IncrementalDecoder
@@ -86,8 +88,9 @@ class Engine:
         prefill_group: int | None = None,
         max_decode_stall: float = 0.0,
         compile: str = "off",
+        kv_dtype: torch.dtype | None = None,
     ) -> None:
-        self.runner = ModelRunner(model, max_batch_size, max_context, compile=compile)
+        self.runner = ModelRunner(model, max_batch_size, max_context, compile=compile, kv_dtype=kv_dtype)
         self.tokenizer = tokenizer
         self.info = info
         self.model_version = 0

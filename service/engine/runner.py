@@ -55,11 +55,20 @@ def sample_rows(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], 
 
 
 class ModelRunner:
-    def __init__(self, model: Transformer, max_slots: int, max_context: int, compile: str = "off") -> None:
+    def __init__(
+        self,
+        model: Transformer,
+        max_slots: int,
+        max_context: int,
+        compile: str = "off",
+        kv_dtype: torch.dtype | None = None,
+    ) -> None:
         """`compile="decode"` runs decode steps through torch.compile (see compiled_decode.py); the KV cache then
-        has one slot more than `max_slots`, a scratch slot for the rows that pad a batch to its bucket."""
+        has one slot more than `max_slots`, a scratch slot for the rows that pad a batch to its bucket. The cache
+        holds `kv_dtype` (default: the model's dtype; see model.kv_cache.resolve_kv_dtype)."""
         if compile not in COMPILE_MODES:
             raise ValueError(f"compile: {compile!r} is not one of {', '.join(COMPILE_MODES)}")
+        self.kv_dtype = kv_dtype
         self.max_slots = max_slots
         self.max_context = max_context
         self.compile = compile
@@ -87,12 +96,12 @@ class ModelRunner:
         if (
             current is not None
             and tuple(current.k.shape) == shape
-            and current.k.dtype == model.dtype
+            and current.k.dtype == (self.kv_dtype or model.dtype)
             and current.k.device == model.device
             and current.n_rep == c.n_rep
         ):
             return current
-        return model.new_kv_cache(max_slots=slots, max_len=max_len)
+        return model.new_kv_cache(max_slots=slots, max_len=max_len, dtype=self.kv_dtype)
 
     def _use(self, model: Transformer) -> None:
         c = model.config

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.__main__ import drive, supports_ignore_eos
+from bench.__main__ import drive, served_precision, supports_ignore_eos
 from bench.server import ServerError, smollm_server
 
 
@@ -15,6 +15,8 @@ def test_drive_our_service_on_the_tiny_model(tiny_checkpoint, tmp_path):
     args = argparse.Namespace(max_tokens=12, time_limit=60.0, concurrency=[1, 4], min_requests=2)
     with smollm_server(tiny_checkpoint, "float32", tmp_path / "service.log") as server:
         assert supports_ignore_eos(server.base_url)
+        served = served_precision(server.base_url)  # what a result records next to the requested mode
+        assert served is not None and served["dtype"] == served["kv_cache_dtype"] == "float32"
         levels = drive(server, args, "smollm", {"ignore_eos": True}, metrics=True)
         openai_levels = drive(server, argparse.Namespace(**{**vars(args), "concurrency": [2]}), "openai", None)
     assert set(levels) == {"1", "4"}
@@ -27,6 +29,16 @@ def test_drive_our_service_on_the_tiny_model(tiny_checkpoint, tmp_path):
     # The server's own batch-size histogram: 4 concurrent streams share decode steps.
     assert levels["1"]["mean_batch_size"] == pytest.approx(1.0)
     assert levels["4"]["mean_batch_size"] > 1.0
+
+
+def test_served_precision_is_none_for_a_server_that_does_not_say(monkeypatch):
+    import httpx
+
+    def refused(url, timeout):
+        raise httpx.ConnectError("refused")
+
+    monkeypatch.setattr(httpx, "get", refused)
+    assert served_precision("http://127.0.0.1:9") is None
 
 
 def test_a_server_that_cannot_start_says_why(tmp_path):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from model.kv_cache import CacheBatch, KVCache
+from model.kv_cache import CacheBatch, KVCache, resolve_kv_dtype
 
 ATOL = 1e-5
 
@@ -146,6 +146,52 @@ def test_bf16_cache_decoding_tracks_fp32(tiny_model, seqs):
     assert cache.k.dtype == torch.bfloat16
     out = cached(model, tokens[:1, :20], cache, [0], torch.arange(20).unsqueeze(0))
     assert (out[0] - full[0, :20]).abs().max() < 0.1
+
+
+@torch.no_grad()
+def test_an_fp16_cache_under_an_fp32_model_stores_rounded_keys_and_tracks_fp32(tiny_model, seqs, monkeypatch):
+    """The PyTorch path (a packed prefill, then decode rows) on a cache stored in fp16: it stores the fp32 cache's
+    keys and values rounded to fp16, and its logits stay within fp16 rounding of the fp32 cache's."""
+    from model import native
+
+    monkeypatch.setattr(native, "usable", lambda *tensors: False)  # the native kernels have their own test
+    tokens, full = seqs
+    ref = tiny_model.new_kv_cache(max_slots=2, max_len=32)
+    half = tiny_model.new_kv_cache(max_slots=2, max_len=32, dtype=torch.float16)
+    assert half.k.dtype == half.v.dtype == torch.float16 and half.nbytes * 2 == ref.nbytes
+    steps = {}
+    for cache in (ref, half):
+        packed = CacheBatch.build_packed(cache, [(0, 12, 12), (1, 9, 9)], [*range(12), *range(9)])
+        tiny_model(torch.cat([tokens[0, :12], tokens[1, :9]]).unsqueeze(0), batch=packed)
+        steps[cache.k.dtype] = [
+            cached(
+                tiny_model,
+                torch.stack([tokens[0, 12 + i], tokens[1, 9 + i]]).unsqueeze(1),
+                cache,
+                [0, 1],
+                [[12 + i], [9 + i]],
+            )
+            for i in range(4)
+        ]
+    # The first layer's keys and values come from the same inputs: rounded once, as they came. Later layers' inputs
+    # went through attention over fp16 keys already.
+    assert torch.equal(half.k[0, :, :, :9], ref.k[0, :, :, :9].half())
+    assert torch.equal(half.v[0, :, :, :9], ref.v[0, :, :, :9].half())
+    torch.testing.assert_close(half.k[:, :, :, :9].float(), ref.k[:, :, :, :9], rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(steps[torch.float32][0][0, 0], full[0, 12], atol=ATOL, rtol=0)
+    for a, b in zip(steps[torch.float32], steps[torch.float16], strict=True):
+        assert (a - b).abs().max() < 2e-2 * a.abs().max()
+        assert not torch.equal(a, b)  # the fp16 cache really was read
+
+
+def test_kv_cache_dtype_auto_is_fp16_only_under_a_quantized_fp32_model():
+    assert resolve_kv_dtype("auto", torch.float32, quantized=True) == torch.float16
+    assert resolve_kv_dtype("auto", torch.float32, quantized=False) == torch.float32  # exact by default
+    assert resolve_kv_dtype("auto", torch.bfloat16, quantized=True) == torch.bfloat16
+    assert resolve_kv_dtype("float32", torch.float32, quantized=True) == torch.float32
+    assert resolve_kv_dtype("float16", torch.bfloat16, quantized=False) == torch.float16
+    with pytest.raises(ValueError, match="kv_cache_dtype: expected one of auto, float32, float16, bfloat16"):
+        resolve_kv_dtype("fp8", torch.float32, quantized=False)
 
 
 def test_positions_outside_the_cache_are_refused(tiny_model):

@@ -85,8 +85,8 @@ def test_vnni_products_are_the_avx2_products_bit_for_bit(q4_isa):
     """The best kernel the CPU has runs, and every one it has gives every output the AVX2 kernel gives (exact
     integer sums): tiles of 4 rows and each tail, whole and padded groups of weight rows, a whole model's logits. A
     kernel the CPU lacks is refused, the one in use kept."""
-    if torch.cpu._is_vnni_supported():  # AVX512-VNNI
-        assert q4_isa == "AVX512-VNNI"
+    if torch.cpu._is_vnni_supported():  # AVX512-VNNI, unless torch is kept to AVX2 (ATEN_CPU_CAPABILITY)
+        assert q4_isa == native.q4_isa_within("AVX512-VNNI", torch.backends.cpu.get_cpu_capability())
     gen = torch.Generator().manual_seed(7)
     model = tiny("int4")
     tokens = torch.randint(0, CONFIG.vocab_size, (1, 9), generator=gen)
@@ -154,10 +154,12 @@ def test_int4_native_layer_streams_the_blocks_for_prompts_and_decode_rows_alike(
 KV = tuple[torch.Tensor, torch.Tensor]
 
 
-def greedy_decode(model: Transformer, prompt: torch.Tensor, steps: int) -> tuple[torch.Tensor, torch.Tensor, KV]:
+def greedy_decode(
+    model: Transformer, prompt: torch.Tensor, steps: int, kv_dtype: torch.dtype | None = None
+) -> tuple[torch.Tensor, torch.Tensor, KV]:
     """Prefill `prompt` (B, T) packed, then `steps` greedy decode steps: tokens, logits and the cache."""
     B, T = prompt.shape
-    cache = model.new_kv_cache(max_slots=B + 1, max_len=64)
+    cache = model.new_kv_cache(max_slots=B + 1, max_len=64, dtype=kv_dtype)
     segments = [(b + 1, T, T) for b in range(B)]  # slot 0 stays unused: rows write their own slots
     packed = CacheBatch.build_packed(
         cache, segments, list(range(T)) * B, logits_index=[T * (b + 1) - 1 for b in range(B)]
@@ -257,12 +259,38 @@ def test_fused_int4_prompts_match_the_block_by_block_path(monkeypatch):
 
 @needs_native
 @torch.inference_mode()
-def test_greedy_int4_tokens_are_the_same_alone_and_in_a_batch():
+@pytest.mark.parametrize("mode", ["none", "int4"])  # native attention alone; every block in one call
+def test_native_attention_on_an_fp16_cache_matches_the_pytorch_path(monkeypatch, mode):
+    """The native kernels read and write an fp16 cache as the PyTorch path does (round once when written, widen
+    exactly when read): the same tokens and cache, logits within the fp32 paths' own difference; and the fp16 cache
+    is really what they read (its logits differ from an fp32 cache's by fp16 rounding only)."""
+    model = tiny(mode)
+    prompt = torch.randint(0, CONFIG.vocab_size, (3, 9), generator=torch.Generator().manual_seed(5))
+    tokens, logits, (k, v) = greedy_decode(model, prompt, 6, torch.float16)
+    assert k.dtype == v.dtype == torch.float16
+    _, fp32_logits, _ = greedy_decode(model, prompt, 6, torch.float32)
+    assert not torch.equal(logits, fp32_logits)
+    assert (logits - fp32_logits).abs().max() < 2e-2 * fp32_logits.abs().max()
+    monkeypatch.setattr(native, "usable", lambda *tensors: False)
+    ref_tokens, ref_logits, (ref_k, ref_v) = greedy_decode(model, prompt, 6, torch.float16)
+    assert torch.equal(tokens, ref_tokens)
+    tolerance = {"none": 1e-4, "int4": 2e-2}[mode]  # int4: the 8-bit activations' rounding, as in the fp32 tests
+    torch.testing.assert_close(logits, ref_logits, rtol=tolerance, atol=tolerance * ref_logits.abs().max().item())
+    written = ref_k != 0
+    assert written.any() and torch.equal(written, k != 0)  # the same positions, nothing else
+    torch.testing.assert_close(k.float(), ref_k.float(), rtol=tolerance, atol=tolerance)
+    torch.testing.assert_close(v.float(), ref_v.float(), rtol=tolerance, atol=tolerance)
+
+
+@needs_native
+@torch.inference_mode()
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16])
+def test_greedy_int4_tokens_are_the_same_alone_and_in_a_batch(kv_dtype):
     model = tiny("int4")
     prompt = torch.randint(0, CONFIG.vocab_size, (5, 7), generator=torch.Generator().manual_seed(6))
-    tokens, logits, _ = greedy_decode(model, prompt, 8)
+    tokens, logits, _ = greedy_decode(model, prompt, 8, kv_dtype)
     for b in (0, 4):
-        alone_tokens, alone_logits, _ = greedy_decode(model, prompt[b : b + 1], 8)
+        alone_tokens, alone_logits, _ = greedy_decode(model, prompt[b : b + 1], 8, kv_dtype)
         assert torch.equal(alone_tokens[0], tokens[b])
         assert torch.equal(alone_logits[0], logits[b])
 

@@ -7,9 +7,12 @@ import json
 
 import httpx
 import pytest
+import torch
+from pydantic import ValidationError
 
 from model.quant import Int4Linear, Int8Linear
 from model.run_dir import write_latest
+from service.settings import Settings
 from tests.service.conftest import LiveServer, tiny_settings, wait_until
 
 LAYER = {"int8": Int8Linear, "int4": Int4Linear}
@@ -37,7 +40,20 @@ def test_quant_mode_serves_streams_and_reports_itself(make_client, mode):
         assert "".join(e.get("text", "") for e in events[:-1]) == whole.json()["text"]
         info = c.get("/v1/models").json()["data"][0]["smollm"]
         assert info["quant"] == mode and info["dtype"] == "float32"
-        assert f'quant="{mode}"' in c.get("/metrics").text
+        # auto: an fp16 KV cache under quantized weights (half the bytes for attention to read)
+        assert info["kv_cache_dtype"] == "float16" and c.app.state.engine.runner.cache.k.dtype == torch.float16
+        metrics = c.get("/metrics").text
+        assert f'quant="{mode}"' in metrics and 'kv_cache_dtype="float16"' in metrics
+
+
+def test_an_explicit_kv_cache_dtype_wins_and_a_bad_one_is_named(make_client):
+    with make_client(quant="int4", kv_cache_dtype="float32") as c:
+        assert c.app.state.engine.runner.cache.k.dtype == torch.float32
+        assert c.get("/v1/models").json()["data"][0]["smollm"]["kv_cache_dtype"] == "float32"
+        req = {"prompt": "Once upon a time", "max_tokens": 4, "temperature": 0, "ignore_eos": True}
+        assert c.post("/v1/generate", json=req).status_code == 200
+    with pytest.raises(ValidationError, match="kv_cache_dtype"):
+        Settings(kv_cache_dtype="fp8")
 
 
 def test_quantized_server_hot_reloads_into_a_quantized_model(tmp_path, save_tiny):
@@ -51,5 +67,6 @@ def test_quantized_server_hot_reloads_into_a_quantized_model(tmp_path, save_tiny
         write_latest(out, "step-000002")
         assert wait_until(lambda: server.engine.info.step == "2", timeout=30)
         assert quantized_layers(server.engine.runner.model).get(Int4Linear, 0) > 0
+        assert server.engine.runner.cache.k.dtype == torch.float16  # the swap kept the cache's dtype
         after = httpx.post(server.url + "/v1/generate", json=req, timeout=30)
         assert after.status_code == 200 and after.json()["text"] != before

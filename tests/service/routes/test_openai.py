@@ -22,6 +22,7 @@ def test_models(client):
         "dtype": "float32",
         "device": "cpu",
         "quant": "none",
+        "kv_cache_dtype": "float32",
         "cpu_isa": torch.backends.cpu.get_cpu_capability(),
     }
     schemas = client.get("/openapi.json").json()["components"]["schemas"]
