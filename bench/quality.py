@@ -7,6 +7,10 @@ On a fixed held-out text shipped with the repo (`bench/data/heldout.txt`, prose 
 
 Modes: float32, bfloat16 (plain weights, that compute dtype) and int8/int4 (`model.quant`, on the compute dtype
 `auto` picks for this machine). Prints a table naming the machine and writes `bench/results/quality-<stamp>.json`.
+
+`--kv-cache-dtypes float16` also scores each mode through the KV cache as the server runs it: each window
+prefilled in chunks of `CACHE_CHUNK` tokens, later chunks attending keys and values read back from a cache of
+each dtype given (and of the compute dtype, the reference): what `SMOLLM_KV_CACHE_DTYPE` costs.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from model.device import DTYPES, dtype_name
+from model.kv_cache import KV_CACHE_DTYPES
 from model.quant import quantize_model, serving_dtype
 
 log = logging.getLogger("bench.quality")
@@ -33,6 +38,7 @@ WINDOW = 256
 PROMPTS = 64
 MODES = ("float32", "bfloat16", "int8", "int4")
 # Asserted on the real model (tests/bench/test_quality.py): perplexity increase over fp32 at most this much.
+CACHE_CHUNK = 64
 PPL_BOUNDS = {"int8": 0.01, "int4": 0.05}
 
 
@@ -94,8 +100,34 @@ def score(model, windows: torch.Tensor, positions: list[tuple[int, int]]) -> tup
     return math.exp(nll / count), torch.tensor([greedy[i] for i in range(len(positions))])
 
 
-def evaluate(checkpoint: Path, modes: list[str], text: str | None = None) -> dict[str, Any]:
-    """Quality of each mode; fp32 is always measured first, as the reference for agreement."""
+@torch.inference_mode()
+def cached_perplexity(model, windows: torch.Tensor, kv_dtype: torch.dtype, chunk: int = CACHE_CHUNK) -> float:
+    """Perplexity over the windows computed through a KV cache of `kv_dtype`: each window a sequence prefilled
+    `chunk` tokens at a time, every chunk's logits scored, so that all but the first chunk read keys and values
+    back from the cache (as the server's chunked prefill and decode steps do)."""
+    from model.kv_cache import CacheBatch
+
+    n, window = windows.shape
+    nll, count = 0.0, 0
+    for w in range(n):
+        cache = model.new_kv_cache(max_slots=1, max_len=window, dtype=kv_dtype)
+        for start in range(0, window - 1, chunk):
+            end = min(start + chunk, window - 1)  # the last token has nothing to predict
+            length = end - start
+            batch = CacheBatch.build_packed(
+                cache, [(0, length, end)], list(range(start, end)), logits_index=list(range(length))
+            )
+            logits = model(windows[w : w + 1, start:end], batch=batch).float()
+            nll += F.cross_entropy(logits, windows[w, start + 1 : end + 1], reduction="sum").item()
+            count += length
+    return math.exp(nll / count)
+
+
+def evaluate(
+    checkpoint: Path, modes: list[str], text: str | None = None, kv_dtypes: list[str] | None = None
+) -> dict[str, Any]:
+    """Quality of each mode; fp32 is always measured first, as the reference for agreement. With `kv_dtypes`,
+    also each mode's perplexity through a KV cache of each of them and of its compute dtype (`cached_perplexity`)."""
     import time
 
     from model.tokenizer import load_tokenizer
@@ -104,6 +136,7 @@ def evaluate(checkpoint: Path, modes: list[str], text: str | None = None) -> dic
     windows = heldout_windows(tokenizer, text if text is not None else HELDOUT.read_text())
     positions = prompt_positions(windows)
     out: dict[str, ModeQuality] = {}
+    cached: dict[str, dict[str, float]] = {}
     reference = None
     for mode in ["float32", *(m for m in modes if m != "float32")]:
         t0 = time.perf_counter()
@@ -114,12 +147,17 @@ def evaluate(checkpoint: Path, modes: list[str], text: str | None = None) -> dic
         agree = float((greedy == reference).float().mean())
         out[mode] = ModeQuality(mode, dtype_name(model.dtype), ppl, agree, time.perf_counter() - t0)
         log.info("%s: perplexity %.4f, agreement %.3f (%.0f s)", mode, ppl, agree, out[mode].seconds)
+        if kv_dtypes:
+            names = [dtype_name(model.dtype), *(d for d in kv_dtypes if d != dtype_name(model.dtype))]
+            cached[mode] = {name: cached_perplexity(model, windows, KV_CACHE_DTYPES[name]) for name in names}
+            log.info("%s through the KV cache: %s", mode, cached[mode])
         del model
     return {
         "tokens": int(windows.numel()),
         "window": windows.shape[1],
         "prompts": len(positions),
         "modes": {m: q.to_dict() for m, q in out.items()},
+        **({"cached": {"chunk": CACHE_CHUNK, "perplexity": cached}} if kv_dtypes else {}),
     }
 
 
@@ -140,12 +178,32 @@ def format_table(results: dict[str, Any]) -> str:
             f"{100 * (m['perplexity'] / base - 1):>+7.2f}%  "
             f"{'-' if bound is None else f'+{100 * bound:g}%':>6}  {100 * m['agreement']:>5.1f}%"
         )
+    if "cached" in q:
+        lines.append(f"Through the KV cache (prefill in chunks of {q['cached']['chunk']}): perplexity by cache dtype")
+        for mode, by_dtype in q["cached"]["perplexity"].items():
+            ref = by_dtype[q["modes"][mode]["compute_dtype"]]
+            cells = [f"{name} {ppl:.4f} ({100 * (ppl / ref - 1):+.2f}%)" for name, ppl in by_dtype.items()]
+            lines.append(f"{mode:>9}  " + ", ".join(cells))
     return "\n".join(lines)
+
+
+def _kv_dtype_list(value: str) -> list[str]:
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    bad = [n for n in names if n not in KV_CACHE_DTYPES]
+    if bad:
+        raise argparse.ArgumentTypeError(f"unknown cache dtype {bad[0]!r}; choose from {', '.join(KV_CACHE_DTYPES)}")
+    return names
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.quality", description=__doc__.splitlines()[0])
     p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, from {','.join(MODES)}")
+    p.add_argument(
+        "--kv-cache-dtypes",
+        type=_kv_dtype_list,
+        default=[],
+        help="comma-separated cache dtypes (float32, float16, bfloat16) to score each mode through, besides its own",
+    )
     p.add_argument("--checkpoint", type=Path, default=None, help="model (default: the embedded one)")
     p.add_argument("--out", type=Path, default=Path("bench/results"))
     args = p.parse_args(argv)
@@ -173,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
             "command": "python -m bench.quality " + " ".join(sys.argv[1:] if argv is None else argv),
         }
     }
-    results["quality"] = evaluate(checkpoint, modes)
+    results["quality"] = evaluate(checkpoint, modes, kv_dtypes=args.kv_cache_dtypes)
     path = write_json(results, args.out / f"quality-{now.strftime('%Y%m%dT%H%M%SZ')}.json")
     sys.stdout.write(format_table(results) + f"\n\nwrote {path}\n")
     return 0

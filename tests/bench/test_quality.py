@@ -61,6 +61,43 @@ def test_score_counts_every_next_token(tiny_checkpoint):
     assert greedy.tolist() == [int(logits[0, 7].argmax()), int(logits[1, 15].argmax())]
 
 
+def test_perplexity_through_an_fp32_cache_is_the_full_forwards_and_fp16_stays_close(tiny_checkpoint):
+    from model.checkpoint import load_model
+
+    model = load_model(tiny_checkpoint).eval()
+    windows = torch.randint(0, model.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(1))
+    full, _ = quality.score(model, windows, [(0, 7)])
+    through_cache = quality.cached_perplexity(model, windows, torch.float32, chunk=16)  # 3 chunks a window
+    assert through_cache == pytest.approx(full, rel=1e-5)
+    half = quality.cached_perplexity(model, windows, torch.float16, chunk=16)
+    assert half != through_cache and half == pytest.approx(full, rel=1e-3)
+
+
+def test_kv_cache_dtypes_add_a_cached_row_per_mode(tiny_checkpoint, capsys, tmp_path):
+    assert (
+        quality.main(
+            [
+                "--checkpoint",
+                str(tiny_checkpoint),
+                "--modes",
+                "int4",
+                "--kv-cache-dtypes",
+                "float16",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "Through the KV cache" in out
+    [row] = [line for line in out.splitlines() if line.strip().startswith("int4  float32")]
+    assert "float16" in row
+    with pytest.raises(SystemExit):
+        quality.main(["--kv-cache-dtypes", "fp8"])
+    assert "unknown cache dtype 'fp8'" in capsys.readouterr().err
+
+
 def test_main_prints_the_table_and_writes_json_with_the_machine(tiny_checkpoint, tmp_path, capsys):
     assert quality.main(["--modes", "int8", "--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
