@@ -50,7 +50,7 @@ SOURCE = Path(__file__).with_name("native_kernels.c")
 # -ffp-contract=off: no product is fused into an add unless the source says so (the rotary embedding then rounds
 # as the eager model does, and results do not depend on the compiler's choices).
 CFLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC")
-ABI_VERSION = 7
+ABI_VERSION = 8
 # The 4-bit products' kernels (smollm_q4_isa), by index, chosen by the C code from what the CPU has: vpdpbusd, as
 # AVX512-VNNI (AVX-512 CPUs from Cascade Lake and Zen 4 on) or AVX-VNNI (Intel client CPUs from Alder Lake on, which
 # have no AVX-512), gives the same integer sums as AVX2's maddubs in fewer instructions. Measured on the AMX Xeon
@@ -137,8 +137,10 @@ def load(path: Path) -> ctypes.CDLL:
         fn = getattr(lib, name)
         fn.argtypes = argtypes
         fn.restype = None
-    lib.smollm_decode_layer_scratch.argtypes = [_I] * 7
+    lib.smollm_decode_layer_scratch.argtypes = [_I] * 8
     lib.smollm_decode_layer_scratch.restype = _I
+    lib.smollm_attention_scratch.argtypes = [_I] * 5
+    lib.smollm_attention_scratch.restype = _I
     lib.smollm_q4_isa.argtypes = []
     lib.smollm_q4_isa.restype = _INT
     lib.smollm_q4_set_isa.argtypes = [_INT]
@@ -298,7 +300,10 @@ def decode_layers(
     n, dim = slots.shape[0], x.shape[-1]
     cos_rows, sin_rows = cos.reshape(n, -1).contiguous(), sin.reshape(n, -1).contiguous()
     out = x.reshape(n, dim).clone()
-    scratch = cache.scratch(lib.smollm_decode_layer_scratch(n, dim, n_head, n_kv_head, head_dim, hidden, kv_len))
+    threads = _threads()
+    scratch = cache.scratch(
+        lib.smollm_decode_layer_scratch(n, dim, n_head, n_kv_head, head_dim, hidden, kv_len, threads)
+    )
     arrays = {name: (ctypes.c_void_p * len(p))(*p) for name, p in ptrs.items()}
     lib.smollm_decode_layers(
         out.data_ptr(),
@@ -327,7 +332,7 @@ def decode_layers(
         positions.data_ptr(),
         kv_len,
         scratch.data_ptr(),
-        _threads(),
+        threads,
     )
     return out.view(x.shape)
 
@@ -406,7 +411,8 @@ def attention_decode(
     max_len = k_cache.shape[-2]
     _check_rows(slots, positions, k_cache.shape[0], max_len, kv_len)
     out = torch.empty(rows, n_head * head_dim)
-    scratch = torch.empty(rows * n_head * (head_dim + kv_len))
+    threads = _threads()
+    scratch = torch.empty(lib.smollm_attention_scratch(rows, n_head, head_dim, kv_len, threads))
     lib.smollm_attention_decode(
         qkv.data_ptr(),
         rows,
@@ -424,7 +430,7 @@ def attention_decode(
         kv_len,
         out.data_ptr(),
         scratch.data_ptr(),
-        _threads(),
+        threads,
     )
     return out
 

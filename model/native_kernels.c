@@ -14,6 +14,7 @@ call and whichever thread computes it, so a sequence's result does not depend on
 
 #include <immintrin.h>
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -44,7 +45,7 @@ static inline int64_t scale_offset(int64_t j) { return 2 * j; }
 static inline int64_t min_offset(int64_t j) { return 16 + 2 * j; }
 static inline int64_t nibble_offset(int64_t j, int i) { return 32 + (i / 4) * 32 + j * 4 + i % 4; }
 
-int smollm_abi_version(void) { return 7; }
+int smollm_abi_version(void) { return 8; }
 
 int smollm_block_bytes(void) { return 20; }
 
@@ -409,14 +410,94 @@ static inline __attribute__((always_inline)) float kv_dot(const float *q, const 
     return s;
 }
 
+/* One query head against its key/value head for one row: q (head_dim) attends keys 0..len-1 at `base` of the caches
+   (fp32, or fp16 when `half`); `score` holds len floats; writes y (head_dim). The same operations for every head
+   whatever the batch, and the same results whether the keys are read from an fp16 cache or from their exact fp32
+   widening (`attention_rows` does either). */
+static inline __attribute__((always_inline)) void attend_head(const float *q, const void *k_cache, const void *v_cache,
+                                                              int64_t base, int64_t len, int64_t head_dim, float scale,
+                                                              float *score, float *y, const int half) {
+    float top = -INFINITY;
+    int64_t t = 0;
+    if (head_dim % 8 == 0) {
+        /* Four keys at a time: each query load serves four products, and one reduction gives four scores. */
+        for (; t + 4 <= len; t += 4) {
+            const int64_t k0 = base + t * head_dim;
+            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+            for (int64_t i = 0; i < head_dim; i += 8) {
+                const __m256 qv = _mm256_loadu_ps(q + i);
+                a0 = _mm256_fmadd_ps(qv, kv_load8(k_cache, k0 + i, half), a0);
+                a1 = _mm256_fmadd_ps(qv, kv_load8(k_cache, k0 + head_dim + i, half), a1);
+                a2 = _mm256_fmadd_ps(qv, kv_load8(k_cache, k0 + 2 * head_dim + i, half), a2);
+                a3 = _mm256_fmadd_ps(qv, kv_load8(k_cache, k0 + 3 * head_dim + i, half), a3);
+            }
+            const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+            const __m128 sums = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+            _mm_storeu_ps(score + t, _mm_mul_ps(sums, _mm_set1_ps(scale)));
+            for (int j = 0; j < 4; j++) top = score[t + j] > top ? score[t + j] : top;
+        }
+    }
+    for (; t < len; t++) {
+        score[t] = kv_dot(q, k_cache, base + t * head_dim, head_dim, half) * scale;
+        top = score[t] > top ? score[t] : top;
+    }
+    __m256 sum8 = _mm256_setzero_ps();
+    int64_t u = 0;
+    for (; u + 8 <= len; u += 8) {
+        const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(score + u), _mm256_set1_ps(top)));
+        _mm256_storeu_ps(score + u, e);
+        sum8 = _mm256_add_ps(sum8, e);
+    }
+    float total = hsum256(sum8);
+    for (; u < len; u++) {
+        score[u] = expf(score[u] - top);
+        total += score[u];
+    }
+    const float inv = 1.0f / total;
+    /* y = sum_t p_t * v_t, 64 outputs at a time kept in registers over every key (storing y back after each key
+       made this loop store-bound: at 64 streams it was a quarter of the step). Each output still sees the
+       same FMAs in the same order. */
+    int64_t i0 = 0;
+    for (; i0 + 64 <= head_dim; i0 += 64) {
+        __m256 acc[8];
+        for (int j = 0; j < 8; j++) acc[j] = _mm256_setzero_ps();
+        for (int64_t t = 0; t < len; t++) {
+            const __m256 p = _mm256_set1_ps(score[t] * inv);
+            const int64_t v = base + t * head_dim + i0;
+            for (int j = 0; j < 8; j++) acc[j] = _mm256_fmadd_ps(p, kv_load8(v_cache, v + 8 * j, half), acc[j]);
+        }
+        for (int j = 0; j < 8; j++) _mm256_storeu_ps(y + i0 + 8 * j, acc[j]);
+    }
+    for (int64_t i = i0; i < head_dim; i++) y[i] = 0.0f;
+    for (int64_t t = 0; i0 < head_dim && t < len; t++) {
+        const float p = score[t] * inv;
+        const int64_t v = base + t * head_dim;
+        int64_t i = i0;
+        for (; i + 8 <= head_dim; i += 8)
+            _mm256_storeu_ps(y + i, _mm256_fmadd_ps(_mm256_set1_ps(p), kv_load8(v_cache, v + i, half),
+                                                    _mm256_loadu_ps(y + i)));
+        for (; i < head_dim; i++) y[i] += p * kv_at(v_cache, v + i, half);
+    }
+}
+
+/* Floats smollm_attention_decode needs in `scratch`: each row and head's rotated query and scores, and each thread's
+   fp32 copy of one key/value head's keys and values (the grouped fp16 mode below). */
+int64_t smollm_attention_scratch(int64_t rows, int64_t n_head, int64_t head_dim, int64_t kv_len, int64_t nthreads) {
+    return rows * n_head * (head_dim + kv_len) + nthreads * 2 * kv_len * head_dim;
+}
+
+/* Rows and key/value heads from which an fp16 cache is read once per key/value head (per thread, widened into fp32
+   and shared by its query heads) rather than once per query head; below it, per query head, which splits the work
+   of a row or two over the threads more evenly. The two give the same bits. */
+#define GROUPED_TASKS_PER_THREAD 4
+
 /* One decode token per row, for every row and head of one layer:
    - qkv (rows, (n_head + 2 * n_kv_head) * head_dim): the fused projection's output, queries then keys then values;
    - cos, sin (rows, head_dim): each row's rotary tables at its position;
-   - k_cache, v_cache (max_slots, n_kv_head, max_len, head_dim), fp32 or (kv_half) fp16: the layer's cache; row r
+   - k_cache, v_cache (max_slots, n_kv_head, max_len, head_dim), fp32 or (half) fp16: the layer's cache; row r
      writes its rotated key and its value at (slots[r], head, positions[r]) and attends keys 0..positions[r] of its
      own slot;
-   - out (rows, n_head * head_dim). `scratch` holds rows * n_head * (head_dim + kv_len) floats, kv_len > every
-     position. */
+   - out (rows, n_head * head_dim). `scratch` holds smollm_attention_scratch(...) floats, kv_len > every position. */
 static inline __attribute__((always_inline)) void attention_rows(const float *qkv, int64_t rows, int64_t n_head,
                                                                  int64_t n_kv_head, int64_t head_dim, const float *cos,
                                                                  const float *sin, void *k_cache, void *v_cache,
@@ -426,6 +507,7 @@ static inline __attribute__((always_inline)) void attention_rows(const float *qk
     const int64_t width = (n_head + 2 * n_kv_head) * head_dim;
     const int64_t n_rep = n_head / n_kv_head;
     const float scale = 1.0f / sqrtf((float)head_dim);
+    float *wide = scratch + rows * n_head * (head_dim + kv_len); /* nthreads x (keys, values) x kv_len x head_dim */
     for (int64_t r = 0; r < rows; r++) {
         const float *kr = qkv + r * width + n_head * head_dim;
         const float *vr = kr + n_kv_head * head_dim;
@@ -437,76 +519,41 @@ static inline __attribute__((always_inline)) void attention_rows(const float *qk
             kv_store(v_cache, at, vr + h * head_dim, head_dim, half);
         }
     }
+    if (half && rows * n_kv_head >= GROUPED_TASKS_PER_THREAD * (int64_t)nthreads) {
+        /* An fp16 cache: each key/value head's keys and values are widened once (exactly) and read by its n_rep
+           query heads from this thread's fp32 copy, instead of being loaded and widened n_rep times. */
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+        for (int64_t task = 0; task < rows * n_kv_head; task++) {
+            const int64_t r = task / n_kv_head, kvh = task % n_kv_head;
+            const int64_t len = positions[r] + 1, n = len * head_dim;
+            const int64_t base = (slots[r] * n_kv_head + kvh) * max_len * head_dim;
+            float *keys = wide + (int64_t)omp_get_thread_num() * 2 * kv_len * head_dim, *values = keys + kv_len * head_dim;
+            int64_t i = 0;
+            for (; i + 8 <= n; i += 8) {
+                _mm256_storeu_ps(keys + i, kv_load8(k_cache, base + i, 1));
+                _mm256_storeu_ps(values + i, kv_load8(v_cache, base + i, 1));
+            }
+            for (; i < n; i++) {
+                keys[i] = kv_at(k_cache, base + i, 1);
+                values[i] = kv_at(v_cache, base + i, 1);
+            }
+            for (int64_t h = kvh * n_rep; h < (kvh + 1) * n_rep; h++) {
+                float *q = scratch + (r * n_head + h) * (head_dim + kv_len);
+                rope(qkv + r * width + h * head_dim, cos + r * head_dim, sin + r * head_dim, head_dim, q);
+                attend_head(q, keys, values, 0, len, head_dim, scale, q + head_dim, out + (r * n_head + h) * head_dim,
+                            0);
+            }
+        }
+        return;
+    }
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t task = 0; task < rows * n_head; task++) {
         const int64_t r = task / n_head, h = task % n_head, kvh = h / n_rep;
-        const int64_t len = positions[r] + 1;
         float *q = scratch + task * (head_dim + kv_len);
-        float *score = q + head_dim;
         rope(qkv + r * width + h * head_dim, cos + r * head_dim, sin + r * head_dim, head_dim, q);
         const int64_t base = (slots[r] * n_kv_head + kvh) * max_len * head_dim; /* this head's keys and values */
-        float top = -INFINITY;
-        int64_t t = 0;
-        if (head_dim % 8 == 0) {
-            /* Four keys at a time: each query load serves four products, and one reduction gives four scores. */
-            for (; t + 4 <= len; t += 4) {
-                const int64_t k0 = base + t * head_dim;
-                __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-                for (int64_t i = 0; i < head_dim; i += 8) {
-                    const __m256 qv = _mm256_loadu_ps(q + i);
-                    a0 = _mm256_fmadd_ps(qv, kv_load8(k_cache, k0 + i, half), a0);
-                    a1 = _mm256_fmadd_ps(qv, kv_load8(k_cache, k0 + head_dim + i, half), a1);
-                    a2 = _mm256_fmadd_ps(qv, kv_load8(k_cache, k0 + 2 * head_dim + i, half), a2);
-                    a3 = _mm256_fmadd_ps(qv, kv_load8(k_cache, k0 + 3 * head_dim + i, half), a3);
-                }
-                const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
-                const __m128 sums = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
-                _mm_storeu_ps(score + t, _mm_mul_ps(sums, _mm_set1_ps(scale)));
-                for (int j = 0; j < 4; j++) top = score[t + j] > top ? score[t + j] : top;
-            }
-        }
-        for (; t < len; t++) {
-            score[t] = kv_dot(q, k_cache, base + t * head_dim, head_dim, half) * scale;
-            top = score[t] > top ? score[t] : top;
-        }
-        __m256 sum8 = _mm256_setzero_ps();
-        int64_t u = 0;
-        for (; u + 8 <= len; u += 8) {
-            const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(score + u), _mm256_set1_ps(top)));
-            _mm256_storeu_ps(score + u, e);
-            sum8 = _mm256_add_ps(sum8, e);
-        }
-        float total = hsum256(sum8);
-        for (; u < len; u++) {
-            score[u] = expf(score[u] - top);
-            total += score[u];
-        }
-        const float inv = 1.0f / total;
-        float *y = out + r * n_head * head_dim + h * head_dim;
-        /* y = sum_t p_t * v_t, 64 outputs at a time kept in registers over every key (storing y back after each key
-           made this loop store-bound: at 64 streams it was a quarter of the step). Each output still sees the
-           same FMAs in the same order. */
-        int64_t i0 = 0;
-        for (; i0 + 64 <= head_dim; i0 += 64) {
-            __m256 acc[8];
-            for (int j = 0; j < 8; j++) acc[j] = _mm256_setzero_ps();
-            for (int64_t t = 0; t < len; t++) {
-                const __m256 p = _mm256_set1_ps(score[t] * inv);
-                const int64_t v = base + t * head_dim + i0;
-                for (int j = 0; j < 8; j++) acc[j] = _mm256_fmadd_ps(p, kv_load8(v_cache, v + 8 * j, half), acc[j]);
-            }
-            for (int j = 0; j < 8; j++) _mm256_storeu_ps(y + i0 + 8 * j, acc[j]);
-        }
-        for (int64_t i = i0; i < head_dim; i++) y[i] = 0.0f;
-        for (int64_t t = 0; i0 < head_dim && t < len; t++) {
-            const float p = score[t] * inv;
-            const int64_t v = base + t * head_dim;
-            int64_t i = i0;
-            for (; i + 8 <= head_dim; i += 8)
-                _mm256_storeu_ps(y + i, _mm256_fmadd_ps(_mm256_set1_ps(p), kv_load8(v_cache, v + i, half),
-                                                        _mm256_loadu_ps(y + i)));
-            for (; i < head_dim; i++) y[i] += p * kv_at(v_cache, v + i, half);
-        }
+        attend_head(q, k_cache, v_cache, base, positions[r] + 1, head_dim, scale, q + head_dim,
+                    out + task * head_dim, half);
     }
 }
 
@@ -555,10 +602,11 @@ static void add_rows(float *x, const float *y, int64_t rows, int64_t dim, int nt
 
 /* Scratch floats smollm_decode_layer needs for `rows` rows. */
 int64_t smollm_decode_layer_scratch(int64_t rows, int64_t dim, int64_t n_head, int64_t n_kv_head, int64_t head_dim,
-                                    int64_t hidden, int64_t kv_len) {
+                                    int64_t hidden, int64_t kv_len, int64_t nthreads) {
     const int64_t widest = hidden > dim ? hidden : dim;
-    return rows * (dim + (n_head + 2 * n_kv_head) * head_dim + n_head * (head_dim + kv_len) + n_head * head_dim +
-                   3 * hidden + widest / 4 + 2 * widest / QK);
+    return rows * (dim + (n_head + 2 * n_kv_head) * head_dim + n_head * head_dim + 3 * hidden + widest / 4 +
+                   2 * widest / QK) +
+           smollm_attention_scratch(rows, n_head, head_dim, kv_len, nthreads);
 }
 
 /* One transformer block for one decode token per row, every projection in 4-bit blocks, x (rows, dim) updated in
@@ -573,8 +621,8 @@ void smollm_decode_layer(float *x, int64_t rows, int64_t dim, const float *attn_
     const int64_t q_width = n_head * head_dim, qkv_width = (n_head + 2 * n_kv_head) * head_dim;
     float *h = scratch;                                  /* rows x dim */
     float *qkv = h + rows * dim;                         /* rows x qkv_width */
-    float *att_scratch = qkv + rows * qkv_width;         /* rows x n_head x (head_dim + kv_len) */
-    float *att = att_scratch + rows * n_head * (head_dim + kv_len); /* rows x q_width */
+    float *att_scratch = qkv + rows * qkv_width;         /* smollm_attention_scratch(...) */
+    float *att = att_scratch + smollm_attention_scratch(rows, n_head, head_dim, kv_len, nthreads); /* rows x q_width */
     float *gate_up = att + rows * q_width;               /* rows x 2 hidden */
     float *act = gate_up + rows * 2 * hidden;            /* rows x hidden */
     float *mm = act + rows * hidden;                     /* q4 matmul scratch */

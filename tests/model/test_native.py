@@ -284,6 +284,43 @@ def test_native_attention_on_an_fp16_cache_matches_the_pytorch_path(monkeypatch,
 
 @needs_native
 @torch.inference_mode()
+def test_fp16_attention_reads_the_same_values_grouped_or_per_head():
+    """Many rows read an fp16 cache once per key/value head (widened into fp32, shared by its query heads), a row
+    alone once per query head: every row's output is the same bits either way, and the same as from an fp32 cache
+    holding the widened values."""
+    gen = torch.Generator().manual_seed(9)
+    rows, n_head, n_kv_head, head_dim, max_len = 12, 6, 2, 24, 40  # head_dim not a multiple of 8: the scalar tails too
+    qkv = torch.randn(rows, (n_head + 2 * n_kv_head) * head_dim, generator=gen)
+    cos, sin = torch.randn(rows, head_dim, generator=gen), torch.randn(rows, head_dim, generator=gen)
+    history = torch.randn(rows, n_kv_head, max_len, head_dim, generator=gen).half()
+    slots, positions = torch.arange(rows), torch.randint(0, 33, (rows,), generator=gen)
+
+    def attend(cache_dtype, r):
+        k, v = history.to(cache_dtype, copy=True), (history * 0.5).to(cache_dtype)
+        return native.attention_decode(
+            qkv[r].contiguous(),
+            n_head,
+            n_kv_head,
+            cos[r].contiguous(),
+            sin[r].contiguous(),
+            k,
+            v,
+            slots[r].contiguous(),
+            positions[r].contiguous(),
+            34,
+        ), k
+
+    grouped, k_half = attend(torch.float16, slice(None))
+    assert k_half.dtype == torch.float16 and not torch.equal(k_half, history)  # the rows' own keys were written
+    per_head = torch.cat([attend(torch.float16, slice(r, r + 1))[0] for r in range(rows)])
+    assert torch.equal(grouped, per_head)
+    # An fp32 cache of the same history: only the rows' new keys and values, unrounded there, differ.
+    widened, _ = attend(torch.float32, slice(None))
+    assert not torch.equal(grouped, widened) and (grouped - widened).abs().max() < 1e-2
+
+
+@needs_native
+@torch.inference_mode()
 @pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16])
 def test_greedy_int4_tokens_are_the_same_alone_and_in_a_batch(kv_dtype):
     model = tiny("int4")
