@@ -87,6 +87,30 @@ def test_truncated_safetensors_named(tmp_path, tiny_model):
         load_model(path)
 
 
+def test_a_loaded_model_survives_its_file_being_overwritten_in_place(tmp_path, tiny_model):
+    """`cp` onto a served checkpoint truncates and rewrites the same file. A model whose weights stayed mapped from it
+    (safetensors' load_file mmaps; fp32 weights in an fp32 model are not copied) would die of SIGBUS at its next
+    step: run in a child process, so that such a death is a failure here and not the end of the test run."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    path = save_checkpoint(tmp_path / "ckpt", tiny_model)
+    code = (
+        "import os, sys, torch\n"
+        "from model.checkpoint import load_model\n"
+        "model = load_model(sys.argv[1])\n"
+        "with torch.inference_mode():\n"
+        "    before = model(torch.tensor([[1, 2, 3]]))\n"
+        "    os.truncate(os.path.join(sys.argv[1], 'model.safetensors'), 64)\n"
+        "    assert torch.equal(model(torch.tensor([[1, 2, 3]])), before)\n"
+        "print('ok')\n"
+    )
+    repo = Path(__file__).resolve().parents[2]
+    run = subprocess.run([sys.executable, "-c", code, str(path)], cwd=repo, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", (run.returncode, run.stderr[-2000:])
+
+
 def test_wrong_shapes_named(tmp_path, tiny_model):
     path = save_checkpoint(tmp_path / "ckpt", tiny_model)
     cfg = json.loads((path / "config.json").read_text())
