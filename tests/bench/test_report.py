@@ -81,12 +81,23 @@ def test_table_shows_values_ratios_targets_and_why_anchors_did_not_run(results):
     assert "3.00x" in text  # ours/llama.cpp at 16 streams: 450 / 150
     assert "2.00x" in text  # ours/HF static batch 16: 450 / 225
     assert "67%" in text  # one stream: 50 of a 75 tok/s bandwidth bound
-    assert "one stream 50.0 tok/s (>= 60): MISS" in text
-    assert "16 streams 450.0 tok/s (>= 400), TTFT p50 250 ms (<= 300): PASS" in text
+    # The targets, per served mode, where both sides of a ratio were measured (no llama-cpp-python here).
+    assert "bfloat16: 16 streams 3.00x llama-server (>= 2x), TTFT p50 250 ms (<= 300): PASS" in text
+    assert "one stream" not in text.split("Targets")[1] and "float32:" not in text.split("Targets")[1]
     assert "Serving float32: ours not measured (service exited with code 1)" in text
     assert "llama-cpp-python anchor not run: llama-cpp-python is not installed" in text
     assert "transformers anchor (float32) not run: failed: OSError: no weights" in text
     assert "1.50x" in text  # training ours/HF
+
+
+def test_targets_name_each_miss(results):
+    results["anchors"]["llama_cpp_python"] = {"tokens_per_s": 40.0, "ttft_ms": 20.0}
+    results["serving"]["bfloat16"]["ours"]["64"] = _level(64, 500.0, 1200.0)
+    results["anchors"]["llama_server"]["levels"]["64"] = _level(64, 180.0, 9000.0)
+    targets = report.format_report(results).split("Targets")[1].splitlines()[1]
+    assert "one stream 1.25x llama-cpp-python (>= 1x): PASS" in targets
+    assert "TTFT 2.00x its (<= 1.5x): MISS" in targets  # 40 ms against 20
+    assert "64 streams 2.78x llama-server (>= 2.5x), TTFT p50 1200 ms (<= 1000): MISS" in targets
 
 
 def test_json_and_plot(results, tmp_path):
