@@ -17,6 +17,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint
 
+from model.inductor import pin_cpu_simd_width
+
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
 
@@ -88,6 +90,7 @@ def maybe_compile(model: nn.Module, enabled: bool = True, whole_model: bool = Fa
     has no `_orig_mod.` keys and checkpoints load into an uncompiled model. Returns `model`."""
     if not enabled:
         return model
+    pin_cpu_simd_width()
     if whole_model:
         model.compile()
     else:

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from model.inductor import pin_cpu_simd_width
 from model.kv_cache import CacheBatch, KVCache
 from model.llama import Transformer
 
@@ -99,6 +100,7 @@ class CompiledDecode:
         if self.cudagraphs:
             torch._dynamo.mark_static_address(cache.k)
             torch._dynamo.mark_static_address(cache.v)
+        pin_cpu_simd_width()
         self._step: Callable[..., torch.Tensor] = torch.compile(self._forward, **self.options)
 
     def _forward(self, idx: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor, kv_len: int) -> torch.Tensor:
