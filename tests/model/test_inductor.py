@@ -8,8 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch._inductor.config as inductor_config
-from torch._inductor.cpu_vec_isa import pick_vec_isa
 
 from model.inductor import pin_cpu_simd_width
 
@@ -17,6 +15,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def test_the_width_is_the_picked_isas_unless_already_set(monkeypatch):
+    import torch._inductor.config as inductor_config  # here, not at collection: ~1 s per test worker
+    from torch._inductor.cpu_vec_isa import pick_vec_isa
+
     monkeypatch.setattr(inductor_config.cpp, "simdlen", None)
     isa = pick_vec_isa()
     assert pin_cpu_simd_width() == (isa.bit_width() if isa else None)
