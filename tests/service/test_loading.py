@@ -116,6 +116,9 @@ def test_kv_cache_memory_caps_the_slots(tiny_checkpoint):
     budget = 3.5 * per_slot / 2**30
     assert kv_slots(tiny_settings(tiny_checkpoint, max_batch_size=64, kv_cache_memory=budget), model) == 3
     assert kv_slots(tiny_settings(tiny_checkpoint, max_batch_size=2, kv_cache_memory=budget), model) == 2
+    # An fp16 cache under the fp32 model: twice the slots in the same memory.
+    fp16 = kv_slots(tiny_settings(tiny_checkpoint, max_batch_size=64, kv_cache_memory=budget), model, torch.float16)
+    assert fp16 == 7
     with pytest.raises(ValueError, match="kv_cache_memory"):
         kv_slots(tiny_settings(tiny_checkpoint, kv_cache_memory=0.5 * per_slot / 2**30), model)
 
