@@ -50,7 +50,7 @@ SOURCE = Path(__file__).with_name("native_kernels.c")
 # -ffp-contract=off: no product is fused into an add unless the source says so (the rotary embedding then rounds
 # as the eager model does, and results do not depend on the compiler's choices).
 CFLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC")
-ABI_VERSION = 8
+ABI_VERSION = 9
 # The 4-bit products' kernels (smollm_q4_isa), by index, chosen by the C code from what the CPU has: vpdpbusd, as
 # AVX512-VNNI (AVX-512 CPUs from Cascade Lake and Zen 4 on) or AVX-VNNI (Intel client CPUs from Alder Lake on, which
 # have no AVX-512), gives the same integer sums as AVX2's maddubs in fewer instructions. Measured on the AMX Xeon
@@ -82,6 +82,8 @@ _SIGNATURES: dict[str, list[Any]] = {
     "smollm_decode_layers": [_P, _I, _I, _I, _P, _P, _F, _P, _P, _P, _P, _I, _I, _I, _I]
     + [_P, _P, _P, _P, _INT, _I, _I, _P, _P, _I, _P, _INT],
     "smollm_rms_norm": [_P, _I, _I, _P, _F, _P],
+    "smollm_bf16_pack": [_P, _I, _I, _P],
+    "smollm_bf16_matmul": [_P, _I, _I, _P, _I, _P, _P, _INT],
 }
 
 
@@ -145,6 +147,10 @@ def load(path: Path) -> ctypes.CDLL:
     lib.smollm_q4_isa.restype = _INT
     lib.smollm_q4_set_isa.argtypes = [_INT]
     lib.smollm_q4_set_isa.restype = _INT
+    lib.smollm_bf16_amx_ready.argtypes = []
+    lib.smollm_bf16_amx_ready.restype = _INT
+    lib.smollm_bf16_packed_elems.argtypes = [_I, _I]
+    lib.smollm_bf16_packed_elems.restype = _I
     return lib
 
 
@@ -433,6 +439,48 @@ def attention_decode(
         threads,
     )
     return out
+
+
+def bf16_amx() -> bool:
+    """Whether `bf16_matmul` runs here: the kernels load, and the CPU has AMX-BF16 (and AVX512-BF16) with the OS
+    letting this process use tile state."""
+    lib = native_kernels()
+    return lib is not None and lib.smollm_bf16_amx_ready() == 1
+
+
+BF16_K_MULTIPLE = 32  # inputs per AMX tile step: a weight's in_features must be a multiple
+
+
+def bf16_pack(weight: torch.Tensor) -> torch.Tensor:
+    """A bf16 (n, k) weight in the AMX layout `bf16_matmul` reads (model/native_kernels.c), k a multiple of 32."""
+    lib = _require()
+    n, k = weight.shape
+    if weight.dtype != torch.bfloat16 or k % BF16_K_MULTIPLE:
+        raise ValueError(f"bf16_pack: a bf16 weight with in_features a multiple of 32, got {weight.dtype} {n}x{k}")
+    w = weight.detach().contiguous()
+    out = torch.empty(lib.smollm_bf16_packed_elems(n, k), dtype=torch.bfloat16)
+    lib.smollm_bf16_pack(w.data_ptr(), n, k, out.data_ptr())
+    return out
+
+
+def bf16_matmul(x: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
+    """x (rows, k) bf16 contiguous @ W.T for W packed by `bf16_pack`: (rows, out_features) bf16, every output summed
+    in one order whatever the rows (a row's result does not depend on its batch). Only where `bf16_amx()`."""
+    lib = _require()
+    rows, k = x.shape
+    if (
+        x.dtype != torch.bfloat16
+        or not x.is_contiguous()
+        or packed.numel() != lib.smollm_bf16_packed_elems(out_features, k)
+    ):
+        raise ValueError(f"bf16_matmul: x must be contiguous bf16 matching the packed weight, got {x.dtype} {rows}x{k}")
+    threads = _threads()
+    y = torch.empty(rows, out_features, dtype=torch.bfloat16)
+    pad = torch.empty(threads * 16 * k, dtype=torch.bfloat16)
+    lib.smollm_bf16_matmul(
+        x.data_ptr(), rows, k, packed.data_ptr(), out_features, y.data_ptr(), pad.data_ptr(), threads
+    )
+    return y
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -14,16 +14,19 @@ from model.inductor import pin_cpu_simd_width
 REPO = Path(__file__).resolve().parents[2]
 
 
-def test_the_width_is_the_picked_isas_unless_already_set(monkeypatch):
+def test_the_width_is_the_picked_isas_unless_already_set():
     import torch._inductor.config as inductor_config  # here, not at collection: ~1 s per test worker
     from torch._inductor.cpu_vec_isa import pick_vec_isa
 
-    monkeypatch.setattr(inductor_config.cpp, "simdlen", None)
-    isa = pick_vec_isa()
-    assert pin_cpu_simd_width() == (isa.bit_width() if isa else None)
-    assert inductor_config.cpp.simdlen == (isa.bit_width() if isa else None)
-    monkeypatch.setattr(inductor_config.cpp, "simdlen", 256)
-    assert pin_cpu_simd_width() == 256  # a width the user chose is kept
+    # config.patch, not monkeypatch: monkeypatch's undo deleted the key from inductor's config for the rest of the run.
+    before = inductor_config.cpp.simdlen
+    with inductor_config.patch({"cpp.simdlen": None}):
+        isa = pick_vec_isa()
+        assert pin_cpu_simd_width() == (isa.bit_width() if isa else None)
+        assert inductor_config.cpp.simdlen == (isa.bit_width() if isa else None)
+    with inductor_config.patch({"cpp.simdlen": 256}):
+        assert pin_cpu_simd_width() == 256  # a width the user chose is kept
+    assert inductor_config.cpp.simdlen == before
 
 
 @pytest.mark.skipif(

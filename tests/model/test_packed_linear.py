@@ -6,10 +6,11 @@ import pytest
 import torch
 from torch import nn
 
+from model import native
 from model.config import ModelConfig
 from model.kv_cache import CacheBatch
 from model.llama import Transformer
-from model.packed_linear import PackedLinear, can_pack, pack_linears
+from model.packed_linear import AmxLinear, PackedLinear, amx_packs, can_pack, pack_linears
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
 
@@ -50,8 +51,11 @@ def test_packed_model_matches_plain(dtype):
     packed = packed_copy(model)
     prompt = torch.randint(0, CONFIG.vocab_size, (3, 9), generator=torch.Generator().manual_seed(1))
     plain_out, packed_out = decode_logits(model, prompt, 6), decode_logits(packed, prompt, 6)
-    if dtype == torch.bfloat16:
-        assert torch.equal(plain_out, packed_out)  # the same kernels, only the weight layout differs
+    if isinstance(packed.output, AmxLinear):  # bf16 on the AMX kernel: its own summation order
+        torch.testing.assert_close(packed_out, plain_out, rtol=2e-2, atol=2e-2)
+        assert torch.equal(plain_out.argmax(-1), packed_out.argmax(-1))
+    elif dtype == torch.bfloat16:
+        assert torch.equal(plain_out, packed_out)  # the same oneDNN kernels, only the weight layout differs
     else:
         torch.testing.assert_close(packed_out, plain_out, rtol=1e-4, atol=1e-4)
         assert torch.equal(plain_out.argmax(-1), packed_out.argmax(-1))
@@ -68,6 +72,52 @@ def test_a_row_does_not_depend_on_the_rows_around_it(dtype):
     batched = layer(x)
     for n in (1, 3, 7):
         assert torch.equal(layer(x[:n]), batched[:n])
+
+
+needs_amx = pytest.mark.skipif(not native.bf16_amx(), reason="no AMX-BF16 here (or no native kernels)")
+
+
+@needs_amx
+@torch.inference_mode()
+def test_amx_layer_rows_do_not_depend_on_the_rows_around_them():
+    """Any number of rows (oneDNN's bf16 kernel changed its sums from 33 rows on), tails of a 16-row tile, and
+    outputs not a multiple of 32: every row gets the bits it gets alone, within bf16 rounding of the exact product."""
+    gen = torch.Generator().manual_seed(3)
+    linear = nn.Linear(576, 200, bias=False)
+    nn.init.normal_(linear.weight, std=0.05, generator=gen)
+    linear = linear.to(torch.bfloat16)
+    layer = AmxLinear(linear)
+    x = torch.randn(70, 576, generator=gen).to(torch.bfloat16)
+    batched = layer(x)
+    exact = x.float() @ linear.weight.float().t()
+    assert ((batched.float() - exact).norm() / exact.norm()).item() < 5e-3
+    for n in (1, 5, 16, 17, 33, 48):
+        assert torch.equal(layer(x[:n]), batched[:n])
+    assert torch.equal(layer(x[40:41]), batched[40:41])
+    assert layer(x.view(7, 10, 576)).shape == (7, 10, 200)
+
+
+@needs_amx
+@torch.inference_mode()
+def test_a_bf16_model_on_amx_decodes_a_sequence_alike_alone_and_in_a_batch_of_40():
+    """Every projection on the AMX kernel, prefill and decode, 40 rows (past the 32 where oneDNN's bf16 kernel
+    changes its sums; the tiny model's shapes do not show that change, the layer test above does)."""
+    model = tiny(torch.bfloat16)
+    assert amx_packs(model) and pack_linears(model) == 4 * CONFIG.n_layer + 1
+    assert isinstance(model.layers[0].attention.wqkv, AmxLinear)
+    prompts = torch.randint(0, CONFIG.vocab_size, (40, 7), generator=torch.Generator().manual_seed(4))
+    batched = decode_logits(model, prompts, 4)
+    for b in (0, 39):
+        assert torch.equal(decode_logits(model, prompts[b : b + 1], 4)[0], batched[b])
+
+
+def test_amx_packing_needs_bf16_and_inputs_in_steps_of_32():
+    assert not amx_packs(tiny(torch.float32))
+    odd = nn.Sequential(nn.Linear(48, 32, bias=False)).to(torch.bfloat16)
+    assert not amx_packs(odd)  # 48 inputs: not whole 32-input steps, so oneDNN (or nothing) packs it
+    if native.native_kernels() is not None:
+        with pytest.raises(ValueError, match="in_features a multiple of 32"):
+            native.bf16_pack(torch.zeros(4, 48, dtype=torch.bfloat16))
 
 
 def test_packed_layers_leave_the_state_dict():
