@@ -10,7 +10,9 @@ activations, and `decode_layers` runs every transformer block of a step in one c
 40 to 12.3 ms, a 16-row one from 136 to 55 ms, a 24-token prompt from 103 to 72 ms (bench/README.md, "Native int4
 kernels"). With weight rows interleaved by 8 (model/native_kernels.c) batched products got ~2.1x faster: steps of
 1 / 16 / 64 rows take 10.4 / 40.3 / 172 ms ("Weight rows interleaved by 8"). `attention_decode` and `rms_norm`
-serve decode rows of an fp32 model.
+serve decode rows of an fp32 model (its KV cache in fp32 or fp16). `bf16_matmul` serves a bf16 model's projections on
+CPUs with AMX (model/packed_linear.py `AmxLinear`): one summation order for any number of rows, where oneDNN's changed
+with the batch.
 
 Why ctypes and not a torch C++ extension: the C file builds in ~1.5 s with the system C compiler and no PyTorch
 headers (an extension against torch's headers takes minutes on 2 cores); the library is linked against libgomp,

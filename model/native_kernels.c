@@ -1,5 +1,6 @@
 /* CPU kernels for the decode step on x86-64 with AVX2, FMA and F16C, built at first use by model/native.py (the
-4-bit products also have AVX512-VNNI and AVX-VNNI tiles, picked at run time where the CPU has them).
+4-bit products also have AVX512-VNNI and AVX-VNNI tiles, picked at run time where the CPU has them), and, at the
+end, bf16 products on AMX tiles for bf16 models on CPUs that have them.
 
 Why hand-written: on CPUs without native bf16 the stock weight-only int4 kernel streams 4-bit weights at ~4 GB/s
 and wants bf16 activations, and a one-token step spends as long again in ~4,000 small tensor ops around the
