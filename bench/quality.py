@@ -37,8 +37,9 @@ HELDOUT = Path(__file__).resolve().parent / "data" / "heldout.txt"
 WINDOW = 256
 PROMPTS = 64
 MODES = ("float32", "bfloat16", "int8", "int4")
-# Asserted on the real model (tests/bench/test_quality.py): perplexity increase over fp32 at most this much.
+# Prompt tokens a step prefills in `cached_perplexity` (later chunks read the cache back).
 CACHE_CHUNK = 64
+# Asserted on the real model (tests/bench/test_quality.py): perplexity increase over fp32 at most this much.
 PPL_BOUNDS = {"int8": 0.01, "int4": 0.05}
 
 

@@ -17,11 +17,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-KV_CACHE_DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-}
+from model.device import DTYPES
+
+# The dtypes a cache may store (model.device's table), in the order settings and messages name them.
+KV_CACHE_DTYPES: dict[str, torch.dtype] = {name: DTYPES[name] for name in ("float32", "float16", "bfloat16")}
 KV_CACHE_DTYPE_CHOICES = ("auto", *KV_CACHE_DTYPES)
 
 
