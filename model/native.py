@@ -459,6 +459,10 @@ def bf16_pack(weight: torch.Tensor) -> torch.Tensor:
     n, k = weight.shape
     if weight.dtype != torch.bfloat16 or k % BF16_K_MULTIPLE:
         raise ValueError(f"bf16_pack: a bf16 weight with in_features a multiple of 32, got {weight.dtype} {n}x{k}")
+    # Checked once here, where a layer is built, not per product: without AMX the kernel's tile instructions would
+    # end the process (SIGILL) instead of raising.
+    if lib.smollm_bf16_amx_ready() != 1:
+        raise RuntimeError("bf16_pack: this CPU (or kernel, or compiler build) has no AMX-BF16 for bf16_matmul")
     w = weight.detach().contiguous()
     out = torch.empty(lib.smollm_bf16_packed_elems(n, k), dtype=torch.bfloat16)
     lib.smollm_bf16_pack(w.data_ptr(), n, k, out.data_ptr())

@@ -120,6 +120,23 @@ def test_amx_packing_needs_bf16_and_inputs_in_steps_of_32():
             native.bf16_pack(torch.zeros(4, 48, dtype=torch.bfloat16))
 
 
+@pytest.mark.skipif(native.native_kernels() is None, reason="no native kernels here")
+def test_packing_for_amx_without_it_is_an_error_not_a_crash(monkeypatch):
+    lib = native.native_kernels()
+
+    class NoAmx:  # the library as a CPU without AMX-BF16 reports it; everything else as built
+        def __getattr__(self, name):
+            return getattr(lib, name)
+
+        def smollm_bf16_amx_ready(self):
+            return 0
+
+    monkeypatch.setattr(native, "native_kernels", lambda: NoAmx())
+    assert not native.bf16_amx() and not amx_packs(tiny(torch.bfloat16))
+    with pytest.raises(RuntimeError, match="no AMX-BF16"):
+        AmxLinear(nn.Linear(64, 32, bias=False).to(torch.bfloat16))
+
+
 def test_packed_layers_leave_the_state_dict():
     model = tiny(torch.float32)
     pack_linears(model)
