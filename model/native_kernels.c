@@ -301,8 +301,14 @@ static void q4_group_rows(const uint8_t *w, int64_t nb, int64_t g, const int8_t 
     }
 
 DEFINE_Q4_VNNI_TILE(q4_tile_avx512vnni, "avx2,fma,f16c,avx512f,avx512vl,avx512vnni", _mm256_dpbusd_epi32)
-/* AVX-VNNI's intrinsics came with GCC 11 and clang 12: an older compiler builds the other kernels without it. */
+/* AVX-VNNI's and AMX's intrinsics came with GCC 11 and clang 12: an older compiler builds the other kernels without
+   them (the AVX-VNNI tile here, the AMX bf16 products at the end). */
 #if (defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 11)
+#define HAVE_NEWER_X86_INTRINSICS 1
+#else
+#define HAVE_NEWER_X86_INTRINSICS 0
+#endif
+#if HAVE_NEWER_X86_INTRINSICS
 #define HAVE_AVXVNNI 1
 DEFINE_Q4_VNNI_TILE(q4_tile_avxvnni, "avx2,fma,f16c,avxvnni", _mm256_dpbusd_avx_epi32)
 #else
@@ -677,7 +683,7 @@ void smollm_decode_layers(float *x, int64_t rows, int64_t dim, int64_t n_layer, 
    input pair after input pair: the 16 rows' (w[2p], w[2p+1]) in 64 bytes, which is one row of an AMX B tile, so 16
    pairs are one tile. A tile of 16 activation rows by 32 inputs is the A tile; two C tiles hold 16 rows by 32
    outputs. */
-#if (defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 11)
+#if HAVE_NEWER_X86_INTRINSICS
 #define HAVE_AMX 1
 #include <cpuid.h>
 #include <sys/syscall.h>
