@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from model.device import cpu_capability
+from model.device import bf16_instructions_allowed, cpu_capability, onednn_max_isa
 
 # /proc/cpuinfo flags that name the ISA extensions the precision and kernel choices depend on.
 ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
@@ -49,11 +49,13 @@ def cpu_model(cpuinfo: str | None = None) -> str:
 RESTRICTING_ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
 
 
-def isa_label(torch_isa: str, native_bf16: bool, flags: set[str]) -> str:
+def isa_label(torch_isa: str, native_bf16: bool, flags: set[str], onednn_max: str | None = None) -> str:
     """One word for tables: AMX, AVX512-BF16, AVX-512, AVX2 (or torch's level when it is none of these).
-    AMX comes from the CPU flags (torch's dispatch level does not name it); the rest from what torch/oneDNN use,
-    so a run restricted by ATEN_CPU_CAPABILITY / ONEDNN_MAX_CPU_ISA is labelled by what it really ran."""
-    if native_bf16 and "amx_bf16" in flags and torch_isa.startswith("AVX512"):
+    AMX comes from the CPU flags (torch's dispatch level does not name it) and oneDNN's ISA limit (`onednn_max`,
+    ONEDNN_MAX_CPU_ISA); the rest from what torch/oneDNN use, so a run restricted by ATEN_CPU_CAPABILITY /
+    ONEDNN_MAX_CPU_ISA is labelled by what it really ran."""
+    amx_allowed = bf16_instructions_allowed(onednn_max) == "AMX"
+    if native_bf16 and amx_allowed and "amx_bf16" in flags and torch_isa.startswith("AVX512"):
         return "AMX"
     if native_bf16:
         return "AVX512-BF16"
@@ -69,7 +71,7 @@ def describe_machine(measure: bool = True, quick: bool = False) -> dict[str, Any
     flags = cpu_flags()
     record: dict[str, Any] = {
         "cpu": cpu_model(),
-        "isa": isa_label(cap.isa, cap.native_bf16, flags),
+        "isa": isa_label(cap.isa, cap.native_bf16, flags, onednn_max_isa()),
         "torch_cpu_capability": cap.isa,
         "native_bf16": cap.native_bf16,
         "cpu_flags": sorted(f for f in ISA_FLAGS if f in flags),

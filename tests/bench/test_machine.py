@@ -24,6 +24,9 @@ def test_isa_label_names_the_kind_of_cpu():
     assert isa_label("AVX2", False, {"avx2"}) == "AVX2"
     # A run restricted to AVX2 (ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2) on an AMX machine says AVX2.
     assert isa_label("AVX2", False, amx) == "AVX2"
+    # One kept to AVX512_CORE_BF16 (approximating Cooper Lake or Zen 4) says what our bf16 kernels then run.
+    assert isa_label("AVX512", True, amx, "AVX512_CORE_BF16") == "AVX512-BF16"
+    assert isa_label("AVX512", True, amx, "avx512_core_amx") == "AMX"
 
 
 def test_describe_machine_records_isa_threads_and_measurements(monkeypatch):
