@@ -11,8 +11,8 @@ activations, and `decode_layers` runs every transformer block of a step in one c
 kernels"). With weight rows interleaved by 8 (model/native_kernels.c) batched products got ~2.1x faster: steps of
 1 / 16 / 64 rows take 10.4 / 40.3 / 172 ms ("Weight rows interleaved by 8"). `attention_decode` and `rms_norm`
 serve decode rows of an fp32 model (its KV cache in fp32 or fp16). `bf16_matmul` serves a bf16 model's projections on
-CPUs with AMX (model/packed_linear.py `AmxLinear`): one summation order for any number of rows, where oneDNN's changed
-with the batch.
+CPUs with AMX or AVX512-BF16 (model/packed_linear.py `Bf16Linear`): one summation order for any number of rows, where
+oneDNN's changed with the batch.
 
 Why ctypes and not a torch C++ extension: the C file builds in ~1.5 s with the system C compiler and no PyTorch
 headers (an extension against torch's headers takes minutes on 2 cores); the library is linked against libgomp,
@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
-from model.device import CpuCapability, cpu_capability
+from model.device import BF16_INSTRUCTIONS, CpuCapability, bf16_instructions_allowed, cpu_capability, onednn_max_isa
 from model.files import cache_dir, exclusive_lock
 
 if TYPE_CHECKING:
@@ -52,13 +52,16 @@ SOURCE = Path(__file__).with_name("native_kernels.c")
 # -ffp-contract=off: no product is fused into an add unless the source says so (the rotary embedding then rounds
 # as the eager model does, and results do not depend on the compiler's choices).
 CFLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC")
-ABI_VERSION = 9
+ABI_VERSION = 10
 # The 4-bit products' kernels (smollm_q4_isa), by index, chosen by the C code from what the CPU has: vpdpbusd, as
 # AVX512-VNNI (AVX-512 CPUs from Cascade Lake and Zen 4 on) or AVX-VNNI (Intel client CPUs from Alder Lake on, which
 # have no AVX-512), gives the same integer sums as AVX2's maddubs in fewer instructions. Measured on the AMX Xeon
 # (2 threads, 2026-11-30, AVX512-VNNI): a 3072 x 576 product 1.5x (16 rows) to 1.7x (64 rows) faster, a 576 x 1536
 # one 1.6-1.8x; one row unchanged (it waits on memory).
 Q4_ISAS = ("AVX2", "AVX512-VNNI", "AVX-VNNI")
+# The bf16 products' kernels (smollm_bf16_isa), by index: the C code picks AMX tiles, else AVX512-BF16's vdpbf16ps,
+# else none (then a bf16 model stays on oneDNN: model/packed_linear.py).
+BF16_ISAS = BF16_INSTRUCTIONS
 Q4_BLOCK = 32  # weights per 4-bit block
 Q4_BLOCK_BYTES = 20  # fp16 scale, fp16 minimum, 16 bytes of nibbles
 Q4_GROUP = 8  # weight rows stored interleaved (model/native_kernels.c)
@@ -149,8 +152,10 @@ def load(path: Path) -> ctypes.CDLL:
     lib.smollm_q4_isa.restype = _INT
     lib.smollm_q4_set_isa.argtypes = [_INT]
     lib.smollm_q4_set_isa.restype = _INT
-    lib.smollm_bf16_amx_ready.argtypes = []
-    lib.smollm_bf16_amx_ready.restype = _INT
+    lib.smollm_bf16_isa.argtypes = []
+    lib.smollm_bf16_isa.restype = _INT
+    lib.smollm_bf16_set_isa.argtypes = [_INT]
+    lib.smollm_bf16_set_isa.restype = _INT
     lib.smollm_bf16_packed_elems.argtypes = [_I, _I]
     lib.smollm_bf16_packed_elems.restype = _I
     return lib
@@ -162,6 +167,13 @@ def q4_isa_within(best: str, torch_isa: str) -> str:
     approximate an AVX2-only machine) keeps these kernels to AVX2 as well and a run labelled AVX2 runs AVX2 code.
     AVX-VNNI is VEX code of the AVX2 class: a CPU whose best it is (Alder Lake) has no AVX-512 for torch either."""
     return "AVX2" if best == "AVX512-VNNI" and torch_isa != "AVX512" else best
+
+
+def bf16_isa_within(best: str, max_isa: str | None) -> str:
+    """The bf16 kernel to run when the CPU's best is `best` (one of BF16_ISAS) and oneDNN is kept to `max_isa`
+    (ONEDNN_MAX_CPU_ISA; None: unrestricted): never above what oneDNN may use, so that a run kept to
+    AVX512_CORE_BF16 on an AMX CPU (approximating Cooper Lake or Zen 4) runs the AVX512-BF16 kernel."""
+    return min(best, bf16_instructions_allowed(max_isa), key=BF16_ISAS.index)
 
 
 def q4_isa() -> str | None:
@@ -201,7 +213,12 @@ def native_kernels(capability: Callable[[], CpuCapability] = cpu_capability) -> 
             path = build(cache, cc)
         lib = load(path)
         lib.smollm_q4_set_isa(Q4_ISAS.index(q4_isa_within(Q4_ISAS[lib.smollm_q4_isa()], cap.isa)))
-        log.info("native CPU kernels loaded: 4-bit products on %s", Q4_ISAS[lib.smollm_q4_isa()])
+        lib.smollm_bf16_set_isa(BF16_ISAS.index(bf16_isa_within(BF16_ISAS[lib.smollm_bf16_isa()], onednn_max_isa())))
+        log.info(
+            "native CPU kernels loaded: 4-bit products on %s, bf16 products on %s",
+            Q4_ISAS[lib.smollm_q4_isa()],
+            BF16_ISAS[lib.smollm_bf16_isa()],
+        )
         return lib
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         log.warning("native CPU kernels unavailable, PyTorch kernels only: %s", e)
@@ -443,26 +460,34 @@ def attention_decode(
     return out
 
 
-def bf16_amx() -> bool:
-    """Whether `bf16_matmul` runs here: the kernels load, and the CPU has AMX-BF16 (and AVX512-BF16) with the OS
-    letting this process use tile state."""
+def bf16_isa() -> str | None:
+    """The instruction set `bf16_matmul` runs on here ("AMX" or "AVX512-BF16": the best this CPU has, within what
+    oneDNN may use), None where it cannot run (no AVX512-BF16, or no kernels)."""
     lib = native_kernels()
-    return lib is not None and lib.smollm_bf16_amx_ready() == 1
+    isa = None if lib is None else BF16_ISAS[lib.smollm_bf16_isa()]
+    return None if isa in (None, "none") else isa
+
+
+def set_bf16_isa(isa: str) -> str:
+    """Pins the bf16 products to `isa` (one of BF16_ISAS; for tests and measurements) and returns the one in use:
+    unchanged when the CPU (or the compiler that built the kernels) lacks `isa`. Weights packed before run on
+    either: the layout is the same."""
+    lib = _require()
+    return BF16_ISAS[lib.smollm_bf16_set_isa(BF16_ISAS.index(isa))]
 
 
 BF16_K_MULTIPLE = 32  # inputs per AMX tile step: a weight's in_features must be a multiple
 
 
 def bf16_pack(weight: torch.Tensor) -> torch.Tensor:
-    """A bf16 (n, k) weight in the AMX layout `bf16_matmul` reads (model/native_kernels.c), k a multiple of 32."""
+    """A bf16 (n, k) weight in the layout `bf16_matmul` reads (model/native_kernels.c), k a multiple of 32."""
     lib = _require()
     n, k = weight.shape
     if weight.dtype != torch.bfloat16 or k % BF16_K_MULTIPLE:
         raise ValueError(f"bf16_pack: a bf16 weight with in_features a multiple of 32, got {weight.dtype} {n}x{k}")
-    # Checked once here, where a layer is built, not per product: without AMX the kernel's tile instructions would
-    # end the process (SIGILL) instead of raising.
-    if lib.smollm_bf16_amx_ready() != 1:
-        raise RuntimeError("bf16_pack: this CPU (or kernel, or compiler build) has no AMX-BF16 for bf16_matmul")
+    # Checked once here, where a layer is built, not per product: bf16_matmul computes nothing without a kernel.
+    if bf16_isa() is None:
+        raise RuntimeError("bf16_pack: this CPU (or compiler build) has neither AMX-BF16 nor AVX512-BF16 for it")
     w = weight.detach().contiguous()
     out = torch.empty(lib.smollm_bf16_packed_elems(n, k), dtype=torch.bfloat16)
     lib.smollm_bf16_pack(w.data_ptr(), n, k, out.data_ptr())
@@ -471,7 +496,7 @@ def bf16_pack(weight: torch.Tensor) -> torch.Tensor:
 
 def bf16_matmul(x: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
     """x (rows, k) bf16 contiguous @ W.T for W packed by `bf16_pack`: (rows, out_features) bf16, every output summed
-    in one order whatever the rows (a row's result does not depend on its batch). Only where `bf16_amx()`."""
+    in one order whatever the rows (a row's result does not depend on its batch). Only where `bf16_isa()`."""
     lib = _require()
     rows, k = x.shape
     if (

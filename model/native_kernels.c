@@ -1,6 +1,6 @@
 /* CPU kernels for the decode step on x86-64 with AVX2, FMA and F16C, built at first use by model/native.py (the
 4-bit products also have AVX512-VNNI and AVX-VNNI tiles, picked at run time where the CPU has them), and, at the
-end, bf16 products on AMX tiles for bf16 models on CPUs that have them.
+end, bf16 products for bf16 models on CPUs with AMX or AVX512-BF16.
 
 Why hand-written: on CPUs without native bf16 the stock weight-only int4 kernel streams 4-bit weights at ~4 GB/s
 and wants bf16 activations, and a one-token step spends as long again in ~4,000 small tensor ops around the
@@ -46,7 +46,7 @@ static inline int64_t scale_offset(int64_t j) { return 2 * j; }
 static inline int64_t min_offset(int64_t j) { return 16 + 2 * j; }
 static inline int64_t nibble_offset(int64_t j, int i) { return 32 + (i / 4) * 32 + j * 4 + i % 4; }
 
-int smollm_abi_version(void) { return 9; }
+int smollm_abi_version(void) { return 10; }
 
 int smollm_block_bytes(void) { return 20; }
 
@@ -302,7 +302,7 @@ static void q4_group_rows(const uint8_t *w, int64_t nb, int64_t g, const int8_t 
 
 DEFINE_Q4_VNNI_TILE(q4_tile_avx512vnni, "avx2,fma,f16c,avx512f,avx512vl,avx512vnni", _mm256_dpbusd_epi32)
 /* AVX-VNNI's and AMX's intrinsics came with GCC 11 and clang 12: an older compiler builds the other kernels without
-   them (the AVX-VNNI tile here, the AMX bf16 products at the end). */
+   them (the AVX-VNNI tile here, the bf16 products at the end). */
 #if (defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 11)
 #define HAVE_NEWER_X86_INTRINSICS 1
 #else
@@ -670,50 +670,79 @@ void smollm_decode_layers(float *x, int64_t rows, int64_t dim, int64_t n_layer, 
                             nthreads);
 }
 
-/* bf16 products on AMX tiles, for bf16 models on CPUs with AMX-BF16 (Sapphire Rapids and later Xeons).
+/* bf16 products for bf16 models, on AMX tiles (Sapphire Rapids and later Xeons) or with AVX512-BF16's vdpbf16ps
+   (Cooper Lake, Zen 4 and later: AVX512-BF16 without AMX).
 
-   Why by hand: oneDNN's bf16 GEMM picks its kernel by row count (one for up to 32 rows, others above, depending on
-   the shape and the threads), and the kernels sum in different orders, so a row's result changed with the rows
-   around it and a greedy request's tokens with its batch. Here every output sums its inputs in one order, 32 at a
-   time by TDPBF16PS into fp32, whatever the number of rows: a row's bits never depend on its batch. Measured on the
-   AMX Xeon (2 threads, the 135M model's 121 projections): 16.7 / 16.7 / 27.8 / 79.0 ms for 1 / 16 / 64 / 320 rows
-   against oneDNN's 23.6 / 25.7 / 32.8 / 66.0.
+   Why by hand: oneDNN's bf16 GEMM picks its kernel by row count (on AMX one for up to 32 rows, others above,
+   depending on the shape and the threads; on AVX512-BF16 alone even 2 rows differ from 1), and the kernels sum in
+   different orders, so a row's result changed with the rows around it and a greedy request's tokens with its
+   batch. Here every output sums its inputs in one order whatever the number of rows: a row's bits never depend on
+   its batch. On AMX, TDPBF16PS runs over the inputs 32 at a time into fp32; with AVX512-BF16, VDPBF16PS adds one
+   input pair after the other into each output's fp32 lane. (The two instruction sets need not give the same bits:
+   each is batch-invariant on its own CPU.) Measured on the AMX Xeon (2 threads, the 135M model's 121
+   projections): the AMX tiles take 16.7 / 16.7 / 27.8 / 79.0 ms for 1 / 16 / 64 / 320 rows against oneDNN's
+   23.6 / 25.7 / 32.8 / 66.0.
 
    Weights are packed in groups of 16 output rows (the group count rounded up to even, zero rows added), each group
-   input pair after input pair: the 16 rows' (w[2p], w[2p+1]) in 64 bytes, which is one row of an AMX B tile, so 16
-   pairs are one tile. A tile of 16 activation rows by 32 inputs is the A tile; two C tiles hold 16 rows by 32
-   outputs. */
+   input pair after input pair: the 16 rows' (w[2p], w[2p+1]) in 64 bytes, which is one row of an AMX B tile (so 16
+   pairs are one tile) and one 512-bit register of VDPBF16PS's weight operand. On AMX a tile of 16 activation rows
+   by 32 inputs is the A tile, and two C tiles hold 16 rows by 32 outputs; with AVX512-BF16 up to BF16_TILE_ROWS
+   rows by 32 outputs stay in registers, each row's input pair broadcast. */
 #if HAVE_NEWER_X86_INTRINSICS
-#define HAVE_AMX 1
+#define HAVE_BF16_KERNELS 1
 #include <cpuid.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 #define ARCH_REQ_XCOMP_PERM 0x1023
 #define XFEATURE_XTILEDATA 18
 #else
-#define HAVE_AMX 0
+#define HAVE_BF16_KERNELS 0
 #endif
 
-/* 1 when this CPU and kernel run the AMX bf16 products (AMX-TILE, AMX-BF16, AVX512-BF16 for the fp32 -> bf16
-   rounding, and the kernel's permission for tile state, asked once), else 0. */
-int smollm_bf16_amx_ready(void) {
-#if HAVE_AMX
-    static int ready = -1;
-    if (ready < 0) {
-        unsigned a, b, c, d, a1, b1, c1, d1;
-        ready = 0;
-        if (__get_cpuid_count(7, 0, &a, &b, &c, &d) && __get_cpuid_count(7, 1, &a1, &b1, &c1, &d1)) {
-            const int amx = (d >> 24 & 1) && (d >> 22 & 1);                    /* AMX-TILE, AMX-BF16 */
-            const int avx512 = (b >> 16 & 1) && (b >> 30 & 1) && (b >> 31 & 1); /* F, BW, VL */
-            const int bf16 = a1 >> 5 & 1;                                       /* AVX512-BF16 */
-            if (amx && avx512 && bf16 && syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0)
-                ready = 1;
-        }
+/* The bf16 kernels, by index (model/native.py's BF16_ISAS): 0 none, 1 AVX512-BF16, 2 AMX. */
+enum { BF16_NONE, BF16_AVX512, BF16_AMX, BF16_ISA_COUNT };
+
+/* Whether this CPU, OS and build run `isa`: AVX512-BF16 with AVX512 F, BW and VL (the OS saving their registers,
+   which __builtin_cpu_supports checks); AMX also needs AMX-TILE, AMX-BF16 and the kernel's permission for tile
+   state, asked once. */
+static int bf16_isa_supported(int isa) {
+#if HAVE_BF16_KERNELS
+    static int amx = -1;
+    unsigned a, b, c, d;
+    __builtin_cpu_init();
+    const int avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                       __builtin_cpu_supports("avx512vl") && __get_cpuid_count(7, 1, &a, &b, &c, &d) && (a >> 5 & 1);
+    switch (isa) {
+    case BF16_NONE: return 1;
+    case BF16_AVX512: return avx512;
+    case BF16_AMX:
+        if (amx < 0)
+            amx = avx512 && __get_cpuid_count(7, 0, &a, &b, &c, &d) && (d >> 24 & 1) && (d >> 22 & 1) &&
+                  syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+        return amx;
+    default: return 0;
     }
-    return ready;
 #else
-    return 0;
+    return isa == BF16_NONE;
 #endif
+}
+
+/* Which bf16 kernel smollm_bf16_matmul runs: the first of AMX, AVX512-BF16 the CPU has, else none. -1 until the
+   first call asks the CPU; smollm_bf16_set_isa pins another (model/native.py keeps it within what oneDNN is allowed
+   to use, and tests compare them). */
+static int bf16_isa = -1;
+
+int smollm_bf16_isa(void) {
+    if (bf16_isa < 0)
+        bf16_isa = bf16_isa_supported(BF16_AMX) ? BF16_AMX : bf16_isa_supported(BF16_AVX512) ? BF16_AVX512 : BF16_NONE;
+    return bf16_isa;
+}
+
+/* Pins the bf16 kernel to `isa` (refused, returning the kernel in use, where the CPU or this build lacks it). */
+int smollm_bf16_set_isa(int isa) {
+    if (isa >= 0 && isa < BF16_ISA_COUNT && bf16_isa_supported(isa))
+        bf16_isa = isa;
+    return smollm_bf16_isa();
 }
 
 /* Elements (uint16) the packed form of an (n, k) weight takes. */
@@ -732,18 +761,17 @@ void smollm_bf16_pack(const uint16_t *w, int64_t n, int64_t k, uint16_t *out) {
             }
 }
 
-#if HAVE_AMX
+#if HAVE_BF16_KERNELS
 typedef struct {
     uint8_t palette_id, start_row, reserved[14];
     uint16_t colsb[16];
     uint8_t rows[16];
 } tile_config;
 
-/* y (rows, n) bf16 = x (rows, k) bf16 @ W.T, W packed; k a multiple of 32; `pad` holds nthreads * 16 * k bf16 (the
-   last row tile's rows, zero-padded to 16). Only where smollm_bf16_amx_ready(). */
-__attribute__((target("amx-tile,amx-bf16,avx512f,avx512bf16,avx512bw,avx512vl"))) void
-smollm_bf16_matmul(const uint16_t *x, int64_t rows, int64_t k, const uint16_t *w, int64_t n, uint16_t *y,
-                   uint16_t *pad, int nthreads) {
+/* The AMX products: `pad` holds nthreads * 16 * k bf16 (the last row tile's rows, zero-padded to 16). */
+__attribute__((target("amx-tile,amx-bf16,avx512f,avx512bf16,avx512bw,avx512vl"))) static void
+bf16_matmul_amx(const uint16_t *x, int64_t rows, int64_t k, const uint16_t *w, int64_t n, uint16_t *y, uint16_t *pad,
+                int nthreads) {
     const int64_t pairs = k / 2, steps = k / 32, col_tiles = (n + 31) / 32, row_tiles = (rows + 15) / 16;
 #pragma omp parallel num_threads(nthreads)
     {
@@ -791,10 +819,73 @@ smollm_bf16_matmul(const uint16_t *x, int64_t rows, int64_t k, const uint16_t *w
         _tile_release();
     }
 }
-#else
-/* A compiler without AMX intrinsics: smollm_bf16_amx_ready() is 0, so this is never called; it keeps the symbol. */
-void smollm_bf16_matmul(const uint16_t *x, int64_t rows, int64_t k, const uint16_t *w, int64_t n, uint16_t *y,
-                        uint16_t *pad, int nthreads) {
-    (void)x, (void)rows, (void)k, (void)w, (void)n, (void)y, (void)pad, (void)nthreads;
+
+/* Rows of activations a VDPBF16PS tile holds: 2 x BF16_TILE_ROWS accumulators, 2 weight registers and a broadcast
+   within the 32 vector registers, each weight load serving this many rows. */
+#define BF16_TILE_ROWS 6
+
+/* y[R rows, the 32 outputs from c0] for the weight groups b0, b1 (16 outputs each): each output's lane adds its
+   input pairs in order, p = 0, 1, ..., whatever R is and wherever its row sits in the tile. */
+static inline __attribute__((always_inline)) __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void
+bf16_tile_avx512(const uint16_t *x, int64_t k, const uint16_t *b0, const uint16_t *b1, const int R, uint16_t *y,
+                 int64_t n, int64_t c0) {
+    __m512 acc0[BF16_TILE_ROWS], acc1[BF16_TILE_ROWS];
+    for (int r = 0; r < R; r++) acc0[r] = acc1[r] = _mm512_setzero_ps();
+    for (int64_t p = 0; p < k / 2; p++) {
+        const __m512bh w0 = (__m512bh)_mm512_loadu_si512(b0 + p * 32), w1 = (__m512bh)_mm512_loadu_si512(b1 + p * 32);
+        for (int r = 0; r < R; r++) {
+            int32_t pair;
+            memcpy(&pair, x + r * k + 2 * p, sizeof pair);
+            const __m512bh xv = (__m512bh)_mm512_set1_epi32(pair);
+            acc0[r] = _mm512_dpbf16_ps(acc0[r], xv, w0);
+            acc1[r] = _mm512_dpbf16_ps(acc1[r], xv, w1);
+        }
+    }
+    const int64_t width = n - c0 < 32 ? n - c0 : 32;
+    const __mmask16 m0 = width >= 16 ? 0xffff : (__mmask16)((1u << width) - 1);
+    const __mmask16 m1 = width >= 32 ? 0xffff : width <= 16 ? 0 : (__mmask16)((1u << (width - 16)) - 1);
+    for (int r = 0; r < R; r++) {
+        _mm256_mask_storeu_epi16(y + r * n + c0, m0, (__m256i)_mm512_cvtneps_pbh(acc0[r]));
+        _mm256_mask_storeu_epi16(y + r * n + c0 + 16, m1, (__m256i)_mm512_cvtneps_pbh(acc1[r]));
+    }
+}
+
+/* The AVX512-BF16 products: row tiles of BF16_TILE_ROWS, then the rest as one tile, R a constant in each call so
+   that the tile's loops unroll. */
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) static void
+bf16_matmul_avx512(const uint16_t *x, int64_t rows, int64_t k, const uint16_t *w, int64_t n, uint16_t *y,
+                   int nthreads) {
+    const int64_t pairs = k / 2, col_tiles = (n + 31) / 32;
+    const int64_t row_tiles = (rows + BF16_TILE_ROWS - 1) / BF16_TILE_ROWS;
+    /* Threads split the output columns first, so each streams its own part of the weights once. */
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t task = 0; task < col_tiles * row_tiles; task++) {
+        const int64_t ct = task / row_tiles, r0 = (task % row_tiles) * BF16_TILE_ROWS;
+        const uint16_t *a = x + r0 * k, *b0 = w + (2 * ct) * pairs * 32, *b1 = b0 + pairs * 32;
+        uint16_t *out = y + r0 * n;
+        switch (rows - r0 < BF16_TILE_ROWS ? rows - r0 : BF16_TILE_ROWS) {
+        case 6: bf16_tile_avx512(a, k, b0, b1, 6, out, n, ct * 32); break;
+        case 5: bf16_tile_avx512(a, k, b0, b1, 5, out, n, ct * 32); break;
+        case 4: bf16_tile_avx512(a, k, b0, b1, 4, out, n, ct * 32); break;
+        case 3: bf16_tile_avx512(a, k, b0, b1, 3, out, n, ct * 32); break;
+        case 2: bf16_tile_avx512(a, k, b0, b1, 2, out, n, ct * 32); break;
+        default: bf16_tile_avx512(a, k, b0, b1, 1, out, n, ct * 32); break;
+        }
+    }
 }
 #endif
+
+/* y (rows, n) bf16 = x (rows, k) bf16 @ W.T, W packed; k a multiple of 32; `pad` holds nthreads * 16 * k bf16 (used
+   on AMX). On the kernel smollm_bf16_isa() names; never called where that is none (model/native.py refuses to pack
+   there). */
+void smollm_bf16_matmul(const uint16_t *x, int64_t rows, int64_t k, const uint16_t *w, int64_t n, uint16_t *y,
+                        uint16_t *pad, int nthreads) {
+#if HAVE_BF16_KERNELS
+    switch (smollm_bf16_isa()) {
+    case BF16_AMX: bf16_matmul_amx(x, rows, k, w, n, y, pad, nthreads); return;
+    case BF16_AVX512: bf16_matmul_avx512(x, rows, k, w, n, y, nthreads); return;
+    default: break;
+    }
+#endif
+    (void)x, (void)rows, (void)k, (void)w, (void)n, (void)y, (void)pad, (void)nthreads;
+}

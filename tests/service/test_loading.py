@@ -13,7 +13,7 @@ import model.device as devices
 import model.quant as quant
 from model import native
 from model.device import CpuCapability
-from model.packed_linear import AmxLinear, PackedLinear, amx_packs, can_pack
+from model.packed_linear import Bf16Linear, PackedLinear, bf16_kernel_packs, can_pack
 from service.loading import build_engine, kv_slots, make_loader, resolve_precision
 from service.settings import Settings
 from tests.service.conftest import tiny_settings
@@ -47,13 +47,13 @@ def test_auto_dtype_follows_the_cpu(monkeypatch, tiny_checkpoint, capability, ex
     assert precision.labels()["dtype"] == str(expected).removeprefix("torch.")
     model, _ = make_loader(tiny_settings(tiny_checkpoint, dtype="auto", device="cpu"))(tiny_checkpoint)
     assert model.dtype == expected
-    # Packing follows the chosen dtype: bf16 on the AMX kernel where it runs, else oneDNN where it computes the dtype
+    # Packing follows the chosen dtype: bf16 on our bf16 kernel where it runs, else oneDNN where it computes the dtype
     # natively on this build, nothing else.
     plain = make_loader(tiny_settings(tiny_checkpoint, dtype="auto", device="cpu", pack_weights=False))(
         tiny_checkpoint
     )[0]
-    assert isinstance(model.output, AmxLinear) == amx_packs(plain)
-    assert isinstance(model.output, PackedLinear) == (can_pack(plain) and not amx_packs(plain))
+    assert isinstance(model.output, Bf16Linear) == bf16_kernel_packs(plain)
+    assert isinstance(model.output, PackedLinear) == (can_pack(plain) and not bf16_kernel_packs(plain))
 
 
 @pytest.mark.parametrize("capability", [AVX2, AVX512_BF16])
