@@ -37,7 +37,7 @@ from torch import nn
 
 from model import native
 from model.device import CpuCapability, cpu_capability, resolve_dtype
-from model.packed_linear import PackedLinear
+from model.packed_linear import Bf16Linear, PackedLinear
 
 QUANT_MODES = ("none", "int8", "int4")
 INT8_KERNELS = ("aten", "fbgemm")
@@ -329,8 +329,8 @@ def quantize_model(
             f"quant {mode}: the weight-only kernels used here are CPU kernels; the model is on "
             f"{weight.device.type} (use quant none there)"
         )
-    if any(isinstance(m, PackedLinear) for m in model.modules()):
-        raise TypeError("quantize_model: the model's weights are packed for oneDNN; quantize before packing")
+    if any(isinstance(m, (PackedLinear, Bf16Linear)) for m in model.modules()):
+        raise TypeError("quantize_model: the model's weights are packed (model.packed_linear); quantize before packing")
     act = kernel_dtype(weight.dtype)
     int8_kernel = int8_kernel or pick_int8_kernel()
     int4_kernel = int4_kernel or pick_int4_kernel(capability)
@@ -349,3 +349,22 @@ def quantize_model(
         parent, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent), attr, layer)
     return len(targets)
+
+
+def linear_kernels(model: nn.Module) -> str:
+    """Which kernels run the model's linear layers, each named once in the order first met (the output projection
+    last): e.g. "int4 native AVX2, int8 fbgemm", "bf16 native AMX", "oneDNN packed", "torch". The instruction set is
+    the one the native kernels use here, so that a result measured with them (or with them off) says so."""
+    names: dict[str, None] = {}
+    for m in model.modules():
+        if isinstance(m, Int4Linear):
+            names[f"int4 native {native.q4_isa()}" if m.kernel == "native" else "int4 aten"] = None
+        elif isinstance(m, Int8Linear):
+            names[f"int8 {m.kernel}"] = None
+        elif isinstance(m, Bf16Linear):
+            names[f"bf16 native {native.bf16_isa()}"] = None
+        elif isinstance(m, PackedLinear):
+            names["oneDNN packed"] = None
+        elif isinstance(m, nn.Linear):
+            names["torch"] = None
+    return ", ".join(names)

@@ -9,7 +9,7 @@ from fastapi import FastAPI
 
 from service.compute_threads import run_in_passing_thread_async
 from service.errors import install_error_handlers
-from service.loading import build_engine, resolve_precision
+from service.loading import build_engine, served_precision
 from service.metrics import Metrics
 from service.middleware import AuthMiddleware, BodyLimitMiddleware, InFlight, MetricsMiddleware
 from service.routes import generate, health, openai, tokenize
@@ -21,7 +21,7 @@ async def lifespan(app: FastAPI):
     settings: Settings = app.state.settings
     engine, watcher = await run_in_passing_thread_async(build_engine, settings)
     # In a passing thread too: it asks oneDNN what the CPU computes, and the event loop's thread runs no torch.
-    app.state.precision = await run_in_passing_thread_async(resolve_precision, settings)
+    app.state.precision = await run_in_passing_thread_async(served_precision, settings, engine.runner.model)
     app.state.metrics.bind(engine, app.state.precision.labels())
     engine.start(asyncio.get_running_loop())
     if watcher is not None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -35,6 +35,7 @@ class Precision:
     kv_dtype: torch.dtype  # what the KV cache stores (model.kv_cache.resolve_kv_dtype)
     cpu_isa: str  # torch's CPU dispatch level ("AVX2", "AVX512", ...); "" on CUDA
     native_bf16: bool | None  # the CPU computes bf16 natively; None on CUDA
+    linear_kernels: str = ""  # what runs the loaded model's linear layers (model.quant.linear_kernels); "" before
 
     def labels(self) -> dict[str, str]:
         """The public description: /v1/models' `smollm` object and smollm_model_info's labels."""
@@ -44,6 +45,7 @@ class Precision:
             "quant": self.quant,
             "kv_cache_dtype": dtype_name(self.kv_dtype),
             "cpu_isa": self.cpu_isa,
+            "linear_kernels": self.linear_kernels,
         }
 
 
@@ -64,6 +66,14 @@ def resolve_precision(settings: Settings) -> Precision:
     return Precision(
         device=device, dtype=dtype, quant=settings.quant, kv_dtype=kv_dtype, cpu_isa=isa, native_bf16=native
     )
+
+
+def served_precision(settings: Settings, model: Transformer) -> Precision:
+    """`resolve_precision`'s answer with the loaded model's linear kernels: what /v1/models and smollm_model_info
+    show."""
+    from model.quant import linear_kernels
+
+    return replace(resolve_precision(settings), linear_kernels=linear_kernels(model))
 
 
 # What AutoTokenizer reads from a checkpoint directory (config.json: the tokenizer class may be resolved from it).
@@ -96,7 +106,7 @@ def make_loader(settings: Settings, precision: Precision | None = None) -> Loade
     tokenizer files are byte for byte those of the previous load gets the same tokenizer object back."""
     from model.checkpoint import load_model
     from model.packed_linear import pack_linears
-    from model.quant import quantize_model
+    from model.quant import linear_kernels, quantize_model
     from model.tokenizer import load_tokenizer
 
     precision = precision or resolve_precision(settings)
@@ -117,11 +127,9 @@ def make_loader(settings: Settings, precision: Precision | None = None) -> Loade
         # inductor cannot trace oneDNN's opaque packed weights: a compiled decode step needs plain ones.
         if settings.pack_weights and settings.compile == "off":
             # pack_linears asks can_pack first: it packs nothing where oneDNN would emulate the dtype (bf16 on AVX2).
-            packed = pack_linears(model)
-            if packed:
-                log.info("packed %d linear layers for oneDNN (%s)", packed, dtype_name(precision.dtype))
-            elif not quantized:
+            if not pack_linears(model) and not quantized:
                 log.info("weights not packed: oneDNN has no native %s path here", dtype_name(precision.dtype))
+        log.info("linear layers on: %s", linear_kernels(model))
         return model, tokenizer_of(path)
 
     return load

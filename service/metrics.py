@@ -12,7 +12,7 @@ from service.engine.sequence import FinishReason
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300)
 _FAST_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2.5, 5, 10)
 _BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 128)
-_PRECISION_LABELS = ("dtype", "device", "quant", "kv_cache_dtype", "cpu_isa")
+_PRECISION_LABELS = ("dtype", "device", "quant", "kv_cache_dtype", "cpu_isa", "linear_kernels")
 
 
 class Metrics:
@@ -84,7 +84,7 @@ class Metrics:
 
     def bind(self, engine: Engine, precision: dict[str, str] | None = None) -> None:
         """Follow `engine`: per-step observations, gauges read at scrape time, model info (with `precision`'s
-        dtype, device, quant and cpu_isa labels) on every swap."""
+        dtype, device, quant, kv_cache_dtype, cpu_isa and linear_kernels labels) on every swap."""
         self.precision.update(precision or {})
         engine.on_step.append(self.observe_step)
         engine.on_swap.append(self.set_model)

@@ -311,6 +311,10 @@ class ServingInfo(BaseModel):
     quant: Literal["none", "int8", "int4"]
     kv_cache_dtype: str = Field(description="what the KV cache stores, as resolved from SMOLLM_KV_CACHE_DTYPE")
     cpu_isa: str = Field(description="the CPU's instruction set as torch dispatches to it; empty on CUDA")
+    linear_kernels: str = Field(
+        description="what runs the linear layers, e.g. `int4 native AVX2, int8 fbgemm`, `bf16 native AMX`, "
+        "`oneDNN packed`, `torch`"
+    )
 
 
 class ModelCard(BaseModel):

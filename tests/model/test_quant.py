@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from model import native
 from model.config import ModelConfig
 from model.device import CpuCapability
 from model.kv_cache import CacheBatch
@@ -21,6 +22,7 @@ from model.quant import (
     Int8Linear,
     NonFiniteWeightsError,
     kernel_dtype,
+    linear_kernels,
     pick_int8_kernel,
     quantize_model,
 )
@@ -190,6 +192,10 @@ def test_bad_inputs_are_clear_errors():
     if pack_linears(packed):
         with pytest.raises(TypeError, match="quantize before packing"):
             quantize_model(packed, "int8")
+    own_bf16 = tiny().to(torch.bfloat16)
+    if native.bf16_isa() is not None and pack_linears(own_bf16):  # the bf16 kernel's layers are packed too
+        with pytest.raises(TypeError, match="quantize before packing"):
+            quantize_model(own_bf16, "int8")
     with pytest.raises(ValueError, match="out_features 8 is not a multiple of 16"):
         Int4Linear(torch.randn(8, 64), torch.bfloat16)
     with pytest.raises(ValueError, match="group size 48"):
@@ -285,3 +291,19 @@ def test_fbgemm_layer_runs_under_inference_mode_then_no_grad_and_any_row_count()
         big = torch.randn(100, 64, generator=gen)  # more rows than are kept between calls
         assert torch.equal(layer(big)[:3], layer(big[:3]))
         assert torch.equal(layer(x), first)
+
+
+def test_linear_kernels_name_what_runs_the_layers():
+    assert linear_kernels(tiny()) == "torch"
+    assert linear_kernels(quantized("int8", int8_kernel="aten")) == "int8 aten"
+    assert linear_kernels(quantized("int4", int8_kernel="aten", int4_kernel="aten")) == "int4 aten, int8 aten"
+    if HAS_NATIVE:  # the output projection stays int8 (OUTPUT_PROJECTION)
+        expected = f"int4 native {native.q4_isa()}, int8 aten"
+        assert linear_kernels(quantized("int4", int8_kernel="aten", int4_kernel="native")) == expected
+    packed = tiny()
+    if pack_linears(packed):
+        assert linear_kernels(packed) == "oneDNN packed"
+    own_bf16 = tiny().to(torch.bfloat16)
+    if native.bf16_isa() is not None:
+        pack_linears(own_bf16)
+        assert linear_kernels(own_bf16) == f"bf16 native {native.bf16_isa()}"

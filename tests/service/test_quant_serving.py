@@ -10,7 +10,8 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from model.quant import Int4Linear, Int8Linear
+from model import native
+from model.quant import Int4Linear, Int8Linear, pick_int4_kernel, pick_int8_kernel
 from model.run_dir import write_latest
 from service.settings import Settings
 from tests.service.conftest import LiveServer, tiny_settings, wait_until
@@ -44,6 +45,11 @@ def test_quant_mode_serves_streams_and_reports_itself(make_client, mode):
         assert info["kv_cache_dtype"] == "float16" and c.app.state.engine.runner.cache.k.dtype == torch.float16
         metrics = c.get("/metrics").text
         assert f'quant="{mode}"' in metrics and 'kv_cache_dtype="float16"' in metrics
+        # The kernels are named, so that a measurement says what ran (the output projection is int8 in int4 mode).
+        int8 = f"int8 {pick_int8_kernel()}"
+        int4 = f"int4 native {native.q4_isa()}" if pick_int4_kernel() == "native" else "int4 aten"
+        kernels = {"int8": int8, "int4": f"{int4}, {int8}"}[mode]
+        assert info["linear_kernels"] == kernels and f'linear_kernels="{kernels}"' in metrics
 
 
 def test_an_explicit_kv_cache_dtype_wins_and_a_bad_one_is_named(make_client):

@@ -24,6 +24,8 @@ def test_models(client):
         "quant": "none",
         "kv_cache_dtype": "float32",
         "cpu_isa": torch.backends.cpu.get_cpu_capability(),
+        # fp32: packed for oneDNN where torch has it (model/packed_linear.py)
+        "linear_kernels": "oneDNN packed" if torch.backends.mkldnn.is_available() else "torch",
     }
     schemas = client.get("/openapi.json").json()["components"]["schemas"]
     assert {"CompletionResponse", "ChatCompletionResponse", "ModelList"} <= set(schemas)
