@@ -103,9 +103,12 @@ def _serving_section(results: dict[str, Any]) -> str:
                     "-" if not (bound and tps) else f"{100 * tps / bound:.0f}%",
                 ]
             )
-        eos = "ignore_eos" if results.get("serving", {}).get(dtype, {}).get("ignore_eos") else "stops at EOS"
+        entry = results.get("serving", {}).get(dtype, {})
+        eos = "ignore_eos" if entry.get("ignore_eos") else "stops at EOS"
+        kernels = (entry.get("served") or {}).get("linear_kernels")
+        on = f" on {kernels}" if kernels else ""
         out.append(
-            f"Serving {dtype} (ours: /v1/generate SSE, {eos}; llama-server: Q4_1 GGUF under the same load, "
+            f"Serving {dtype} (ours: /v1/generate SSE, {eos}{on}; llama-server: Q4_1 GGUF under the same load, "
             "ignore_eos; HF generate: static batch of 1 and 16, min_new_tokens):"
         )
         out.append(

@@ -44,7 +44,10 @@ def results() -> dict:
             "batch_tokens_per_s": {"bfloat16": 1800.0},
         },
         "serving": {
-            "bfloat16": {"ours": {"1": _level(1, 50.0, 40.0), "16": _level(16, 450.0, 250.0)}},
+            "bfloat16": {
+                "ours": {"1": _level(1, 50.0, 40.0), "16": _level(16, 450.0, 250.0)},
+                "served": {"dtype": "bfloat16", "linear_kernels": "bf16 native AMX"},
+            },
             "float32": {"ours": {"skipped": "service exited with code 1"}},
         },
         "anchors": {
@@ -85,6 +88,7 @@ def test_table_shows_values_ratios_targets_and_why_anchors_did_not_run(results):
     assert "bfloat16: 16 streams 3.00x llama-server (>= 2x), TTFT p50 250 ms (<= 300): PASS" in text
     assert "one stream" not in text.split("Targets")[1] and "float32:" not in text.split("Targets")[1]
     assert "Serving float32: ours not measured (service exited with code 1)" in text
+    assert "Serving bfloat16 (ours: /v1/generate SSE, stops at EOS on bf16 native AMX;" in text  # what ran
     assert "llama-cpp-python anchor not run: llama-cpp-python is not installed" in text
     assert "transformers anchor (float32) not run: failed: OSError: no weights" in text
     assert "1.50x" in text  # training ours/HF
