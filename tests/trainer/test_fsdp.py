@@ -160,7 +160,14 @@ def test_two_processes_match_one_resume_exactly_and_export_for_the_server(config
     assert hf.keys() == offline.keys() == reference.keys()
     for name in hf:
         assert torch.equal(hf[name], offline[name]), name
-        torch.testing.assert_close(hf[name], reference[name], rtol=1e-3, atol=1e-4, msg=name)
+        # The two ranks' gradient sums round in another order than one process's. Adam divides each update by
+        # sqrt(v), so where a gradient element is near zero that rounding can move its weight by a good part of a
+        # step (lr 3e-3): with torch kept to AVX2 on an AVX-512 CPU, 1 of o_proj's 4096 weights was 1.07e-4 off, the
+        # rest within 4.4e-5. So: almost every weight within (1e-4 + 1e-3 |w|), and none off by a third of a step. A
+        # shard gathered wrong or a gradient left unreduced moves most weights by far more.
+        diff = (hf[name] - reference[name]).abs()
+        outside = (diff > 1e-4 + 1e-3 * reference[name].abs()).sum().item()
+        assert outside <= max(1, diff.numel() // 1000) and diff.max().item() < 1e-3, (name, outside, diff.max())
 
     # It loads in transformers and in the server's loader, with the same logits.
     x = torch.arange(1, 17).unsqueeze(0)
