@@ -531,10 +531,12 @@ static inline __attribute__((always_inline)) void attention_rows(const float *qk
         /* An fp16 cache: each key/value head's keys and values are widened once (exactly) and read by its n_rep
            query heads from this thread's fp32 copy, instead of being loaded and widened n_rep times.
            A task costs its row's context length, and a batch mixes long and short ones (the oldest streams, often
-           first in it, are the longest), so tasks go one at a time to whichever thread is free (here and below)
-           rather than in two fixed halves. 64 rows, 30 layers, 2 threads on the AMX Xeon: the first half of the
-           rows at 380 positions and the second at 40 took 61.6 ms in halves and 39.3 one at a time; evenly spread
-           positions 35.1 and 35.0. A task is still computed whole by one thread: the same bits. */
+           first in it, are the longest), so tasks go one at a time to whichever thread is free (below, a key/value
+           head's n_rep query heads at a time, which read the same keys) rather than in two fixed halves. 64 rows,
+           30 layers, 2 threads on the AMX Xeon: the first half of the rows at 380 positions and the second at 40
+           took 53.1 ms in halves and 34.3 one at a time (fp32 cache, per query head: 85.8 and 53.6); positions
+           200-240, 35.3 and 35.6 (fp32: 55.8 and 54.0; one query head at a time there, 86.9: two threads reading
+           the same keys). A task is still computed whole by one thread: the same bits. */
 #pragma omp parallel for num_threads(nthreads) schedule(dynamic)
         for (int64_t task = 0; task < rows * n_kv_head; task++) {
             const int64_t r = task / n_kv_head, kvh = task % n_kv_head;
@@ -559,7 +561,7 @@ static inline __attribute__((always_inline)) void attention_rows(const float *qk
         }
         return;
     }
-#pragma omp parallel for num_threads(nthreads) schedule(dynamic)
+#pragma omp parallel for num_threads(nthreads) schedule(dynamic, n_rep)
     for (int64_t task = 0; task < rows * n_head; task++) {
         const int64_t r = task / n_head, h = task % n_head, kvh = h / n_rep;
         float *q = scratch + task * (head_dim + kv_len);
