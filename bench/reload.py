@@ -432,7 +432,7 @@ def run_reload_bench(cfg: ReloadBenchConfig, workdir: Path, log_path: Path) -> d
     swap_failures = _reload_failures(raw["metrics"])
     r = ratio(win)
     return {
-        "dtype": _served_dtype(raw["metrics"]),
+        "dtype": served_dtype(raw["metrics"]),
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
         "baseline": base,
         "reload_phase": phase,
@@ -462,8 +462,9 @@ def run_reload_bench(cfg: ReloadBenchConfig, workdir: Path, log_path: Path) -> d
     }
 
 
-def _served_dtype(metrics: str) -> str:
-    m = re.search(r'smollm_model_info\{[^}]*dtype="(\w+)"', metrics)
+def served_dtype(metrics: str) -> str:
+    # The `dtype` label itself, not `kv_cache_dtype` (labels come sorted, so that one follows it).
+    m = re.search(r'smollm_model_info\{(?:[^}]*,)?dtype="(\w+)"', metrics)
     return m.group(1) if m else "unknown"
 
 

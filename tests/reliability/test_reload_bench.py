@@ -9,7 +9,7 @@ import shutil
 import pytest
 
 from bench import reload as bench_reload
-from bench.reload import ReloadBenchConfig, reload_timeline, run_reload_bench
+from bench.reload import ReloadBenchConfig, reload_timeline, run_reload_bench, served_dtype
 
 TINY = ["--dtype", "float32", "--threads", "1", "--streams", "4", "--stream-tokens", "48", "--probe-tokens", "4"]
 
@@ -90,3 +90,13 @@ def test_bad_sizes_are_refused_by_name():
         ReloadBenchConfig(streams=0)
     with pytest.raises(ValueError, match="probe_interval"):
         ReloadBenchConfig(probe_interval=0)
+
+
+def test_the_served_dtype_is_its_own_label_not_the_kv_caches():
+    info = (
+        'smollm_model_info{checkpoint="x",cpu_isa="AVX2",device="cpu",dtype="float32",kv_cache_dtype="float16",'
+        'linear_kernels="int4 native AVX2, int8 fbgemm",quant="int4",step="3"} 1.0'
+    )
+    assert served_dtype(info) == "float32"
+    assert served_dtype('smollm_model_info{dtype="bfloat16",kv_cache_dtype="float16"} 1.0') == "bfloat16"
+    assert served_dtype("# no model info") == "unknown"

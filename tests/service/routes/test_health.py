@@ -34,7 +34,8 @@ def test_metrics_count(client):
     assert metric_value(after, "smollm_kv_cache_tokens_total") == 4 * 2048
     assert metric_value(after, "smollm_running_sequences") == 0
     assert 'smollm_model_info{checkpoint="' in after
-    assert 'cpu_isa="' in after and 'device="cpu",dtype="float32",kv_cache_dtype="float32",quant="none"' in after
+    assert 'cpu_isa="' in after and 'device="cpu",dtype="float32",kv_cache_dtype="float32",' in after
+    assert 'linear_kernels="' in after and 'quant="none"' in after
     for name in (
         "smollm_request_latency_seconds",
         "smollm_time_to_first_token_seconds",
