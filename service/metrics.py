@@ -8,11 +8,13 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from service.engine.loop import Engine, ModelInfo, StepStats
 from service.engine.sequence import FinishReason
+from service.schemas import ServingInfo
 
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300)
 _FAST_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2.5, 5, 10)
 _BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 128)
-_PRECISION_LABELS = ("dtype", "device", "quant", "kv_cache_dtype", "cpu_isa", "linear_kernels")
+# smollm_model_info's precision labels: the fields of /v1/models' `smollm` object, one list for both.
+_PRECISION_LABELS = tuple(ServingInfo.model_fields)
 
 
 class Metrics:
