@@ -97,6 +97,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--time-limit", type=float, default=240.0, help="seconds per load level at most")
     p.add_argument(
+        "--distinct-prompts",
+        action="store_true",
+        help="serving and llama-server: every request's prompt begins with its own label, so none reuses "
+        "another's computed prompt (default: 8 fixed prompts, repeated across the clients)",
+    )
+    p.add_argument(
         "--threads",
         type=int,
         default=None,
@@ -196,6 +202,7 @@ def drive(
         request_timeout=args.time_limit,
     )
     warm = run_load_sync(LoadConfig(**{**base, "max_tokens": min(8, args.max_tokens)}, concurrency=1, requests=1))
+    base["distinct_prompts"] = args.distinct_prompts  # after the warm-up: no level's prompt is in a slot before it
     if warm.errors:
         log.warning("%s: warm-up request failed: %s", server.name, warm.error_samples)
     levels: dict[str, Any] = {}
@@ -354,6 +361,7 @@ def main(argv: list[str] | None = None) -> int:
             "command": "python -m bench " + shlex.join(sys.argv[1:] if argv is None else argv),
             "checkpoint": str(checkpoint),
             "max_tokens": args.max_tokens,
+            "distinct_prompts": args.distinct_prompts,
             "concurrency": args.concurrency,
             "dtypes": args.dtypes,
             "quants": args.quants,

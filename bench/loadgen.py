@@ -61,6 +61,9 @@ class LoadConfig:
     extra_body: Mapping[str, Any] = field(default_factory=dict)  # e.g. {"ignore_eos": True} for llama-server
     request_timeout: float = 300.0
     time_limit: float = 300.0  # no request starts after this; requests still running then are cut off
+    # Each request's prompt begins with its own label ("Request 16.3: "), so no two share a beginning: no prefix
+    # reuse between requests, on either server. Off: the fixed prompts repeat (16 clients send each one twice).
+    distinct_prompts: bool = False
 
     def __post_init__(self) -> None:
         parts = urlsplit(self.base_url)
@@ -86,6 +89,11 @@ class LoadConfig:
     @property
     def endpoint(self) -> str:
         return self.base_url.rstrip("/") + ("/v1/generate" if self.api == "smollm" else "/v1/completions")
+
+    def prompt(self, index: int) -> str:
+        """The prompt of this level's request number `index` (from 0)."""
+        text = self.prompts[index % len(self.prompts)]
+        return f"Request {self.concurrency}.{index + 1}: {text}" if self.distinct_prompts else text
 
     def body(self, prompt: str) -> dict[str, Any]:
         if self.api == "smollm":
@@ -291,7 +299,7 @@ async def run_load(cfg: LoadConfig) -> LoadSummary:
     async def client_loop(client: httpx.AsyncClient) -> None:
         nonlocal next_index
         while next_index < total and time.perf_counter() < deadline:
-            prompt = cfg.prompts[next_index % len(cfg.prompts)]
+            prompt = cfg.prompt(next_index)
             next_index += 1
             results.append(await _one_request(client, cfg, prompt, deadline))
 

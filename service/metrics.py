@@ -28,7 +28,9 @@ class Metrics:
         self.generation_tokens = Counter("smollm_generation_tokens", "Tokens generated", registry=r)
         # hit / query is the prefix cache's hit rate (vLLM's prefix_cache_hits / prefix_cache_queries).
         self.prefix_hit_tokens = Counter(
-            "smollm_prefix_cache_hit_tokens", "Prompt tokens whose KV was reused from a free slot", registry=r
+            "smollm_prefix_cache_hit_tokens",
+            "Prompt tokens whose KV was reused from a free slot or copied from a running request's",
+            registry=r,
         )
         self.prefix_query_tokens = Counter(
             "smollm_prefix_cache_query_tokens",

@@ -4,7 +4,8 @@ positions), so memory is bounded and known at start-up; a sequence holds one slo
 Prefix reuse (llama.cpp's slot reuse): a freed slot remembers the token ids whose keys and values it still holds
 (its last owner's prompt and output, as far as they were written). A new sequence gets the free slot sharing the
 longest prefix with its prompt and skips computing those positions; the next turn of a conversation, whose prompt
-extends the previous prompt and answer, recomputes only the new message.
+extends the previous prompt and answer, recomputes only the new message. (Prompts that begin as a running
+sequence's does copy from its slot instead: the scheduler's `_Prefixes`.)
 """
 
 from __future__ import annotations
@@ -37,9 +38,9 @@ class CacheManager:
     def allocate(self) -> int:
         """The lowest free slot: running sequences then tend to sit in contiguous slots, which lets the model read
         the cache as a view instead of gathering."""
-        return self.allocate_for(())[0]
+        return self.allocate_for([])[0]
 
-    def allocate_for(self, prompt_ids: list[int] | tuple[int, ...]) -> tuple[int, int]:
+    def allocate_for(self, prompt_ids: list[int]) -> tuple[int, int]:
         """(slot, shared): the free slot whose remembered tokens share the longest prefix with `prompt_ids` (the
         lowest slot on a tie or when none does), and how many leading positions of it hold the prompt's KV."""
         if not self._free:
@@ -47,7 +48,7 @@ class CacheManager:
         slot, shared = min(self._free), 0
         if prompt_ids and self._held:
             for s in sorted(self._held):
-                n = _common_prefix(self._held[s], prompt_ids)
+                n = common_prefix(self._held[s], prompt_ids)
                 if n > shared:
                     slot, shared = s, n
         self._free.remove(slot)
@@ -80,9 +81,16 @@ class CacheManager:
         )
 
 
-def _common_prefix(a: list[int], b: list[int] | tuple[int, ...]) -> int:
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading tokens `a` and `b` share; slices compared in halves (C loops, not a Python one per token)."""
     n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
+    if a[:n] == b[:n]:
+        return n
+    lo, hi = 0, n  # a[:lo] == b[:lo], a[:hi] != b[:hi]
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if a[lo:mid] == b[lo:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo

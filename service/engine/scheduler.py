@@ -8,6 +8,7 @@ back the sampled token ids (`postprocess`), as nano-vllm's does.
 
 from __future__ import annotations
 
+import bisect
 import threading
 from collections import deque
 from collections.abc import Iterable
@@ -15,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from model.sampling import TokenLogprobs
-from service.engine.cache_manager import CacheManager
+from service.engine.cache_manager import CacheManager, common_prefix
 from service.engine.sequence import FinishReason, Sequence, Status
 
 _Kind = Literal["prompt", "recompute", "decode"]
@@ -26,6 +27,11 @@ _Kind = Literal["prompt", "recompute", "decode"]
 # 64 prompts had their median first token after 1.01 s in groups of 64 tokens and 0.83 s in groups of 128; 16 after
 # 0.28 s in groups of 64 and 0.40 s all in one step.
 BURST_STEPS = 8
+
+# Prompts that begin with at least this many of the same tokens (a shared system prompt, the same request sent
+# twice) compute them once: the others copy them from the first one's slot. Waiting a step for them is worth it
+# from about this many: a step's fixed cost (reading every weight once) is a few prompt tokens' compute.
+MIN_SHARED_PREFIX = 8
 
 
 class QueueFullError(RuntimeError):
@@ -39,6 +45,9 @@ class PrefillItem:
     end: int  # one past the last
     # n > 1: not computed; positions start..end-1 are copied from this sequence's slot once its prompt is done.
     source: Sequence | None = None
+    # Positions 0..start-1 are copied from this running sequence's slot before the step computes start..end-1 (its
+    # prompt begins the same way and that much of it is already computed).
+    prefix_from: Sequence | None = None
 
     @property
     def completes_prompt(self) -> bool:
@@ -76,7 +85,9 @@ class StepStats:
     inter_token: list[float] = field(default_factory=list)
     finished: list[Sequence] = field(default_factory=list)
     prefix_query_tokens: int = 0  # prompt tokens of the sequences admitted this step
-    prefix_hit_tokens: int = 0  # of those, positions reused from a free slot's previous owner (not computed)
+    # Positions not computed: reused from a free slot's previous owner (at admission) or copied from a running
+    # sequence's slot (when prefilled).
+    prefix_hit_tokens: int = 0
 
 
 class Scheduler:
@@ -185,7 +196,7 @@ class Scheduler:
                     self.waiting.remove(s)
                     if s.share_from is None:
                         # A prompt to be scored (prompt_logprobs) needs the logits of every position: no reuse.
-                        s.slot, hit = self.cache.allocate_for(s.prompt_ids if s.prompt_logprobs is None else ())
+                        s.slot, hit = self.cache.allocate_for(s.prompt_ids if s.prompt_logprobs is None else [])
                         # At least one prompt token is computed: its logits give the first output token.
                         s.prefix_hit = min(hit, s.num_prompt - 1)
                         s.num_cached = s.prefix_hit
@@ -270,29 +281,46 @@ class Scheduler:
         )
 
     def _prefill_items(self, pending: list[Sequence], chunk: int, group: int | None = None) -> list[PrefillItem]:
-        """Chunks for one step, first come first served, packed back to back by the runner (no padding between
-        them, so the cost is the token count). The first is at most `chunk` tokens. With `group` (new prompts),
-        each next one is a whole prompt that keeps the step within `group` tokens: a prompt cut in two would get
-        its first token a step later, and its remainder would make a step of its own. Without (a recompute), the
-        next ones fill the step up to `chunk`, the last cut where it ends.
+        """Chunks for one step, packed back to back by the runner (no padding between them, so the cost is the
+        token count). The first, the longest waiting, is at most `chunk` tokens. With `group` (new prompts), each
+        next one is a whole prompt that keeps the step within `group` tokens, taken first come first served among
+        those that fit: a prompt cut in two would get its first token a step later, and its remainder would make a
+        step of its own. Without (a recompute), the next ones fill the step up to `chunk`, the last cut where it
+        ends.
+
+        New prompts share computed positions: a prompt that begins as a running sequence's does (at least
+        MIN_SHARED_PREFIX tokens) gets those positions copied from that sequence's slot and computes the rest, and
+        one that begins as a prompt of this step does waits a step for it.
         """
         items: list[PrefillItem] = []
         used = 0
+        prefixes = _Prefixes(self.running) if group is not None else None
         for seq in pending:
-            remaining = seq.prefill_len - seq.num_cached
+            start, donor = seq.num_cached, None
+            if prefixes is not None and seq.prompt_logprobs is None:  # a scored prompt computes every position
+                donor, shared, planned = prefixes.longest(seq)
+                if planned >= max(shared, start) + MIN_SHARED_PREFIX:
+                    continue  # a prompt of this step computes more of it: copy from that one next step
+                if shared > start:
+                    start = shared
+                else:
+                    donor = None
+            remaining = seq.prefill_len - start
             if not items:
                 n = min(remaining, chunk)
             elif group is not None:
                 if used + remaining > group:
-                    break
+                    continue
                 n = remaining
             else:
                 n = min(remaining, chunk - used)
             if n <= 0:
                 break
-            item = PrefillItem(seq, seq.num_cached, seq.num_cached + n)
+            item = PrefillItem(seq, start, start + n, prefix_from=donor)
             items.append(item)
             used += n
+            if prefixes is not None:
+                prefixes.plan(item)
             if item.completes_prompt:
                 # Siblings waiting for this prompt get its KV copied, at no prefill cost.
                 items += [
@@ -326,6 +354,8 @@ class Scheduler:
         n = len(batch.prefill)
         for item, tok, lp in zip(batch.prefill, tokens[:n], lps[:n], strict=True):
             seq = item.seq
+            if item.prefix_from is not None:
+                stats.prefix_hit_tokens += item.start - seq.num_cached
             seq.num_cached = item.end
             if item.source is None:
                 stats.prompt_tokens += item.end - item.start
@@ -431,10 +461,66 @@ class Scheduler:
 def _written(seq: Sequence) -> list[int]:
     """Token ids whose KV the sequence's slot holds at positions 0..: the prefilled part, and once decoding, every
     token but the last sampled one (which never went through the model)."""
-    n = seq.num_cached if not seq.prefilled else max(seq.total_len - 1, seq.num_cached)
+    return seq.prefill_ids(0, _num_written(seq))
+
+
+def _num_written(seq: Sequence) -> int:
     if seq.share_from is not None:
-        n = 0  # a sibling whose copy never happened
-    return seq.prefill_ids(0, n)
+        return 0  # a sibling whose copy never happened
+    return seq.num_cached if not seq.prefilled else max(seq.total_len - 1, seq.num_cached)
+
+
+class _Prefixes:
+    """The running sequences' computed positions, and those this step's prefill items will compute, each kept sorted
+    by its tokens: the longest common beginning of a prompt with any of them is with one of its two neighbours in
+    that order, so every waiting prompt is looked up each step without comparing all pairs."""
+
+    def __init__(self, running: list[Sequence]) -> None:
+        # (tokens at positions 0.. that hold KV, their sequence); `_planned`: only once this step has run
+        self._done = sorted(
+            ((d.prefill_ids(0, n), d) for d in running if (n := _num_written(d)) >= MIN_SHARED_PREFIX),
+            key=_tokens,
+        )
+        self._planned: list[tuple[list[int], Sequence]] = []
+
+    def plan(self, item: PrefillItem) -> None:
+        if item.end >= MIN_SHARED_PREFIX:
+            bisect.insort(self._planned, (item.seq.prefill_ids(0, item.end), item.seq), key=_tokens)
+
+    def longest(self, seq: Sequence) -> tuple[Sequence | None, int, int]:
+        """(donor, shared, planned): the running sequence whose slot holds the longest beginning of `seq`'s prompt
+        and that beginning's length, and the longest one a prefill item of this step computes; both at most all
+        but the prompt's last token (whose logits give the first output token), 0 when under MIN_SHARED_PREFIX."""
+        limit = seq.num_prompt - 1
+        if limit < MIN_SHARED_PREFIX:
+            return None, 0, 0
+        donor, shared = _nearest(self._done, seq)
+        planned = min(_nearest(self._planned, seq)[1], limit)
+        shared = min(shared, limit)
+        if shared < MIN_SHARED_PREFIX:
+            donor, shared = None, 0
+        return donor, shared, planned if planned >= MIN_SHARED_PREFIX else 0
+
+
+def _tokens(entry: tuple[list[int], Sequence]) -> list[int]:
+    return entry[0]
+
+
+def _nearest(entries: list[tuple[list[int], Sequence]], seq: Sequence) -> tuple[Sequence | None, int]:
+    """The entry (other than `seq`'s own) sharing the longest beginning with `seq`'s prompt, and its length."""
+    best: Sequence | None = None
+    shared = 0
+    i = bisect.bisect_left(entries, seq.prompt_ids, key=_tokens)
+    for side in (range(i - 1, -1, -1), range(i, len(entries))):
+        for j in side:
+            tokens, other = entries[j]
+            if other is seq:
+                continue
+            n = common_prefix(tokens, seq.prompt_ids)
+            if n > shared:
+                best, shared = other, n
+            break
+    return best, shared
 
 
 def _should_end(seq: Sequence, now: float) -> FinishReason | None:

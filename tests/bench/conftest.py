@@ -31,6 +31,7 @@ from model.tokenizer import load_tokenizer
 
 TTFT_S = 0.05
 ITL_S = 0.01
+PROMPTS_SEEN: list[str] = []  # every request's prompt, in arrival order
 
 
 def _sse(event: str | None, data: str) -> str:
@@ -62,6 +63,7 @@ async def _tokens(prompt: str, max_tokens: int) -> AsyncIterator[tuple[int, str 
 
 async def generate(request: Request) -> Response:
     body = await request.json()
+    PROMPTS_SEEN.append(body["prompt"])
     if body["prompt"] == "status-429":
         return JSONResponse({"detail": "queue full"}, status_code=429, headers={"Retry-After": "1"})
 
@@ -83,6 +85,7 @@ async def generate(request: Request) -> Response:
 
 async def completions(request: Request) -> Response:
     body = await request.json()
+    PROMPTS_SEEN.append(body["prompt"])
     if body["prompt"] == "status-429":
         return JSONResponse({"error": "busy"}, status_code=429)
 
@@ -116,6 +119,10 @@ class FakeServer:
     def peak_in_flight(self) -> int:
         """The most streams generated at once since `reset_peak`."""
         return IN_FLIGHT["peak"]
+
+    @property
+    def prompts_seen(self) -> list[str]:
+        return PROMPTS_SEEN
 
 
 @pytest.fixture(scope="session")

@@ -133,3 +133,25 @@ def test_unreachable_server_is_an_error(fake_server):
         port = sock.getsockname()[1]
     s = run_load_sync(LoadConfig(base_url=f"http://127.0.0.1:{port}", requests=1, request_timeout=5))
     assert s.errors == 1 and s.completion_tokens == 0 and "ConnectError" in s.error_samples[0]
+
+
+@pytest.mark.parametrize("api", ["smollm", "openai"])
+def test_distinct_prompts_share_no_beginning_and_the_fixed_ones_repeat(fake_server, api):
+    def sent(distinct: bool) -> list[str]:
+        cfg = LoadConfig(
+            base_url=fake_server.url,
+            api=api,
+            concurrency=4,
+            requests=6,
+            max_tokens=2,
+            prompts=("normal", "normal too"),
+            distinct_prompts=distinct,
+        )
+        fake_server.prompts_seen.clear()
+        assert run_load_sync(cfg).completed == 6
+        return sorted(fake_server.prompts_seen)
+
+    assert sent(False) == ["normal"] * 3 + ["normal too"] * 3
+    labelled = sent(True)
+    assert labelled == sorted(f"Request 4.{i + 1}: {('normal', 'normal too')[i % 2]}" for i in range(6))
+    assert len({p.split(":")[0] for p in labelled}) == 6  # each begins with its own label

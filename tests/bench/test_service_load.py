@@ -12,7 +12,9 @@ from bench.server import ServerError, smollm_server
 
 
 def test_drive_our_service_on_the_tiny_model(tiny_checkpoint, tmp_path):
-    args = argparse.Namespace(max_tokens=12, time_limit=60.0, concurrency=[1, 4], min_requests=2)
+    args = argparse.Namespace(
+        max_tokens=12, time_limit=60.0, concurrency=[1, 4], min_requests=2, distinct_prompts=False
+    )
     with smollm_server(tiny_checkpoint, "float32", tmp_path / "service.log") as server:
         assert supports_ignore_eos(server.base_url)
         served = served_precision(server.base_url)  # what a result records next to the requested mode

@@ -1,12 +1,17 @@
 """Prefix reuse (llama.cpp's slot reuse): a free slot remembers the tokens whose KV it holds, and a prompt that
-starts with them skips computing those positions, with the same output as computing them."""
+starts with them skips computing those positions, with the same output as computing them. Prompts that begin alike
+while running (SGLang's in-batch prefix caching) compute the shared part once."""
 
 from __future__ import annotations
 
-from service.engine import Sequence
+import pytest
+
+from service.engine import Engine, Sequence
 from service.engine.cache_manager import CacheManager
 from service.engine.loop import ModelInfo
+from service.engine.scheduler import MIN_SHARED_PREFIX
 from service.metrics import Metrics
+from tests.service.conftest import tiny_model
 from tests.service.engine.conftest import GREEDY, run
 
 
@@ -104,3 +109,49 @@ def test_an_errored_sequence_leaves_nothing_to_reuse():
     cm.free(0, [5, 6])
     cm.forget()
     assert cm.allocate_for([5, 6]) == (0, 0)
+
+
+@pytest.mark.parametrize("quant", ["none", "int4"])
+def test_prompts_sharing_a_beginning_in_one_burst_get_the_tokens_each_gets_alone(make_engine, tokenizer, quant):
+    """A burst whose prompts share a system prompt (one twice): the shared positions are computed once and copied
+    (from a running sequence, not a free slot), and each request gets the tokens it gets alone, on the PyTorch path
+    and on the native int4 kernels (mixed steps)."""
+    system = tokenizer.encode("System: you are a helpful assistant who answers briefly.\n", add_special_tokens=False)
+    questions = ["Why is the sea blue?", "Name a bird.", "Why is the sea blue?", "Count to 3."]
+    ps = [system + tokenizer.encode(q, add_special_tokens=False) for q in questions]
+    assert ps[0] == ps[2] and len(system) >= MIN_SHARED_PREFIX
+
+    def engine():
+        if quant == "none":
+            return make_engine(max_batch_size=8)
+        from model import native
+        from model.quant import quantize_model
+
+        if native.native_kernels() is None:
+            pytest.skip("no native kernels here")
+        model = tiny_model(0)
+        quantize_model(model, "int4", int4_kernel="native")
+        return Engine(
+            model,
+            tokenizer,
+            info=ModelInfo("tiny-int4"),
+            max_batch_size=8,
+            max_context=512,
+            max_queue=8,
+            prefill_chunk=512,
+        )
+
+    alone = []
+    for p in ps:
+        s = Sequence(p, 8, GREEDY, ignore_eos=True)
+        run(engine(), [s])
+        alone.append(s.output_ids)
+    e = engine()
+    stats = _stats(e)
+    burst = [Sequence(p, 8, GREEDY, ignore_eos=True) for p in ps]
+    run(e, burst)
+    assert [s.output_ids for s in burst] == alone
+    # Computed: the first prompt whole, then each other one's own part (the twin: its last token).
+    own = len(ps[1]) - len(system) + 1 + len(ps[3]) - len(system)
+    assert sum(s.prompt_tokens for s in stats) == len(ps[0]) + own
+    assert _hits(stats) == (2 * len(system) + len(ps[2]) - 1, sum(len(p) for p in ps))

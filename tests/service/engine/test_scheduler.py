@@ -3,12 +3,14 @@ step (append, stop id, length, context, cancel, timeout, errors), each releasing
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from model.sampling import SamplingParams
 from service.engine import FinishReason, QueueFullError, Sequence
 from service.engine.cache_manager import CacheManager
-from service.engine.scheduler import Batch, Scheduler, StepStats
+from service.engine.scheduler import MIN_SHARED_PREFIX, Batch, Scheduler, StepStats
 from service.engine.sequence import Status
 
 GREEDY = SamplingParams(temperature=0.0)
@@ -18,8 +20,13 @@ def make(slots: int = 4, context: int = 64, max_queue: int = 8, prefill_chunk: i
     return Scheduler(CacheManager(slots, context), max_queue=max_queue, prefill_chunk=prefill_chunk)
 
 
+_first_tokens = itertools.count(1)
+
+
 def seq(prompt_len: int = 3, max_tokens: int = 5, **kw) -> Sequence:
-    return Sequence(list(range(1, prompt_len + 1)), max_tokens, GREEDY, **kw)
+    """A prompt of its own: no two begin alike (prompts sharing a beginning share its computation)."""
+    first = next(_first_tokens) * 1000
+    return Sequence(list(range(first, first + prompt_len)), max_tokens, GREEDY, **kw)
 
 
 def prefill_all(sched: Scheduler, tokens: list[int | None] | None = None, now: float = 1.0) -> list[Sequence]:
@@ -28,27 +35,27 @@ def prefill_all(sched: Scheduler, tokens: list[int | None] | None = None, now: f
     return sched.postprocess(batch, tokens if tokens is not None else [7] * batch.size, now)
 
 
-def test_prefill_packs_whole_prompts_up_to_the_chunk_budget_and_cuts_only_the_first():
+def test_prefill_packs_whole_prompts_that_fit_the_chunk_budget_and_cuts_only_the_first():
     sched = make(slots=8, context=2048)
-    short = [Sequence(list(range(1, 11)), 4, GREEDY) for _ in range(3)]
-    long = Sequence(list(range(1, 101)), 4, GREEDY)
-    last = Sequence(list(range(1, 6)), 4, GREEDY)
+    short = [seq(prompt_len=10, max_tokens=4) for _ in range(3)]
+    long = seq(prompt_len=100, max_tokens=4)
+    last = seq(prompt_len=5, max_tokens=4)
     for s in [*short, long, last]:
         sched.add(s)
     sched.admit(0.0)
     batch = sched.schedule()
-    # No padding between packed prompts: the three short ones; the long one does not fit whole, and the last one
-    # waits behind it (first come, first served).
-    assert [(it.seq, it.start, it.end) for it in batch.prefill] == [(s, 0, 10) for s in short]
+    # No padding between packed prompts: the three short ones; the long one does not fit whole, the last one does
+    # (first come, first served among the prompts that fit).
+    assert [(it.seq, it.start, it.end) for it in batch.prefill] == [*((s, 0, 10) for s in short), (last, 0, 5)]
     for it in batch.prefill:
         it.seq.num_cached = it.end
-    for s in short:
+    for s in [*short, last]:
         sched.finish(s, FinishReason.CANCELLED, 0.0)  # as if they finished at once
     batch = sched.schedule()
     assert [(it.seq, it.start, it.end) for it in batch.prefill] == [(long, 0, 64)]  # first: cut at the chunk
     long.num_cached = 64
     batch = sched.schedule()
-    assert [(it.seq, it.start, it.end) for it in batch.prefill] == [(long, 64, 100), (last, 0, 5)]
+    assert [(it.seq, it.start, it.end) for it in batch.prefill] == [(long, 64, 100)]
 
 
 def test_postprocess_appends_and_records_progress():
@@ -404,3 +411,71 @@ def test_a_prompt_arriving_while_more_streams_run_does_not_hold_them_back(mixed)
     assert batch.decode == (running if mixed else [])
     sched.postprocess(batch, [7] * batch.size, 0.1)
     assert sched.schedule(0.2).decode == [*running, newcomer]  # not mixed: decoded at the very next step
+
+
+def next_prefill(sched: Scheduler, now: float) -> Batch:
+    """The next step with prompt chunks, after the decode steps before it."""
+    while not (batch := sched.schedule(now)).prefill:
+        sched.postprocess(batch, [7] * batch.size, now)
+    return batch
+
+
+@pytest.mark.parametrize("mixed", [False, True])
+def test_prompts_sharing_a_beginning_compute_it_once(mixed):
+    sched = make(slots=8, context=256)
+    sched.mixed = mixed
+    system = list(range(500, 512))  # 12 tokens, a system prompt
+    a = Sequence([*system, 1, 2], 8, GREEDY)
+    b = Sequence([*system, 3, 4, 5], 8, GREEDY)
+    twin = Sequence([*system, 1, 2], 8, GREEDY)  # the same request again
+    other = seq(prompt_len=10, max_tokens=8)
+    for s in (a, b, twin, other):
+        sched.add(s)
+    sched.admit(0.0)
+    batch = sched.schedule(0.0)
+    # b and twin wait for the positions a computes in this step, instead of computing them too.
+    assert [(it.seq, it.start, it.end, it.prefix_from) for it in batch.prefill] == [
+        (a, 0, 14, None),
+        (other, 0, 10, None),
+    ]
+    stats = StepStats()
+    sched.postprocess(batch, [7] * batch.size, 0.1, stats)
+    assert (stats.prompt_tokens, stats.prefix_hit_tokens) == (24, 0)
+    batch = next_prefill(sched, 0.1)
+    # Copied from a's slot: the shared positions (all but the last prompt token for the twin, whose own logits
+    # give its first token); computed: the rest.
+    assert [(it.seq, it.start, it.end, it.prefix_from) for it in batch.prefill] == [(b, 12, 15, a), (twin, 13, 14, a)]
+    stats = StepStats()
+    sched.postprocess(batch, [7] * batch.size, 0.2, stats)
+    assert (stats.prompt_tokens, stats.prefix_hit_tokens) == (4, 25)
+    assert b.num_cached == 15 and twin.num_cached == 14 and twin.output_ids == [7]
+
+    # A running sequence's answer counts too: a prompt that continues a's conversation copies a's prompt and
+    # every answer token but the last (sampled, never fed to the model), without waiting.
+    follow = Sequence([*a.prompt_ids, *a.output_ids, 6], 4, GREEDY)
+    sched.add(follow)
+    sched.admit(0.3)
+    batch = next_prefill(sched, 0.3)
+    written = a.total_len - 1  # a may have decoded meanwhile: then its last answer token is written too
+    assert written >= 15
+    shared = min(written, follow.num_prompt - 1)
+    assert [(it.seq, it.start, it.end, it.prefix_from) for it in batch.prefill] == [(follow, shared, 17, a)]
+
+
+def test_a_short_shared_beginning_or_a_scored_prompt_is_computed_in_full():
+    sched = make(slots=8, context=256)
+    common = list(range(500, 507))  # 7 tokens: fewer than MIN_SHARED_PREFIX
+    a, b = Sequence([*common, 1, 2], 4, GREEDY), Sequence([*common, 3], 4, GREEDY)
+    long_a = Sequence(list(range(600, 620)), 4, GREEDY)
+    scored = Sequence(list(range(600, 620)), 4, GREEDY, prompt_logprobs=1)  # echo: needs every position's logits
+    for s in (a, b, long_a, scored):
+        sched.add(s)
+    sched.admit(0.0)
+    batch = sched.schedule(0.0)
+    assert [(it.seq, it.start, it.prefix_from) for it in batch.prefill] == [
+        (a, 0, None),
+        (b, 0, None),
+        (long_a, 0, None),
+        (scored, 0, None),
+    ]
+    assert MIN_SHARED_PREFIX == len(common) + 1
