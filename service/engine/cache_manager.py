@@ -4,13 +4,15 @@ positions), so memory is bounded and known at start-up; a sequence holds one slo
 Prefix reuse (llama.cpp's slot reuse): a freed slot remembers the token ids whose keys and values it still holds
 (its last owner's prompt and output, as far as they were written). A new sequence gets the free slot sharing the
 longest prefix with its prompt and skips computing those positions; the next turn of a conversation, whose prompt
-extends the previous prompt and answer, recomputes only the new message. (Prompts that begin as a running
-sequence's does copy from its slot instead: the scheduler's `_Prefixes`.)
+extends the previous prompt and answer, recomputes only the new message. (A prompt that begins as another slot
+holds, a running sequence's or a free one it did not get, copies from it: the scheduler's `_Prefixes`.)
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,11 @@ class CacheManager:
         self._held.pop(slot, None)
         self._tokens[slot] = 0
         return slot, shared
+
+    @property
+    def held(self) -> Mapping[int, list[int]]:
+        """Free slot -> the token ids whose KV it holds at positions 0.. (read-only)."""
+        return MappingProxyType(self._held)
 
     def set_tokens(self, slot: int, n: int) -> None:
         self._tokens[slot] = n

@@ -148,8 +148,8 @@ class ModelRunner:
         if decode and not self._fuses(items):
             return self._one_kind_at_a_time(batch)
         for it in items:
-            if it.prefix_from is not None:  # the positions this chunk's tokens attend first, from a running sequence
-                self.cache.copy_positions(it.prefix_from.slot, [it.seq.slot], it.start)
+            if it.prefix_slot is not None:  # the positions this chunk's tokens attend first, from another slot
+                self.cache.copy_positions(it.prefix_slot, [it.seq.slot], it.start)
         max_pos = self.max_len - 1
         row = [s.output_ids[-1] for s in decode]
         positions = [s.total_len - 1 for s in decode]

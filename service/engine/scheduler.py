@@ -11,7 +11,7 @@ from __future__ import annotations
 import bisect
 import threading
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -45,9 +45,9 @@ class PrefillItem:
     end: int  # one past the last
     # n > 1: not computed; positions start..end-1 are copied from this sequence's slot once its prompt is done.
     source: Sequence | None = None
-    # Positions 0..start-1 are copied from this running sequence's slot before the step computes start..end-1 (its
-    # prompt begins the same way and that much of it is already computed).
-    prefix_from: Sequence | None = None
+    # Positions 0..start-1 are copied from this slot before the step computes start..end-1: a running sequence's
+    # or a free one's, whose tokens begin as this prompt does.
+    prefix_slot: int | None = None
 
     @property
     def completes_prompt(self) -> bool:
@@ -288,13 +288,14 @@ class Scheduler:
         step of its own. Without (a recompute), the next ones fill the step up to `chunk`, the last cut where it
         ends.
 
-        New prompts share computed positions: a prompt that begins as a running sequence's does (at least
-        MIN_SHARED_PREFIX tokens) gets those positions copied from that sequence's slot and computes the rest, and
-        one that begins as a prompt of this step does waits a step for it.
+        New prompts share computed positions: a prompt that begins as a running sequence's does, or as what a free
+        slot holds (at least MIN_SHARED_PREFIX tokens), gets those positions copied from that slot and computes
+        the rest, and one that begins as a prompt of this step does waits a step for it. (A free slot matters here
+        too: a prompt waiting for a request that then ended at its first token copies from the slot it left.)
         """
         items: list[PrefillItem] = []
         used = 0
-        prefixes = _Prefixes(self.running) if group is not None else None
+        prefixes = _Prefixes(self.running, self.cache.held) if group is not None else None
         for seq in pending:
             start, donor = seq.num_cached, None
             if prefixes is not None and seq.prompt_logprobs is None:  # a scored prompt computes every position
@@ -316,7 +317,7 @@ class Scheduler:
                 n = min(remaining, chunk - used)
             if n <= 0:
                 break
-            item = PrefillItem(seq, start, start + n, prefix_from=donor)
+            item = PrefillItem(seq, start, start + n, prefix_slot=donor)
             items.append(item)
             used += n
             if prefixes is not None:
@@ -354,8 +355,9 @@ class Scheduler:
         n = len(batch.prefill)
         for item, tok, lp in zip(batch.prefill, tokens[:n], lps[:n], strict=True):
             seq = item.seq
-            if item.prefix_from is not None:
+            if item.prefix_slot is not None:
                 stats.prefix_hit_tokens += item.start - seq.num_cached
+                seq.prefix_hit = item.start
             seq.num_cached = item.end
             if item.source is None:
                 stats.prompt_tokens += item.end - item.start
@@ -471,26 +473,26 @@ def _num_written(seq: Sequence) -> int:
 
 
 class _Prefixes:
-    """The running sequences' computed positions, and those this step's prefill items will compute, each kept sorted
-    by its tokens: the longest common beginning of a prompt with any of them is with one of its two neighbours in
-    that order, so every waiting prompt is looked up each step without comparing all pairs."""
+    """The computed positions of the running sequences' slots and of the free slots (what their last owners left),
+    and those this step's prefill items will compute, each kept sorted by its tokens: the longest common beginning
+    of a prompt with any of them is with one of its two neighbours in that order, so every waiting prompt is looked
+    up each step without comparing all pairs."""
 
-    def __init__(self, running: list[Sequence]) -> None:
-        # (tokens at positions 0.. that hold KV, their sequence); `_planned`: only once this step has run
-        self._done = sorted(
-            ((d.prefill_ids(0, n), d) for d in running if (n := _num_written(d)) >= MIN_SHARED_PREFIX),
-            key=_tokens,
-        )
-        self._planned: list[tuple[list[int], Sequence]] = []
+    def __init__(self, running: list[Sequence], held: Mapping[int, list[int]]) -> None:
+        # (tokens at positions 0.. that hold KV, their slot); `_planned`: only once this step has run
+        done = [(d.prefill_ids(0, n), d.slot) for d in running if (n := _num_written(d)) >= MIN_SHARED_PREFIX]
+        done += [(tokens, slot) for slot, tokens in held.items() if len(tokens) >= MIN_SHARED_PREFIX]
+        self._done = sorted(done, key=_tokens)
+        self._planned: list[tuple[list[int], int]] = []
 
     def plan(self, item: PrefillItem) -> None:
         if item.end >= MIN_SHARED_PREFIX:
-            bisect.insort(self._planned, (item.seq.prefill_ids(0, item.end), item.seq), key=_tokens)
+            bisect.insort(self._planned, (item.seq.prefill_ids(0, item.end), item.seq.slot), key=_tokens)
 
-    def longest(self, seq: Sequence) -> tuple[Sequence | None, int, int]:
-        """(donor, shared, planned): the running sequence whose slot holds the longest beginning of `seq`'s prompt
-        and that beginning's length, and the longest one a prefill item of this step computes; both at most all
-        but the prompt's last token (whose logits give the first output token), 0 when under MIN_SHARED_PREFIX."""
+    def longest(self, seq: Sequence) -> tuple[int | None, int, int]:
+        """(slot, shared, planned): the other slot holding the longest beginning of `seq`'s prompt and that
+        beginning's length, and the longest one a prefill item of this step computes; both at most all but the
+        prompt's last token (whose logits give the first output token), 0 when under MIN_SHARED_PREFIX."""
         limit = seq.num_prompt - 1
         if limit < MIN_SHARED_PREFIX:
             return None, 0, 0
@@ -502,23 +504,24 @@ class _Prefixes:
         return donor, shared, planned if planned >= MIN_SHARED_PREFIX else 0
 
 
-def _tokens(entry: tuple[list[int], Sequence]) -> list[int]:
+def _tokens(entry: tuple[list[int], int]) -> list[int]:
     return entry[0]
 
 
-def _nearest(entries: list[tuple[list[int], Sequence]], seq: Sequence) -> tuple[Sequence | None, int]:
-    """The entry (other than `seq`'s own) sharing the longest beginning with `seq`'s prompt, and its length."""
-    best: Sequence | None = None
+def _nearest(entries: list[tuple[list[int], int]], seq: Sequence) -> tuple[int | None, int]:
+    """The entry (other than `seq`'s own slot) sharing the longest beginning with `seq`'s prompt: its slot and the
+    length."""
+    best: int | None = None
     shared = 0
     i = bisect.bisect_left(entries, seq.prompt_ids, key=_tokens)
     for side in (range(i - 1, -1, -1), range(i, len(entries))):
         for j in side:
-            tokens, other = entries[j]
-            if other is seq:
+            tokens, slot = entries[j]
+            if slot == seq.slot:
                 continue
             n = common_prefix(tokens, seq.prompt_ids)
             if n > shared:
-                best, shared = other, n
+                best, shared = slot, n
             break
     return best, shared
 

@@ -111,11 +111,14 @@ def test_an_errored_sequence_leaves_nothing_to_reuse():
     assert cm.allocate_for([5, 6]) == (0, 0)
 
 
+@pytest.mark.parametrize("max_tokens", [8, 1])
 @pytest.mark.parametrize("quant", ["none", "int4"])
-def test_prompts_sharing_a_beginning_in_one_burst_get_the_tokens_each_gets_alone(make_engine, tokenizer, quant):
+def test_prompts_sharing_a_beginning_in_one_burst_get_the_tokens_each_gets_alone(
+    make_engine, tokenizer, quant, max_tokens
+):
     """A burst whose prompts share a system prompt (one twice): the shared positions are computed once and copied
-    (from a running sequence, not a free slot), and each request gets the tokens it gets alone, on the PyTorch path
-    and on the native int4 kernels (mixed steps)."""
+    (from the running sequence that computed them; with one token each, from the slot it left), and each request
+    gets the tokens it gets alone, on the PyTorch path and on the native int4 kernels (mixed steps)."""
     system = tokenizer.encode("System: you are a helpful assistant who answers briefly.\n", add_special_tokens=False)
     questions = ["Why is the sea blue?", "Name a bird.", "Why is the sea blue?", "Count to 3."]
     ps = [system + tokenizer.encode(q, add_special_tokens=False) for q in questions]
@@ -143,12 +146,12 @@ def test_prompts_sharing_a_beginning_in_one_burst_get_the_tokens_each_gets_alone
 
     alone = []
     for p in ps:
-        s = Sequence(p, 8, GREEDY, ignore_eos=True)
+        s = Sequence(p, max_tokens, GREEDY, ignore_eos=True)
         run(engine(), [s])
         alone.append(s.output_ids)
     e = engine()
     stats = _stats(e)
-    burst = [Sequence(p, 8, GREEDY, ignore_eos=True) for p in ps]
+    burst = [Sequence(p, max_tokens, GREEDY, ignore_eos=True) for p in ps]
     run(e, burst)
     assert [s.output_ids for s in burst] == alone
     # Computed: the first prompt whole, then each other one's own part (the twin: its last token).

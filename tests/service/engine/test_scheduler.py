@@ -434,7 +434,7 @@ def test_prompts_sharing_a_beginning_compute_it_once(mixed):
     sched.admit(0.0)
     batch = sched.schedule(0.0)
     # b and twin wait for the positions a computes in this step, instead of computing them too.
-    assert [(it.seq, it.start, it.end, it.prefix_from) for it in batch.prefill] == [
+    assert [(it.seq, it.start, it.end, it.prefix_slot) for it in batch.prefill] == [
         (a, 0, 14, None),
         (other, 0, 10, None),
     ]
@@ -444,7 +444,10 @@ def test_prompts_sharing_a_beginning_compute_it_once(mixed):
     batch = next_prefill(sched, 0.1)
     # Copied from a's slot: the shared positions (all but the last prompt token for the twin, whose own logits
     # give its first token); computed: the rest.
-    assert [(it.seq, it.start, it.end, it.prefix_from) for it in batch.prefill] == [(b, 12, 15, a), (twin, 13, 14, a)]
+    assert [(it.seq, it.start, it.end, it.prefix_slot) for it in batch.prefill] == [
+        (b, 12, 15, a.slot),
+        (twin, 13, 14, a.slot),
+    ]
     stats = StepStats()
     sched.postprocess(batch, [7] * batch.size, 0.2, stats)
     assert (stats.prompt_tokens, stats.prefix_hit_tokens) == (4, 25)
@@ -459,7 +462,7 @@ def test_prompts_sharing_a_beginning_compute_it_once(mixed):
     written = a.total_len - 1  # a may have decoded meanwhile: then its last answer token is written too
     assert written >= 15
     shared = min(written, follow.num_prompt - 1)
-    assert [(it.seq, it.start, it.end, it.prefix_from) for it in batch.prefill] == [(follow, shared, 17, a)]
+    assert [(it.seq, it.start, it.end, it.prefix_slot) for it in batch.prefill] == [(follow, shared, 17, a.slot)]
 
 
 def test_a_short_shared_beginning_or_a_scored_prompt_is_computed_in_full():
@@ -472,10 +475,35 @@ def test_a_short_shared_beginning_or_a_scored_prompt_is_computed_in_full():
         sched.add(s)
     sched.admit(0.0)
     batch = sched.schedule(0.0)
-    assert [(it.seq, it.start, it.prefix_from) for it in batch.prefill] == [
+    assert [(it.seq, it.start, it.prefix_slot) for it in batch.prefill] == [
         (a, 0, None),
         (b, 0, None),
         (long_a, 0, None),
         (scored, 0, None),
     ]
     assert MIN_SHARED_PREFIX == len(common) + 1
+
+
+@pytest.mark.parametrize("mixed", [False, True])
+def test_prompts_waiting_for_one_that_ended_at_its_first_token_copy_from_the_slot_it_left(mixed):
+    # A shared system prompt and one token each (a classifier's load, or a stop id sampled first): the request the
+    # others waited for is gone after its step, and the slot it freed still holds the shared positions.
+    sched = make(slots=8, context=256)
+    sched.mixed = mixed
+    system = list(range(100, 124))
+    burst = [Sequence([*system, i, i + 1], 1, GREEDY) for i in range(6)]
+    for s in burst:
+        sched.add(s)
+    sched.admit(0.0)
+    first = sched.schedule(0.0)
+    assert [it.seq for it in first.prefill] == burst[:1]
+    lead_slot = burst[0].slot
+    sched.postprocess(first, [7], 0.1)
+    assert burst[0].finished and lead_slot in sched.cache.held
+    second = sched.schedule(0.1)
+    assert [(it.seq, it.start, it.end, it.prefix_slot) for it in second.prefill] == [
+        (s, 24, 26, lead_slot) for s in burst[1:]
+    ]
+    stats = StepStats()
+    sched.postprocess(second, [7] * second.size, 0.2, stats)
+    assert all(s.finished for s in burst) and (stats.prompt_tokens, stats.prefix_hit_tokens) == (10, 5 * 24)
