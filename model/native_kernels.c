@@ -330,22 +330,41 @@ static int q4_isa_supported(int isa) {
     }
 }
 
-/* Which 4-bit kernel smollm_q4_matmul runs: the first of AVX512-VNNI, AVX-VNNI, AVX2 the CPU has. -1 until the first
-   call asks the CPU; smollm_q4_set_isa pins another (tests compare them). */
-static int q4_isa = -1;
+/* Which of a family's kernels runs (the 4-bit products', the bf16 products'): the first in `preference` (best
+   first, the last always supported) that this CPU and build have, asked at first use; a pin sets another, refused
+   where the CPU or build lacks it (tests compare the kernels; model/native.py keeps them within what a run
+   restricts torch and oneDNN to). */
+typedef struct {
+    int (*supported)(int isa);
+    const int *preference;
+    int count; /* kernels in the family */
+    int current; /* -1 until first asked */
+} kernel_choice;
 
-int smollm_q4_isa(void) {
-    if (q4_isa < 0)
-        q4_isa = q4_isa_supported(Q4_AVX512VNNI) ? Q4_AVX512VNNI : q4_isa_supported(Q4_AVXVNNI) ? Q4_AVXVNNI : Q4_AVX2;
-    return q4_isa;
+static int kernel_in_use(kernel_choice *c) {
+    if (c->current < 0) {
+        int i = 0;
+        while (!c->supported(c->preference[i]))
+            i++;
+        c->current = c->preference[i];
+    }
+    return c->current;
 }
 
-/* Pins the kernel to `isa` (refused, returning the kernel in use, where the CPU or this build lacks it). */
-int smollm_q4_set_isa(int isa) {
-    if (isa >= 0 && isa < Q4_ISA_COUNT && q4_isa_supported(isa))
-        q4_isa = isa;
-    return smollm_q4_isa();
+static int kernel_pin(kernel_choice *c, int isa) {
+    if (isa >= 0 && isa < c->count && c->supported(isa))
+        c->current = isa;
+    return kernel_in_use(c);
 }
+
+static const int q4_preference[] = {Q4_AVX512VNNI, Q4_AVXVNNI, Q4_AVX2};
+static kernel_choice q4_kernel = {q4_isa_supported, q4_preference, Q4_ISA_COUNT, -1};
+
+/* The 4-bit kernel smollm_q4_matmul runs. */
+int smollm_q4_isa(void) { return kernel_in_use(&q4_kernel); }
+
+/* Pins the 4-bit kernel to `isa`; returns the one in use. */
+int smollm_q4_set_isa(int isa) { return kernel_pin(&q4_kernel, isa); }
 
 /* y (rows, n) = x (rows, k) @ W.T with W (n, k) in groups of 4-bit blocks; k a multiple of 32. `scratch` holds
    rows * (k / 4 + 2 * k / 32) floats (the quantized activations, their scales and block sums). */
@@ -734,23 +753,14 @@ static int bf16_isa_supported(int isa) {
 #endif
 }
 
-/* Which bf16 kernel smollm_bf16_matmul runs: the first of AMX, AVX512-BF16 the CPU has, else none. -1 until the
-   first call asks the CPU; smollm_bf16_set_isa pins another (model/native.py keeps it within what oneDNN is allowed
-   to use, and tests compare them). */
-static int bf16_isa = -1;
+static const int bf16_preference[] = {BF16_AMX, BF16_AVX512, BF16_NONE};
+static kernel_choice bf16_kernel = {bf16_isa_supported, bf16_preference, BF16_ISA_COUNT, -1};
 
-int smollm_bf16_isa(void) {
-    if (bf16_isa < 0)
-        bf16_isa = bf16_isa_supported(BF16_AMX) ? BF16_AMX : bf16_isa_supported(BF16_AVX512) ? BF16_AVX512 : BF16_NONE;
-    return bf16_isa;
-}
+/* The bf16 kernel smollm_bf16_matmul runs (none: no AVX512-BF16). */
+int smollm_bf16_isa(void) { return kernel_in_use(&bf16_kernel); }
 
-/* Pins the bf16 kernel to `isa` (refused, returning the kernel in use, where the CPU or this build lacks it). */
-int smollm_bf16_set_isa(int isa) {
-    if (isa >= 0 && isa < BF16_ISA_COUNT && bf16_isa_supported(isa))
-        bf16_isa = isa;
-    return smollm_bf16_isa();
-}
+/* Pins the bf16 kernel to `isa`; returns the one in use. */
+int smollm_bf16_set_isa(int isa) { return kernel_pin(&bf16_kernel, isa); }
 
 /* Elements (uint16) the packed form of an (n, k) weight takes. */
 int64_t smollm_bf16_packed_elems(int64_t n, int64_t k) { return ((n + 31) / 32) * 32 * k; }
