@@ -507,7 +507,9 @@ def bf16_matmul(x: torch.Tensor, packed: torch.Tensor, out_features: int) -> tor
         raise ValueError(f"bf16_matmul: x must be contiguous bf16 matching the packed weight, got {x.dtype} {rows}x{k}")
     threads = _threads()
     y = torch.empty(rows, out_features, dtype=torch.bfloat16)
-    pad = torch.empty(threads * 16 * k, dtype=torch.bfloat16)
+    # The AMX kernel's zero-padded last row tile, per thread; the AVX512-BF16 kernel reads none.
+    amx = lib.smollm_bf16_isa() == BF16_ISAS.index("AMX")
+    pad = torch.empty(threads * 16 * k if amx else 0, dtype=torch.bfloat16)
     lib.smollm_bf16_matmul(
         x.data_ptr(), rows, k, packed.data_ptr(), out_features, y.data_ptr(), pad.data_ptr(), threads
     )
